@@ -1,0 +1,1085 @@
+//! From the parsed document to runtime types. Each section and each list
+//! item is read on its own so that every error in the file is reported.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::StatusCode;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::error::ConfigErrors;
+use super::raw::*;
+use super::source::{index_path, key_path, Document};
+use super::{AdminSettings, Config, Listener, ServerSettings, TlsFiles};
+use crate::gateway::Runtime;
+use crate::respond::StaticResponse;
+use crate::routing::{
+    HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router,
+};
+use crate::transform::headers::{Deprecation, HeaderRules};
+use crate::upstream::{
+    BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
+};
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "listen",
+    "admin",
+    "access_log",
+    "cache",
+    "upstreams",
+    "auth",
+    "routes",
+];
+
+/// Features named by the contract that this build does not have yet. They
+/// are refused rather than ignored: ignoring `auth` would serve a protected
+/// route to anyone.
+const NOT_YET: &str = "is not supported by this version of gatehouse yet; remove it";
+
+pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigErrors> {
+    let mut cx = Compiler {
+        doc,
+        base,
+        errors: ConfigErrors::default(),
+    };
+    let empty = serde_json::Map::new();
+    let root = match &doc.root {
+        Value::Object(map) => map,
+        Value::Null => &empty,
+        _ => {
+            cx.error(
+                "",
+                "the file must be a mapping of sections (server, listen, routes, ...)",
+            );
+            return Err(cx.errors);
+        }
+    };
+    for key in root.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            cx.error(
+                key,
+                format!("unknown section \"{key}\"; known: {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    for section in ["access_log", "cache", "auth"] {
+        if root.get(section).is_some_and(|v| !v.is_null()) {
+            cx.error(section, format!("{section} {NOT_YET}"));
+        }
+    }
+    let server = cx.server(root.get("server"));
+    let listeners = cx.listeners(root.get("listen"));
+    let admin = cx.admin(root.get("admin"), &listeners);
+    let upstreams = cx.upstreams(root.get("upstreams"));
+    let declared: Vec<String> = match root.get("upstreams") {
+        Some(Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let routes = cx.routes(root.get("routes"), &upstreams, &declared, &server);
+    if !cx.errors.is_empty() {
+        cx.errors.sort();
+        return Err(cx.errors);
+    }
+    Ok(Config {
+        server,
+        listeners,
+        admin,
+        runtime: Runtime {
+            router: Router::new(routes),
+            upstreams,
+        },
+    })
+}
+
+struct Compiler<'d> {
+    doc: &'d Document,
+    base: &'d Path,
+    errors: ConfigErrors,
+}
+
+impl Compiler<'_> {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(self.doc.error(path, message));
+    }
+
+    /// Deserializes `value` (found at `path`) into `T`, recording the error
+    /// with the exact path serde stopped at.
+    fn de<T: DeserializeOwned>(&mut self, path: &str, value: &Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut full = path.to_string();
+                let inner = e.path().to_string();
+                if inner != "." {
+                    for segment in inner.split('.') {
+                        if segment.starts_with('[') {
+                            full.push_str(segment);
+                        } else {
+                            full = key_path(&full, segment);
+                        }
+                    }
+                }
+                let mut message = e.inner().to_string();
+                if let Some(field) = unknown_field(&message) {
+                    if !full.ends_with(&format!(".{field}")) && full != field {
+                        full = key_path(&full, &field);
+                    }
+                    message = message.replacen("unknown field", "unknown key", 1);
+                }
+                if self.doc.is_from_env(&full) {
+                    message = redact_quoted(&message);
+                }
+                self.errors.push(self.doc.error(full, message));
+                None
+            }
+        }
+    }
+
+    fn resolve_file(&self, file: &str) -> PathBuf {
+        let p = Path::new(file);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn server(&mut self, value: Option<&Value>) -> ServerSettings {
+        let mut s = ServerSettings::default();
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return s;
+        };
+        let Some(raw) = self.de::<RawServer>("server", value) else {
+            return s;
+        };
+        if let Some(t) = raw.threads {
+            if t == 0 || t > 1024 {
+                self.error("server.threads", "threads must be between 1 and 1024");
+            } else {
+                s.threads = t;
+            }
+        }
+        if let Some(p) = raw.pid_file {
+            s.pid_file = self.resolve_file(&p).display().to_string();
+        }
+        if let Some(p) = raw.upgrade_sock {
+            s.upgrade_sock = self.resolve_file(&p).display().to_string();
+        }
+        if let Some(d) = raw.grace_period {
+            s.grace_period = d.0;
+        }
+        if let Some(d) = raw.graceful_shutdown_timeout {
+            s.graceful_shutdown_timeout = d.0;
+        }
+        if let Some(b) = raw.max_body {
+            s.max_body = b.0;
+        }
+        if let Some(d) = raw.header_timeout {
+            if d.0.is_zero() {
+                self.error("server.header_timeout", "header_timeout must be above zero");
+            }
+            s.header_timeout = d.0;
+        }
+        if let Some(b) = raw.max_header_size {
+            if !(1024..=1 << 20).contains(&b.0) {
+                self.error(
+                    "server.max_header_size",
+                    "max_header_size must be between 1KiB and 1MiB",
+                );
+            } else {
+                s.max_header_size = b.0 as usize;
+            }
+        }
+        if let Some(n) = raw.max_headers {
+            if !(1..=250).contains(&n) {
+                self.error(
+                    "server.max_headers",
+                    "max_headers must be between 1 and 250",
+                );
+            } else {
+                s.max_headers = n;
+            }
+        }
+        for (i, cidr) in raw.trusted_proxies.iter().enumerate() {
+            let parsed = cidr
+                .parse::<IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => s.trusted_proxies.push(net),
+                Err(_) => self.error(
+                    &index_path("server.trusted_proxies", i),
+                    format!("\"{cidr}\" is not an IP address or CIDR range like 10.0.0.0/8"),
+                ),
+            }
+        }
+        if let Some(d) = raw.keepalive_timeout {
+            s.keepalive_timeout = d.0;
+        }
+        if let Some(n) = raw.upstream_keepalive_pool_size {
+            s.upstream_keepalive_pool_size = n;
+        }
+        if let Some(w) = raw.work_stealing {
+            s.work_stealing = w;
+        }
+        s.error_log = raw
+            .error_log
+            .map(|p| self.resolve_file(&p).display().to_string());
+        s.user = raw.user;
+        s.group = raw.group;
+        s
+    }
+
+    fn listeners(&mut self, value: Option<&Value>) -> Vec<Listener> {
+        let mut out: Vec<Listener> = Vec::new();
+        let items = match value {
+            None | Some(Value::Null) => {
+                self.error(
+                    "listen",
+                    "listen must name at least one address, like 0.0.0.0:8080",
+                );
+                return out;
+            }
+            Some(Value::Array(items)) => items.as_slice(),
+            Some(one @ Value::String(_)) => std::slice::from_ref(one),
+            Some(_) => {
+                self.error("listen", "listen must be a list of addresses");
+                return out;
+            }
+        };
+        if items.is_empty() {
+            self.error(
+                "listen",
+                "listen must name at least one address, like 0.0.0.0:8080",
+            );
+        }
+        for (i, item) in items.iter().enumerate() {
+            let path = if matches!(value, Some(Value::Array(_))) {
+                index_path("listen", i)
+            } else {
+                "listen".to_string()
+            };
+            let (address, tls) = match item {
+                Value::String(s) => (s.clone(), None),
+                _ => match self.de::<RawListenTls>(&path, item) {
+                    Some(raw) => (raw.address, raw.tls),
+                    None => continue,
+                },
+            };
+            let Some(addr) = self.socket_addr(&path, &address) else {
+                continue;
+            };
+            if out.iter().any(|l| l.addr == addr) {
+                self.error(&path, format!("{addr} is listed twice"));
+                continue;
+            }
+            let tls = tls.and_then(|t| self.tls_files(&key_path(&path, "tls"), &t));
+            out.push(Listener { addr, tls });
+        }
+        out
+    }
+
+    fn socket_addr(&mut self, path: &str, address: &str) -> Option<SocketAddr> {
+        match address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!("\"{address}\" is not an address like 0.0.0.0:8080 or [::1]:8080"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks that the certificate and key can be read and parsed now, so
+    /// `-t` catches what would otherwise fail at start.
+    fn tls_files(&mut self, path: &str, raw: &RawTls) -> Option<TlsFiles> {
+        use pingora_core::tls::{pkey::PKey, x509::X509};
+        let cert = self.resolve_file(&raw.cert);
+        let key = self.resolve_file(&raw.key);
+        let mut ok = true;
+        match std::fs::read(&cert) {
+            Ok(pem) => {
+                if X509::stack_from_pem(&pem).map_or(true, |c| c.is_empty()) {
+                    self.error(
+                        &key_path(path, "cert"),
+                        format!("{} holds no PEM certificate", cert.display()),
+                    );
+                    ok = false;
+                }
+            }
+            Err(e) => {
+                self.error(
+                    &key_path(path, "cert"),
+                    format!("cannot read {}: {e}", cert.display()),
+                );
+                ok = false;
+            }
+        }
+        match std::fs::read(&key) {
+            // The key's content never appears in a message.
+            Ok(pem) => {
+                if PKey::private_key_from_pem(&pem).is_err() {
+                    self.error(
+                        &key_path(path, "key"),
+                        format!("{} holds no PEM private key", key.display()),
+                    );
+                    ok = false;
+                }
+            }
+            Err(e) => {
+                self.error(
+                    &key_path(path, "key"),
+                    format!("cannot read {}: {e}", key.display()),
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(TlsFiles { cert, key })
+    }
+
+    fn admin(&mut self, value: Option<&Value>, listeners: &[Listener]) -> Option<AdminSettings> {
+        let value = value.filter(|v| !v.is_null())?;
+        let raw = self.de::<RawAdmin>("admin", value)?;
+        let listen = self.socket_addr("admin.listen", &raw.listen)?;
+        if listeners.iter().any(|l| l.addr.port() == listen.port()) {
+            self.error(
+                "admin.listen",
+                format!(
+                    "the admin listener must not share port {} with a public listener",
+                    listen.port()
+                ),
+            );
+            return None;
+        }
+        Some(AdminSettings { listen })
+    }
+
+    fn upstreams(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Upstream>> {
+        let mut out = BTreeMap::new();
+        let map = match value {
+            None | Some(Value::Null) => return out,
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                self.error(
+                    "upstreams",
+                    "upstreams must be a mapping of names to upstreams",
+                );
+                return out;
+            }
+        };
+        for (name, item) in map {
+            let path = key_path("upstreams", name);
+            if !valid_name(name) {
+                self.error(
+                    &path,
+                    format!(
+                        "upstream name \"{name}\" may hold only letters, digits, '-', '_' and '.'"
+                    ),
+                );
+                continue;
+            }
+            let Some(raw) = self.de::<RawUpstream>(&path, item) else {
+                continue;
+            };
+            if let Some(spec) = self.upstream_spec(&path, name, raw) {
+                match Upstream::new(spec) {
+                    Ok(up) => {
+                        out.insert(name.clone(), Arc::new(up));
+                    }
+                    Err(e) => self.error(&path, e),
+                }
+            }
+        }
+        out
+    }
+
+    fn upstream_spec(&mut self, path: &str, name: &str, raw: RawUpstream) -> Option<UpstreamSpec> {
+        let errors_before = self.errors.0.len();
+        let mut targets: Vec<(SocketAddr, usize)> = Vec::new();
+        let targets_path = key_path(path, "targets");
+        if raw.targets.is_empty() {
+            self.error(&targets_path, "an upstream needs at least one target");
+        }
+        for (i, item) in raw.targets.iter().enumerate() {
+            let tpath = index_path(&targets_path, i);
+            let (address, weight) = match item {
+                Value::String(s) => (s.clone(), 1),
+                _ => match self.de::<RawTarget>(&tpath, item) {
+                    Some(t) => (t.address, t.weight.unwrap_or(1)),
+                    None => continue,
+                },
+            };
+            if !(1..=1000).contains(&weight) {
+                self.error(
+                    &key_path(&tpath, "weight"),
+                    "weight must be between 1 and 1000",
+                );
+                continue;
+            }
+            let Some(addr) = self.resolve_target(&tpath, &address) else {
+                continue;
+            };
+            if targets.iter().any(|(a, _)| *a == addr) {
+                self.error(&tpath, format!("target {addr} is listed twice"));
+                continue;
+            }
+            targets.push((addr, weight));
+        }
+        let balance = match raw.balance.as_deref() {
+            None => BalanceKind::RoundRobin,
+            Some(b) => match BalanceKind::parse(b) {
+                Some(k) => k,
+                None => {
+                    self.error(
+                        &key_path(path, "balance"),
+                        format!(
+                            "unknown balance \"{b}\"; known: round_robin, random, consistent_hash, least_connections"
+                        ),
+                    );
+                    BalanceKind::RoundRobin
+                }
+            },
+        };
+        let hash_key = match raw.hash_key.as_deref() {
+            None => HashKey::ClientIp,
+            Some(k) => {
+                let kpath = key_path(path, "hash_key");
+                if balance != BalanceKind::ConsistentHash {
+                    self.error(&kpath, "hash_key applies only to balance: consistent_hash");
+                }
+                self.hash_key(&kpath, k).unwrap_or(HashKey::ClientIp)
+            }
+        };
+        let tls = if raw.tls {
+            let verify = raw.tls_verify.unwrap_or(true);
+            let sni = raw.sni.clone().unwrap_or_default();
+            if sni.is_empty() && verify {
+                self.error(
+                    &key_path(path, "sni"),
+                    "tls needs an sni naming the targets' certificate (or tls_verify: false)",
+                );
+            }
+            let ca = raw
+                .ca_file
+                .as_deref()
+                .and_then(|f| self.load_ca(&key_path(path, "ca_file"), f));
+            Some(UpstreamTls { sni, verify, ca })
+        } else {
+            for key in ["sni", "tls_verify", "ca_file"] {
+                let set = match key {
+                    "sni" => raw.sni.is_some(),
+                    "tls_verify" => raw.tls_verify.is_some(),
+                    _ => raw.ca_file.is_some(),
+                };
+                if set {
+                    self.error(&key_path(path, key), format!("{key} needs tls: true"));
+                }
+            }
+            None
+        };
+        let health_check = raw
+            .health_check
+            .and_then(|h| self.health_check(&key_path(path, "health_check"), h));
+        let read_timeout = raw.read_timeout.map_or(Duration::from_secs(60), |d| d.0);
+        let connect_timeout = raw.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
+        for (key, d) in [
+            ("read_timeout", read_timeout),
+            ("connect_timeout", connect_timeout),
+        ] {
+            if d.is_zero() {
+                self.error(&key_path(path, key), format!("{key} must be above zero"));
+            }
+        }
+        let retries = raw.retries.unwrap_or(2);
+        if retries > 10 {
+            self.error(&key_path(path, "retries"), "retries must be at most 10");
+        }
+        if self.errors.0.len() > errors_before {
+            return None;
+        }
+        Some(UpstreamSpec {
+            name: name.to_string(),
+            targets,
+            balance,
+            hash_key,
+            connect_timeout,
+            read_timeout,
+            write_timeout: raw.write_timeout.map_or(read_timeout, |d| d.0),
+            idle_timeout: raw.idle_timeout.map(|d| d.0),
+            retries,
+            tls,
+            health_check,
+        })
+    }
+
+    /// `ip:port`, or `host:port` resolved once now (and at each reload).
+    fn resolve_target(&mut self, path: &str, address: &str) -> Option<SocketAddr> {
+        if let Ok(a) = address.parse::<SocketAddr>() {
+            return Some(a);
+        }
+        if !address.contains(':') {
+            self.error(
+                path,
+                format!("target \"{address}\" needs a port, like {address}:80"),
+            );
+            return None;
+        }
+        match address.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => Some(a),
+                None => {
+                    self.error(path, format!("target \"{address}\" resolves to no address"));
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(
+                    path,
+                    format!("target \"{address}\" cannot be resolved: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn hash_key(&mut self, path: &str, key: &str) -> Option<HashKey> {
+        if key == "ip" {
+            return Some(HashKey::ClientIp);
+        }
+        if let Some(name) = key.strip_prefix("header:") {
+            return match HeaderName::from_bytes(name.trim().as_bytes()) {
+                Ok(h) => Some(HashKey::Header(h)),
+                Err(_) => {
+                    self.error(path, format!("\"{name}\" is not a valid header name"));
+                    None
+                }
+            };
+        }
+        if key.starts_with("claim:") {
+            self.error(
+                path,
+                format!("hash_key \"{key}\" needs JWT auth, which {NOT_YET}"),
+            );
+            return None;
+        }
+        self.error(
+            path,
+            format!("unknown hash_key \"{key}\"; use ip, header:NAME or claim:NAME"),
+        );
+        None
+    }
+
+    fn load_ca(
+        &mut self,
+        path: &str,
+        file: &str,
+    ) -> Option<Arc<pingora_core::protocols::tls::CaType>> {
+        use pingora_core::tls::x509::X509;
+        let resolved = self.resolve_file(file);
+        match std::fs::read(&resolved) {
+            Ok(pem) => match X509::stack_from_pem(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(Arc::new(certs.into_boxed_slice())),
+                _ => {
+                    self.error(
+                        path,
+                        format!("{} holds no PEM certificate", resolved.display()),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(path, format!("cannot read {}: {e}", resolved.display()));
+                None
+            }
+        }
+    }
+
+    fn health_check(&mut self, path: &str, raw: RawHealthCheck) -> Option<HealthCheckSettings> {
+        let mut ok = true;
+        if let Some(p) = &raw.path {
+            if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                self.error(
+                    &key_path(path, "path"),
+                    format!("health check path \"{p}\" must start with / and hold no spaces"),
+                );
+                ok = false;
+            }
+        }
+        let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
+        let timeout = raw.timeout.map_or(Duration::from_secs(1), |d| d.0);
+        if interval.is_zero() {
+            self.error(&key_path(path, "interval"), "interval must be above zero");
+            ok = false;
+        }
+        if timeout.is_zero() {
+            self.error(&key_path(path, "timeout"), "timeout must be above zero");
+            ok = false;
+        }
+        let expect_status = raw.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            self.error(
+                &key_path(path, "expect_status"),
+                "expect_status must be an HTTP status (100-599)",
+            );
+            ok = false;
+        }
+        let healthy_after = raw.healthy_after.unwrap_or(1);
+        let unhealthy_after = raw.unhealthy_after.unwrap_or(2);
+        for (key, n) in [
+            ("healthy_after", healthy_after),
+            ("unhealthy_after", unhealthy_after),
+        ] {
+            if n == 0 {
+                self.error(&key_path(path, key), format!("{key} must be at least 1"));
+                ok = false;
+            }
+        }
+        if raw.host.is_some() && raw.path.is_none() {
+            self.error(
+                &key_path(path, "host"),
+                "host applies only to HTTP checks (set path)",
+            );
+            ok = false;
+        }
+        ok.then_some(HealthCheckSettings {
+            path: raw.path,
+            host: raw.host,
+            interval,
+            timeout,
+            expect_status,
+            healthy_after,
+            unhealthy_after,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        value: Option<&Value>,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+        server: &ServerSettings,
+    ) -> Vec<Route> {
+        let mut out = Vec::new();
+        let items = match value {
+            None | Some(Value::Null) => return out,
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.error("routes", "routes must be a list");
+                return out;
+            }
+        };
+        let mut names: HashSet<String> = HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = index_path("routes", i);
+            let Some(raw) = self.de::<RawRoute>(&path, item) else {
+                continue;
+            };
+            if !valid_name(&raw.name) {
+                self.error(
+                    &key_path(&path, "name"),
+                    format!(
+                        "route name \"{}\" may hold only letters, digits, '-', '_' and '.'",
+                        raw.name
+                    ),
+                );
+            } else if !names.insert(raw.name.clone()) {
+                self.error(
+                    &key_path(&path, "name"),
+                    format!("route name \"{}\" is used by an earlier route", raw.name),
+                );
+            }
+            if let Some(route) = self.route(&path, raw, upstreams, declared, server) {
+                out.push(route);
+            }
+        }
+        out
+    }
+
+    fn route(
+        &mut self,
+        path: &str,
+        raw: RawRoute,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+        server: &ServerSettings,
+    ) -> Option<Route> {
+        let errors_before = self.errors.0.len();
+        for (key, set) in [
+            ("auth", raw.auth.is_some()),
+            ("rate_limit", raw.rate_limit.is_some()),
+            ("cache", raw.cache.is_some()),
+            ("request_body", raw.request_body.is_some()),
+            ("response_body", raw.response_body.is_some()),
+            ("aggregate", raw.aggregate.is_some()),
+        ] {
+            if set {
+                self.error(&key_path(path, key), format!("{key} {NOT_YET}"));
+            }
+        }
+        let matcher = self.matcher(&key_path(path, "match"), raw.matcher);
+        let upstream = match raw.upstream.as_deref() {
+            None => {
+                self.error(path, "a route needs an upstream");
+                None
+            }
+            Some(name) => match upstreams.get(name) {
+                Some(up) => Some(Arc::clone(up)),
+                // Declared but invalid: its own errors are already reported.
+                None if declared.iter().any(|d| d == name) => None,
+                None => {
+                    let mut known: Vec<&str> = declared.iter().map(String::as_str).collect();
+                    known.sort_unstable();
+                    let known = if known.is_empty() {
+                        "none are defined".to_string()
+                    } else {
+                        format!("known: {}", known.join(", "))
+                    };
+                    self.error(
+                        &key_path(path, "upstream"),
+                        format!("unknown upstream \"{name}\"; {known}"),
+                    );
+                    None
+                }
+            },
+        };
+        for (key, value) in [
+            ("strip_prefix", &raw.strip_prefix),
+            ("add_prefix", &raw.add_prefix),
+        ] {
+            if let Some(v) = value {
+                if !v.starts_with('/') || v.contains(['?', '#', ' ']) {
+                    self.error(
+                        &key_path(path, key),
+                        format!("{key} \"{v}\" must be a path starting with /"),
+                    );
+                }
+            }
+        }
+        let request_headers =
+            self.header_rules(&key_path(path, "request_headers"), raw.request_headers);
+        let response_headers =
+            self.header_rules(&key_path(path, "response_headers"), raw.response_headers);
+        let deprecation = raw.deprecation.and_then(|d| {
+            match Deprecation::new(d.sunset.as_deref(), d.link.as_deref()) {
+                Ok(dep) => Some(dep),
+                Err(e) => {
+                    self.error(&key_path(path, "deprecation"), e);
+                    None
+                }
+            }
+        });
+        let fallback = raw
+            .fallback
+            .and_then(|f| self.fallback(&key_path(path, "fallback"), f));
+        if let Some(t) = raw.timeout {
+            if t.0.is_zero() {
+                self.error(&key_path(path, "timeout"), "timeout must be above zero");
+            }
+        }
+        if self.errors.0.len() > errors_before {
+            return None;
+        }
+        Some(Route {
+            name: raw.name.into(),
+            matcher: matcher?,
+            upstream: upstream?,
+            rewrite: PathRewrite {
+                strip_prefix: raw
+                    .strip_prefix
+                    .map(|p| p.trim_end_matches('/').to_string())
+                    .filter(|p| !p.is_empty()),
+                add_prefix: raw.add_prefix,
+            },
+            timeout: raw.timeout.map(|d| d.0),
+            max_body: raw.max_body.map_or(server.max_body, |s| s.0),
+            request_headers,
+            response_headers,
+            deprecation,
+            fallback,
+        })
+    }
+
+    fn matcher(&mut self, path: &str, raw: RawMatch) -> Option<RouteMatcher> {
+        let given = [
+            raw.path.is_some(),
+            raw.path_prefix.is_some(),
+            raw.path_regex.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if given != 1 {
+            self.error(
+                path,
+                "a route matches exactly one of path, path_prefix or path_regex",
+            );
+            return None;
+        }
+        let pattern = if let Some(p) = &raw.path {
+            PathPattern::exact(p).map_err(|e| (key_path(path, "path"), e))
+        } else if let Some(p) = &raw.path_prefix {
+            PathPattern::prefix(p).map_err(|e| (key_path(path, "path_prefix"), e))
+        } else {
+            let source = raw.path_regex.as_deref().unwrap_or_default();
+            PathPattern::regex(source).map_err(|e| (key_path(path, "path_regex"), e))
+        };
+        let pattern = match pattern {
+            Ok(p) => Some(p),
+            Err((p, e)) => {
+                self.error(&p, e);
+                None
+            }
+        };
+        let methods = match &raw.methods {
+            None => None,
+            Some(list) => match MethodSet::parse(list) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.error(&key_path(path, "methods"), e);
+                    return None;
+                }
+            },
+        };
+        let host = match &raw.host {
+            None => None,
+            Some(h) => match HostPattern::parse(h) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    self.error(&key_path(path, "host"), e);
+                    return None;
+                }
+            },
+        };
+        let mut headers = Vec::new();
+        for (name, value) in raw.headers.unwrap_or_default() {
+            let hpath = key_path(&key_path(path, "headers"), &name);
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                (Ok(n), Ok(v)) => headers.push((n, v)),
+                (Err(_), _) => self.error(&hpath, format!("\"{name}\" is not a valid header name")),
+                (_, Err(_)) => self.error(&hpath, "the value is not a valid header value"),
+            }
+        }
+        Some(RouteMatcher {
+            path: pattern?,
+            methods,
+            host,
+            headers,
+        })
+    }
+
+    fn header_rules(&mut self, path: &str, raw: Option<RawHeaderRules>) -> HeaderRules {
+        let mut rules = HeaderRules::default();
+        let Some(raw) = raw else {
+            return rules;
+        };
+        let name = |cx: &mut Self, p: &str, n: &str| -> Option<HeaderName> {
+            match HeaderName::from_bytes(n.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    cx.error(p, format!("\"{n}\" is not a valid header name"));
+                    None
+                }
+            }
+        };
+        for (i, n) in raw.remove.iter().enumerate() {
+            if let Some(h) = name(self, &index_path(&key_path(path, "remove"), i), n) {
+                rules.remove.push(h);
+            }
+        }
+        for (from, to) in &raw.rename {
+            let p = key_path(&key_path(path, "rename"), from);
+            if let (Some(f), Some(t)) = (name(self, &p, from), name(self, &p, to)) {
+                rules.rename.push((f, t));
+            }
+        }
+        for (key, map) in [("set", &raw.set), ("add", &raw.add)] {
+            for (n, v) in map {
+                let p = key_path(&key_path(path, key), n);
+                let Some(h) = name(self, &p, n) else { continue };
+                match HeaderValue::from_str(v) {
+                    Ok(value) if key == "set" => rules.set.push((h, value)),
+                    Ok(value) => rules.add.push((h, value)),
+                    Err(_) => self.error(&p, "the value is not a valid header value"),
+                }
+            }
+        }
+        rules
+    }
+
+    fn fallback(&mut self, path: &str, raw: RawFallback) -> Option<StaticResponse> {
+        let status = match StatusCode::from_u16(raw.status) {
+            Ok(s) if (200..=599).contains(&raw.status) => s,
+            _ => {
+                self.error(
+                    &key_path(path, "status"),
+                    "status must be an HTTP status between 200 and 599",
+                );
+                return None;
+            }
+        };
+        let content_type = raw
+            .content_type
+            .as_deref()
+            .unwrap_or("text/plain; charset=utf-8");
+        let Ok(content_type) = HeaderValue::from_str(content_type) else {
+            self.error(
+                &key_path(path, "content_type"),
+                "content_type is not a valid header value",
+            );
+            return None;
+        };
+        Some(StaticResponse {
+            status,
+            content_type,
+            body: Bytes::from(raw.body),
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The field named by serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// Hides quoted text, which may be a value taken from the environment.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("(hidden)\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{load_str, ConfigErrors};
+    use std::path::Path;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "SECRET").then(|| "s3cr3t-value".to_string())
+    }
+
+    fn errors(yaml: &str) -> ConfigErrors {
+        match load_str(yaml, Path::new("."), &env) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e,
+        }
+    }
+
+    const BASE: &str =
+        "listen: [127.0.0.1:8080]\nupstreams:\n  users:\n    targets: [127.0.0.1:9001]\n";
+
+    #[test]
+    fn a_minimal_file_compiles() {
+        let yaml = format!(
+            "{BASE}routes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: users\n"
+        );
+        let config = load_str(&yaml, Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.runtime.router.routes().len(), 1);
+        assert_eq!(config.listeners[0].addr.port(), 8080);
+    }
+
+    #[test]
+    fn unknown_upstream_names_the_known_ones() {
+        let yaml = format!("{BASE}  orders:\n    targets: [127.0.0.1:9002]\nroutes:\n  - name: r\n    match: {{ path: /x }}\n    upstream: userz\n");
+        let e = errors(&yaml);
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].path, "routes[0].upstream");
+        assert_eq!(
+            e.0[0].message,
+            "unknown upstream \"userz\"; known: orders, users"
+        );
+        assert_eq!(e.0[0].position.unwrap().line, 10);
+    }
+
+    #[test]
+    fn every_error_is_collected_with_its_place() {
+        let yaml = concat!(
+            "listen: [127.0.0.1:8080]\n",
+            "server:\n  max_body: 10 furlongs\n",
+            "upstreams:\n  users:\n    targets: [127.0.0.1:9001]\n    read_timeout: 5\n",
+            "routes:\n",
+            "  - name: a\n    match: { path_regex: \"^/(\" }\n    upstream: users\n",
+            "  - name: a\n    match: { path: /x, pathx: 1 }\n    upstream: users\n",
+            "  - name: b\n    match: { path: /y }\n    upstream: users\n    colour: blue\n",
+        );
+        let e = errors(yaml);
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.max_body",
+                "upstreams.users.read_timeout",
+                "routes[0].match.path_regex",
+                "routes[1].match.pathx",
+                "routes[2].colour",
+            ],
+            "{e}"
+        );
+        assert!(e.0[0].message.contains("invalid size"), "{e}");
+        assert!(e.0[1].message.contains("has no unit"), "{e}");
+        assert!(e.0[3].message.starts_with("unknown key `pathx`"), "{e}");
+        assert_eq!(e.0[4].position.unwrap().line, 18);
+    }
+
+    #[test]
+    fn duplicate_route_names_and_unset_env() {
+        let yaml = format!("{BASE}  x: {{ targets: [\"${{NOPE}}\"] }}\nroutes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n  - name: r\n    match: {{ path: /b }}\n    upstream: users\n");
+        let e = errors(&yaml);
+        // The env error stops the parse before compile.
+        assert_eq!(e.0[0].path, "upstreams.x.targets[0]");
+        assert!(e.0[0].message.contains("NOPE is not set"));
+        let yaml = format!("{BASE}routes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n  - name: r\n    match: {{ path: /b }}\n    upstream: users\n");
+        let e = errors(&yaml);
+        assert_eq!(e.0[0].path, "routes[1].name");
+        assert!(e.0[0].message.contains("used by an earlier route"));
+    }
+
+    #[test]
+    fn secrets_from_the_environment_never_appear_in_errors() {
+        let yaml = format!("{BASE}server:\n  threads: \"${{SECRET}}\"\n");
+        let e = errors(&yaml);
+        let text = e.to_string();
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.contains("server.threads"), "{text}");
+    }
+
+    #[test]
+    fn features_not_built_yet_are_refused_not_ignored() {
+        let yaml = format!("{BASE}routes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n    auth: main\n");
+        let e = errors(&yaml);
+        assert_eq!(e.0[0].path, "routes[0].auth");
+        assert!(e.0[0].message.contains("not supported"));
+    }
+}

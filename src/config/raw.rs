@@ -1,0 +1,165 @@
+//! The configuration file as written: plain serde structs that refuse unknown
+//! keys. Nothing here is validated beyond types; `compile` does the rest.
+//!
+//! Fields that may be written in two shapes (a string or a mapping) stay
+//! `serde_json::Value` here and are read by `compile` with their own path.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::units::{ConfDuration, ConfSize};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub threads: Option<usize>,
+    pub pid_file: Option<String>,
+    pub upgrade_sock: Option<String>,
+    pub grace_period: Option<ConfDuration>,
+    pub graceful_shutdown_timeout: Option<ConfDuration>,
+    pub max_body: Option<ConfSize>,
+    pub header_timeout: Option<ConfDuration>,
+    pub max_header_size: Option<ConfSize>,
+    pub max_headers: Option<usize>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Idle time after which a client's keep-alive connection is closed.
+    pub keepalive_timeout: Option<ConfDuration>,
+    /// Idle upstream connections kept for reuse, per process.
+    pub upstream_keepalive_pool_size: Option<usize>,
+    /// Pingora's work-stealing scheduler; off by default (better tail latency).
+    pub work_stealing: Option<bool>,
+    /// Where the daemon writes its own log when started with `-d`.
+    pub error_log: Option<String>,
+    /// User and group the daemon drops to after binding.
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenTls {
+    pub address: String,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Each a string `host:port` or `{ address, weight }`.
+    pub targets: Vec<Value>,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub health_check: Option<RawHealthCheck>,
+    pub connect_timeout: Option<ConfDuration>,
+    pub read_timeout: Option<ConfDuration>,
+    pub write_timeout: Option<ConfDuration>,
+    /// How long an idle pooled connection to a target is kept.
+    pub idle_timeout: Option<ConfDuration>,
+    pub retries: Option<usize>,
+    #[serde(default)]
+    pub tls: bool,
+    pub sni: Option<String>,
+    /// Verify the targets' certificates (default true).
+    pub tls_verify: Option<bool>,
+    /// PEM bundle of CAs trusted for the targets, instead of the system's.
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub address: String,
+    pub weight: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<ConfDuration>,
+    pub timeout: Option<ConfDuration>,
+    pub expect_status: Option<u16>,
+    pub healthy_after: Option<usize>,
+    pub unhealthy_after: Option<usize>,
+    /// Host header of HTTP checks; default the target address.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RawMatch,
+    pub upstream: Option<String>,
+    pub strip_prefix: Option<String>,
+    pub add_prefix: Option<String>,
+    pub timeout: Option<ConfDuration>,
+    pub max_body: Option<ConfSize>,
+    pub auth: Option<Value>,
+    pub rate_limit: Option<Value>,
+    pub cache: Option<Value>,
+    pub request_headers: Option<RawHeaderRules>,
+    pub response_headers: Option<RawHeaderRules>,
+    pub request_body: Option<Value>,
+    pub response_body: Option<Value>,
+    pub deprecation: Option<RawDeprecation>,
+    pub fallback: Option<RawFallback>,
+    pub aggregate: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub host: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRules {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeprecation {
+    pub sunset: Option<String>,
+    pub link: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub status: u16,
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub body: String,
+}

@@ -1,0 +1,17 @@
+//! gatehouse: an HTTP API gateway on Cloudflare's Pingora.
+//!
+//! `config` reads and compiles the YAML file into the runtime types of the
+//! other modules; `server` assembles the Pingora services; `proxy` sequences
+//! the request phases.
+
+pub mod admin;
+pub mod config;
+pub mod forwarding;
+pub mod gateway;
+pub mod listener;
+pub mod proxy;
+pub mod respond;
+pub mod routing;
+pub mod server;
+pub mod transform;
+pub mod upstream;

@@ -1,0 +1,217 @@
+//! The HTTP/1 request head, read before Pingora parses it. Pingora's own
+//! read timeout applies to each `read()`, so a client trickling one byte at a
+//! time could hold a connection forever, and its head limits (1 MiB, 256
+//! fields) answer `400`. Here the whole head must arrive within
+//! `server.header_timeout` and fit `max_header_size` and `max_headers`, or the
+//! client gets `408` or `431`. The bytes read are handed to Pingora's parser
+//! untouched, so nothing is parsed twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use http::StatusCode;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora_core::protocols::http::v1::server::HttpSession as SessionV1;
+use pingora_core::protocols::http::v2::server::H2Options;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::respond::Response;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub header_timeout: Duration,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub keepalive_timeout: Duration,
+}
+
+/// Wraps the proxy application; see the module documentation.
+pub struct HeadGuard<A> {
+    inner: Arc<A>,
+    limits: HeadLimits,
+}
+
+impl<A> HeadGuard<A> {
+    pub fn new(inner: A, limits: HeadLimits) -> Self {
+        HeadGuard {
+            inner: Arc::new(inner),
+            limits,
+        }
+    }
+}
+
+/// Marks a keep-alive connection that already served a request; the proxy
+/// hands it from one request to the next.
+pub struct Reused;
+
+enum HeadRead {
+    Ready(Box<ServerSession>),
+    /// Closed, timed out while idle, or answered with an error.
+    Done,
+}
+
+#[async_trait]
+impl<A> HttpServerApp for HeadGuard<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let session = match session {
+            ServerSession::H1(v1) => match self.read_head(v1, shutdown.clone()).await {
+                HeadRead::Ready(s) => *s,
+                HeadRead::Done => return None,
+            },
+            other => other,
+        };
+        self.inner.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.inner.http_cleanup().await
+    }
+}
+
+/// Where the head ends (index just past the blank line), if it has.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    // Blank lines before the request line are allowed (RFC 9112 2.2).
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let body = &buf[start..];
+    for nl in memchr::memchr_iter(b'\n', body) {
+        match body.get(nl + 1) {
+            Some(b'\n') => return Some(start + nl + 2),
+            Some(b'\r') if body.get(nl + 2) == Some(&b'\n') => return Some(start + nl + 3),
+            _ => {}
+        }
+    }
+    None
+}
+
+impl<A> HeadGuard<A> {
+    async fn read_head(&self, mut v1: SessionV1, mut shutdown: ShutdownWatch) -> HeadRead {
+        let keepalive = v1.get_keepalive_timeout();
+        let reuses = v1.get_keepalive_reuses_remaining();
+        let user_ctx = v1.take_connection_user_context();
+        let reused = user_ctx.is_some();
+        let mut stream: Stream = v1.into_inner();
+        let limits = self.limits;
+        let mut buf = BytesMut::with_capacity(4096);
+
+        // An idle keep-alive connection may wait `keepalive_timeout` for its
+        // next request; a new connection gets `header_timeout` for all of it.
+        let idle_wait = if reused {
+            limits.keepalive_timeout
+        } else {
+            limits.header_timeout
+        };
+        let first = tokio::select! {
+            biased;
+            r = tokio::time::timeout(idle_wait, stream.read_buf(&mut buf)) => r,
+            _ = shutdown.changed() => return HeadRead::Done,
+        };
+        match first {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, failed or idle: nothing was asked, nothing to answer.
+            _ => return HeadRead::Done,
+        }
+        let deadline = Instant::now() + limits.header_timeout;
+        let end = loop {
+            if let Some(end) = head_end(&buf) {
+                break end;
+            }
+            if buf.len() > limits.max_header_size {
+                reject(
+                    stream,
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "the request head is too large",
+                )
+                .await;
+                return HeadRead::Done;
+            }
+            match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return HeadRead::Done,
+                Err(_) => {
+                    reject(
+                        stream,
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request head was not received in time",
+                    )
+                    .await;
+                    return HeadRead::Done;
+                }
+            }
+        };
+        let head = &buf[..end];
+        // Lines in the head, less the request line and the blank line.
+        let fields = memchr::memchr_iter(b'\n', head).count().saturating_sub(2);
+        if end > limits.max_header_size || fields > limits.max_headers {
+            reject(
+                stream,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request head is too large",
+            )
+            .await;
+            return HeadRead::Done;
+        }
+        let mut session = ServerSession::new_http1(stream);
+        // Pingora's default for a new connection is 60 s; ours is configured.
+        session.set_keepalive(keepalive.map(|_| limits.keepalive_timeout.as_secs().max(1)));
+        session.set_keepalive_reuses_remaining(reuses);
+        session.set_connection_user_context(user_ctx);
+        session.set_pipelined_prefix(buf);
+        HeadRead::Ready(Box::new(session))
+    }
+}
+
+/// Answers a head that was refused, then closes the connection.
+async fn reject(mut stream: Stream, status: StatusCode, detail: &str) {
+    let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
+    let problem = Response::problem(status, detail, &request_id);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        problem.body.len(),
+        request_id,
+    )
+    .into_bytes();
+    out.extend_from_slice(&problem.body);
+    let write = async {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_end;
+
+    #[test]
+    fn finds_the_end_of_the_head() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"), Some(22));
+        assert_eq!(head_end(b"\r\n"), None);
+    }
+}

@@ -1,0 +1,441 @@
+//! The Pingora `ProxyHttp` implementation. It only sequences the modules:
+//! each hook loads what it needs from the request context and hands over to
+//! routing, forwarding, transform and upstream code.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
+use http::StatusCode;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::config::ServerSettings;
+use crate::forwarding::{self, Forwarded};
+use crate::gateway::Gateway;
+use crate::respond::{Phase, Response, REQUEST_ID};
+use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
+use crate::transform::headers::strip_hop_by_hop;
+use crate::upstream::{HashKey, InFlight, Pick};
+
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+    settings: Arc<ServerSettings>,
+}
+
+impl Proxy {
+    pub fn new(gateway: Arc<Gateway>, settings: Arc<ServerSettings>) -> Self {
+        Proxy { gateway, settings }
+    }
+}
+
+/// Per-request state, filled as the request moves through the phases.
+#[derive(Default)]
+pub struct RequestCtx {
+    request_id: String,
+    client_ip: Option<IpAddr>,
+    peer_trusted: bool,
+    route: Option<Arc<Route>>,
+    /// Path and query for the upstream when they differ from the client's.
+    upstream_uri: Option<String>,
+    deadline: Option<Instant>,
+    /// Targets whose connect failed, for retries.
+    tried: Vec<usize>,
+    in_flight: Option<InFlight>,
+    /// Counted against the route's `max_body` when no length was declared.
+    body_limit: Option<u64>,
+    body_seen: u64,
+}
+
+impl RequestCtx {
+    fn problem(&self, status: StatusCode, detail: &str) -> Phase {
+        Phase::Respond(Response::problem(status, detail, &self.request_id))
+    }
+}
+
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Proxy {
+    /// Everything decided before going upstream; synchronous on purpose.
+    fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
+        let req = session.req_header();
+        ctx.request_id = forwarding::request_id(&req.headers);
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            ctx.peer_trusted = forwarding::is_trusted(peer, &self.settings.trusted_proxies);
+            ctx.client_ip = Some(forwarding::client_ip(
+                peer,
+                &req.headers,
+                &self.settings.trusted_proxies,
+            ));
+        }
+        // HTTP/1 heads were measured as they arrived (`listener`); HTTP/2
+        // heads are checked here.
+        if session.is_http2() {
+            if let Some(phase) = self.check_h2_head(req, ctx) {
+                return phase;
+            }
+        }
+        let path = match normalize_path(req.uri.path()) {
+            Ok(p) => p,
+            Err(e) => return ctx.problem(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let runtime = self.gateway.load();
+        let outcome = runtime.router.find(&RouteRequest {
+            method: &req.method,
+            path: &path,
+            host: forwarding::request_host(req),
+            headers: &req.headers,
+        });
+        let route = match outcome {
+            RouteOutcome::Matched(route) => Arc::clone(route),
+            RouteOutcome::NotFound => {
+                return ctx.problem(StatusCode::NOT_FOUND, "no route matches this request")
+            }
+            RouteOutcome::MethodNotAllowed { allow } => {
+                let Phase::Respond(r) = ctx.problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{} is not allowed here", req.method),
+                ) else {
+                    unreachable!()
+                };
+                let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
+                return Phase::Respond(r.with_header(ALLOW, allow));
+            }
+        };
+        match declared_length(req) {
+            Some(len) if len > route.max_body => {
+                return ctx.problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the request body is larger than {} bytes", route.max_body),
+                );
+            }
+            Some(_) => {}
+            None => ctx.body_limit = Some(route.max_body),
+        }
+        if !route.rewrite.is_identity() || matches!(path, std::borrow::Cow::Owned(_)) {
+            ctx.upstream_uri = Some(route.rewrite.apply(&path, req.uri.query()));
+        }
+        ctx.deadline = route.timeout.map(|t| Instant::now() + t);
+        ctx.route = Some(route);
+        Phase::Continue
+    }
+
+    fn check_h2_head(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<Phase> {
+        let count = req.headers.len();
+        let size: usize = req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + req.uri.path().len();
+        if count > self.settings.max_headers || size > self.settings.max_header_size {
+            return Some(ctx.problem(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request head is too large",
+            ));
+        }
+        None
+    }
+
+    async fn respond(&self, phase: Phase, session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
+        match phase {
+            Phase::Continue => Ok(false),
+            Phase::Respond(response) => {
+                // An unread request body would be taken for the next request.
+                if !session.is_body_empty() {
+                    session.set_keepalive(None);
+                }
+                response.write(session, &ctx.request_id, |_| {}).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn hash_input<'a>(&self, session: &'a Session, key: &HashKey, ip: &'a [u8]) -> &'a [u8] {
+        match key {
+            HashKey::ClientIp => ip,
+            HashKey::Header(name) => session
+                .req_header()
+                .headers
+                .get(name)
+                .map_or(ip, |v| v.as_bytes()),
+        }
+    }
+}
+
+/// The status for an error that ended a request, and whether it is the
+/// upstream's fault (a route fallback may then answer instead).
+fn classify(e: &Error) -> (u16, bool) {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => (*code, matches!(code, 502..=504)),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            (504, true)
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => (502, true),
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                    (0, false)
+                }
+                ErrorType::ReadTimedout => (408, false),
+                _ => (400, false),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => (500, false),
+        },
+    }
+}
+
+fn detail_for(status: u16) -> &'static str {
+    match status {
+        400 => "the request is malformed",
+        408 => "the request was not received in time",
+        413 => "the request body is too large",
+        502 => "the upstream could not be reached",
+        503 => "no healthy upstream target is available",
+        504 => "the upstream did not answer in time",
+        _ => "the request could not be processed",
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    // No compression module: responses pass through as the upstream sent them.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let phase = self.admit(session, ctx);
+        self.respond(phase, session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route chosen");
+        };
+        let upstream = &route.upstream;
+        let left = match ctx.deadline {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout"),
+            },
+            None => None,
+        };
+        let ip_bytes = match ctx.client_ip {
+            Some(IpAddr::V4(v4)) => v4.octets().to_vec(),
+            Some(IpAddr::V6(v6)) => v6.octets().to_vec(),
+            None => Vec::new(),
+        };
+        let key = if upstream.uses_hash_key() {
+            self.hash_input(session, &upstream.hash_key, &ip_bytes)
+        } else {
+            &[]
+        };
+        match upstream.pick(key, &ctx.tried) {
+            Pick::Target(index) => {
+                ctx.in_flight = Some(upstream.begin(index));
+                Ok(upstream.peer(index, left))
+            }
+            Pick::NoneHealthy => Error::e_explain(ErrorType::HTTPStatus(503), "no healthy target"),
+            Pick::Exhausted => Error::e_explain(ErrorType::HTTPStatus(502), "every target failed"),
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let (Some(route), Some(in_flight)) = (&ctx.route, ctx.in_flight.take()) else {
+            return e;
+        };
+        let failed = in_flight.index();
+        drop(in_flight);
+        log::warn!(
+            "request {}: connect to {} (upstream {}) failed: {}",
+            ctx.request_id,
+            route.upstream.targets[failed].label,
+            route.upstream.name,
+            e.etype().as_str()
+        );
+        ctx.tried.push(failed);
+        let upstream = &route.upstream;
+        let another =
+            (0..upstream.targets.len()).any(|i| !ctx.tried.contains(&i) && upstream.is_healthy(i));
+        if ctx.tried.len() <= upstream.retries && another {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(uri) = ctx.upstream_uri.as_deref() {
+            upstream_request.set_raw_path(uri.as_bytes())?;
+        }
+        let downstream = session.req_header();
+        let host = downstream
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| downstream.uri.authority().map(|a| a.as_str()));
+        let host_owned = host.map(str::to_owned);
+        if upstream_request.headers.get(http::header::HOST).is_none() {
+            if let Some(h) = &host_owned {
+                upstream_request.insert_header(http::header::HOST, h.as_str())?;
+            }
+        }
+        Forwarded {
+            peer: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            peer_trusted: ctx.peer_trusted,
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+            host: host_owned.as_deref(),
+        }
+        .apply(upstream_request);
+        upstream_request.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(route) = &ctx.route {
+            route.request_headers.apply(upstream_request);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
+            ctx.body_seen += chunk.len() as u64;
+            if ctx.body_seen > limit {
+                // The upstream never receives the end of this body: the
+                // connection to it is dropped with the error.
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body over max_body");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        strip_hop_by_hop(upstream_response);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            route.response_headers.apply(upstream_response);
+            if let Some(d) = &route.deprecation {
+                d.apply(upstream_response);
+            }
+        }
+        upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (status, upstream_fault) = classify(e);
+        if ctx.request_id.is_empty() {
+            ctx.request_id = forwarding::request_id(&session.req_header().headers);
+        }
+        if status == 0 || session.response_written().is_some() {
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
+        if upstream_fault {
+            log::warn!("request {}: {} ({e})", ctx.request_id, status);
+        }
+        let route = ctx.route.clone();
+        let response = match route.as_ref().and_then(|r| r.fallback.as_ref()) {
+            Some(fallback) if upstream_fault => fallback.to_response(),
+            _ => {
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                Response::problem(code, detail_for(status), &ctx.request_id)
+            }
+        };
+        let status = response.status.as_u16();
+        // What the client sent may not have been read to its end.
+        session.set_keepalive(None);
+        let deprecation = route.as_ref().and_then(|r| r.deprecation.as_ref());
+        let written = response
+            .write(session, &ctx.request_id, |h| {
+                if let Some(d) = deprecation {
+                    d.apply(h);
+                }
+            })
+            .await;
+        if let Err(write_error) = written {
+            log::debug!(
+                "request {}: could not send the error response: {write_error}",
+                ctx.request_id
+            );
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    // Lets the head reader tell a reused keep-alive connection from a new one.
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(crate::listener::Reused))
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.in_flight = None;
+    }
+}

@@ -1,0 +1,190 @@
+//! Routing: path normalization, route selection in specificity order, and
+//! the path rewrite sent upstream. Joins the `request_filter` phase (choose
+//! the route, or answer 400/404/405) and `upstream_request_filter` (rewrite).
+
+mod matcher;
+mod normalize;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method};
+
+pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
+pub use normalize::{normalize_path, PathError};
+
+use crate::respond::StaticResponse;
+use crate::transform::headers::{Deprecation, HeaderRules};
+use crate::upstream::Upstream;
+
+/// A compiled route: what it matches and how its requests are handled.
+#[derive(Debug)]
+pub struct Route {
+    /// Unique; the label in metrics and logs.
+    pub name: Arc<str>,
+    pub matcher: RouteMatcher,
+    pub upstream: Arc<Upstream>,
+    pub rewrite: PathRewrite,
+    /// Deadline for the whole upstream exchange; overrides the upstream's
+    /// `read_timeout`.
+    pub timeout: Option<Duration>,
+    pub max_body: u64,
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
+    pub deprecation: Option<Deprecation>,
+    pub fallback: Option<StaticResponse>,
+}
+
+/// `strip_prefix` then `add_prefix`, applied to the normalized path.
+#[derive(Debug, Default)]
+pub struct PathRewrite {
+    pub strip_prefix: Option<String>,
+    pub add_prefix: Option<String>,
+}
+
+impl PathRewrite {
+    pub fn is_identity(&self) -> bool {
+        self.strip_prefix.is_none() && self.add_prefix.is_none()
+    }
+
+    /// The path and query to send upstream.
+    pub fn apply(&self, path: &str, query: Option<&str>) -> String {
+        let mut rest = path;
+        if let Some(strip) = &self.strip_prefix {
+            if let Some(after) = path.strip_prefix(strip.as_str()) {
+                if after.is_empty() || after.starts_with('/') {
+                    rest = after;
+                }
+            }
+        }
+        let mut out = String::with_capacity(path.len() + 16);
+        if let Some(add) = &self.add_prefix {
+            out.push_str(add.trim_end_matches('/'));
+        }
+        if rest.is_empty() {
+            out.push('/');
+        } else {
+            out.push_str(rest);
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+/// What the router needs to know about a request.
+pub struct RouteRequest<'a> {
+    pub method: &'a Method,
+    /// Normalized path, without the query.
+    pub path: &'a str,
+    /// Host without port.
+    pub host: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+pub enum RouteOutcome<'r> {
+    Matched(&'r Arc<Route>),
+    /// A route matches everything but the method; `allow` lists the methods
+    /// that would have matched.
+    MethodNotAllowed {
+        allow: String,
+    },
+    NotFound,
+}
+
+/// Routes in the order they are tried: most specific first.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// Orders `routes` (given in file order) by specificity: exact path,
+    /// then regex, then prefix (longer first); then more conditions; ties
+    /// keep file order.
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut indexed: Vec<(usize, Route)> = routes.into_iter().enumerate().collect();
+        indexed.sort_by_key(|(index, route)| {
+            let (kind, within) = route.matcher.path.specificity();
+            (
+                kind,
+                within,
+                std::cmp::Reverse(route.matcher.condition_count()),
+                *index,
+            )
+        });
+        Router {
+            routes: indexed.into_iter().map(|(_, r)| Arc::new(r)).collect(),
+        }
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    pub fn find(&self, req: &RouteRequest<'_>) -> RouteOutcome<'_> {
+        let mut allowed: Option<Vec<&Method>> = None;
+        for route in &self.routes {
+            let m = &route.matcher;
+            if !m.path.matches(req.path, None) || !m.matches_host_and_headers(req.host, req.headers)
+            {
+                continue;
+            }
+            if m.matches_method(req.method) {
+                return RouteOutcome::Matched(route);
+            }
+            if let Some(methods) = &m.methods {
+                let list = allowed.get_or_insert_with(Vec::new);
+                for method in methods.iter() {
+                    if !list.contains(&method) {
+                        list.push(method);
+                    }
+                }
+            }
+        }
+        match allowed {
+            Some(mut methods) => {
+                methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                let allow = methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                RouteOutcome::MethodNotAllowed { allow }
+            }
+            None => RouteOutcome::NotFound,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_strips_whole_segments_and_adds() {
+        let r = PathRewrite {
+            strip_prefix: Some("/v1".into()),
+            add_prefix: Some("/api".into()),
+        };
+        assert_eq!(r.apply("/v1/users/7", Some("a=1")), "/api/users/7?a=1");
+        assert_eq!(r.apply("/v1", None), "/api/");
+        assert_eq!(r.apply("/v1x/users", None), "/api/v1x/users");
+        let strip_only = PathRewrite {
+            strip_prefix: Some("/v1".into()),
+            add_prefix: None,
+        };
+        assert_eq!(strip_only.apply("/v1", None), "/");
+        assert_eq!(strip_only.apply("/v1/a", None), "/a");
+        let add_slash = PathRewrite {
+            strip_prefix: None,
+            add_prefix: Some("/api/".into()),
+        };
+        assert_eq!(add_slash.apply("/x", None), "/api/x");
+    }
+}

@@ -1,0 +1,186 @@
+//! Request path normalization, done once before any route is matched: the
+//! upstream receives exactly the path that was matched and authorized.
+//!
+//! Percent-encoded unreserved characters are decoded (`%61` is `a`), `.` and
+//! `..` segments are resolved, and `//` is collapsed. A path that climbs above
+//! `/`, or holds an encoded `/` (`%2F`), a NUL or a control character (raw or
+//! encoded), is refused.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request target must be an absolute path")]
+    NotAbsolute,
+    #[error("the path climbs above the root")]
+    AboveRoot,
+    #[error("the path holds an encoded slash")]
+    EncodedSlash,
+    #[error("the path holds a control character")]
+    ControlCharacter,
+    #[error("the path holds a malformed percent-encoding")]
+    BadEncoding,
+}
+
+/// Normalizes `path` (without its query). Borrows when nothing changes, which
+/// is the common case.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut needs_work = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b < 0x20 || b == 0x7f {
+            return Err(PathError::ControlCharacter);
+        }
+        if b == b'%' || (b == b'/' && matches!(bytes.get(i + 1), Some(b'/') | Some(b'.'))) {
+            needs_work = true;
+        }
+    }
+    if !needs_work {
+        return Ok(Cow::Borrowed(path));
+    }
+    let decoded = decode_unreserved(path)?;
+    Ok(Cow::Owned(resolve_segments(&decoded)?))
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Decodes `%XX` for unreserved characters; keeps other escapes, with their
+/// hex digits upper-cased so equal paths are spelled the same way.
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            // The input is a &str, so copying whole UTF-8 runs keeps it valid.
+            let next = path[i..].find('%').map_or(bytes.len(), |n| i + n);
+            out.push_str(&path[i..next]);
+            i = next;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEncoding);
+        };
+        let value = hi << 4 | lo;
+        if value == b'/' || value == b'\\' {
+            return Err(PathError::EncodedSlash);
+        }
+        if value < 0x20 || value == 0x7f {
+            return Err(PathError::ControlCharacter);
+        }
+        if is_unreserved(value) {
+            out.push(value as char);
+        } else {
+            out.push('%');
+            out.push(bytes[i + 1].to_ascii_uppercase() as char);
+            out.push(bytes[i + 2].to_ascii_uppercase() as char);
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+/// Resolves `.` and `..` and drops empty segments, keeping a trailing slash.
+fn resolve_segments(path: &str) -> Result<String, PathError> {
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in path.split('/').skip(1) {
+        trailing_slash = false;
+        match segment {
+            "" => trailing_slash = true,
+            "." => trailing_slash = true,
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = true;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(p: &str) -> Result<String, PathError> {
+        normalize_path(p).map(|c| c.into_owned())
+    }
+
+    #[test]
+    fn plain_paths_are_borrowed() {
+        assert!(matches!(
+            normalize_path("/v1/users/7"),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert!(matches!(normalize_path("/v1/users/"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(normalize_path("/a.b/c"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn dot_segments_and_double_slashes() {
+        assert_eq!(n("/a/./b"), Ok("/a/b".into()));
+        assert_eq!(n("/a/../b"), Ok("/b".into()));
+        assert_eq!(n("/a//b"), Ok("/a/b".into()));
+        assert_eq!(n("//a///b//"), Ok("/a/b/".into()));
+        assert_eq!(n("/a/b/.."), Ok("/a/".into()));
+        assert_eq!(n("/a/."), Ok("/a/".into()));
+        assert_eq!(n("/.."), Err(PathError::AboveRoot));
+        assert_eq!(n("/a/../../b"), Err(PathError::AboveRoot));
+        assert_eq!(n("/a/.../b"), Ok("/a/.../b".into()));
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_before_resolving() {
+        assert_eq!(n("/%61dmin"), Ok("/admin".into()));
+        assert_eq!(n("/a/%2e%2e/admin"), Ok("/admin".into()));
+        assert_eq!(n("/a/%2E/b"), Ok("/a/b".into()));
+        assert_eq!(n("/%2e%2e/x"), Err(PathError::AboveRoot));
+        // Reserved escapes stay encoded, normalized to upper case.
+        assert_eq!(n("/a%3fb"), Ok("/a%3Fb".into()));
+        assert_eq!(n("/%252e%252e/x"), Ok("/%252e%252e/x".into()));
+        assert_eq!(n("/caf%C3%A9"), Ok("/caf%C3%A9".into()));
+    }
+
+    #[test]
+    fn refused_paths() {
+        assert_eq!(n("/a%2Fb"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/a%2fb"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/a%5Cb"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/a%00b"), Err(PathError::ControlCharacter));
+        assert_eq!(n("/a%0Ab"), Err(PathError::ControlCharacter));
+        assert_eq!(n("/a\u{1}b"), Err(PathError::ControlCharacter));
+        assert_eq!(n("/a%zz"), Err(PathError::BadEncoding));
+        assert_eq!(n("/a%2"), Err(PathError::BadEncoding));
+        assert_eq!(n("a/b"), Err(PathError::NotAbsolute));
+        assert_eq!(n("*"), Err(PathError::NotAbsolute));
+    }
+}

@@ -1,0 +1,118 @@
+//! Assembling the Pingora server from a validated configuration: the proxy
+//! service on the public listeners, the admin service, and health checks.
+
+use std::sync::Arc;
+
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use pingora_proxy::HttpProxy;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::listener::{HeadGuard, HeadLimits};
+use crate::proxy::Proxy;
+use crate::upstream::HealthService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS listener {addr}: {message}")]
+    Tls { addr: String, message: String },
+}
+
+/// What the command line asked for.
+pub struct RunOptions {
+    pub upgrade: bool,
+    pub daemon: bool,
+}
+
+fn seconds_ceil(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError> {
+    let s = &config.server;
+    let conf = ServerConf {
+        threads: s.threads,
+        work_stealing: s.work_stealing,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        grace_period_seconds: Some(seconds_ceil(s.grace_period)),
+        graceful_shutdown_timeout_seconds: Some(seconds_ceil(s.graceful_shutdown_timeout)),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        error_log: s.error_log.clone(),
+        user: s.user.clone(),
+        group: s.group.clone(),
+        daemon: options.daemon,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let conf = Arc::clone(&server.configuration);
+
+    let settings = Arc::new(config.server.clone());
+    let gateway = Arc::new(Gateway::new(config.runtime));
+
+    let mut proxy = HttpProxy::new(
+        Proxy::new(Arc::clone(&gateway), Arc::clone(&settings)),
+        conf,
+    );
+    proxy.handle_init_modules();
+    let guarded = HeadGuard::new(
+        proxy,
+        HeadLimits {
+            header_timeout: settings.header_timeout,
+            max_header_size: settings.max_header_size,
+            max_headers: settings.max_headers,
+            keepalive_timeout: settings.keepalive_timeout,
+        },
+    );
+    let mut public = Service::new("gatehouse proxy".to_string(), guarded);
+    for listener in &config.listeners {
+        let addr = listener.addr.to_string();
+        match &listener.tls {
+            None => public.add_tcp(&addr),
+            Some(files) => {
+                let tls_error = |e: pingora_core::BError| StartError::Tls {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                };
+                let mut tls = TlsSettings::intermediate(
+                    &files.cert.display().to_string(),
+                    &files.key.display().to_string(),
+                )
+                .map_err(tls_error)?;
+                tls.enable_h2();
+                public.add_tls_with_settings(&addr, None, tls);
+            }
+        }
+    }
+    server.add_service(public);
+
+    if let Some(admin) = &config.admin {
+        let mut service = Service::new(
+            "gatehouse admin".to_string(),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
+        );
+        service.add_tcp(&admin.listen.to_string());
+        service.threads = Some(1);
+        server.add_service(service);
+    }
+
+    server.add_service(background_service(
+        "health checks",
+        HealthService::new(Arc::clone(&gateway)),
+    ));
+    Ok(server)
+}

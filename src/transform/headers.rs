@@ -1,0 +1,234 @@
+//! Header rules (`remove`, `rename`, `set`, `add`, run in that order), the
+//! hop-by-hop fields that never cross the gateway, and deprecation headers.
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// Requests and responses both carry a case-preserving header map that must
+/// be edited through its own methods; this trait lets one rule set edit both.
+pub trait EditHeaders {
+    fn header_map(&self) -> &HeaderMap;
+    fn remove(&mut self, name: &HeaderName);
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue);
+    fn append(&mut self, name: &HeaderName, value: HeaderValue);
+}
+
+macro_rules! edit_headers_for {
+    ($t:ty) => {
+        impl EditHeaders for $t {
+            fn header_map(&self) -> &HeaderMap {
+                &self.headers
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn insert(&mut self, name: &HeaderName, value: HeaderValue) {
+                // Valid names and values cannot fail to insert.
+                let _ = self.insert_header(name, value);
+            }
+            fn append(&mut self, name: &HeaderName, value: HeaderValue) {
+                let _ = self.append_header(name, value);
+            }
+        }
+    };
+}
+edit_headers_for!(RequestHeader);
+edit_headers_for!(ResponseHeader);
+
+/// One `request_headers` or `response_headers` block, compiled.
+#[derive(Debug, Default)]
+pub struct HeaderRules {
+    pub remove: Vec<HeaderName>,
+    pub rename: Vec<(HeaderName, HeaderName)>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty()
+            && self.rename.is_empty()
+            && self.set.is_empty()
+            && self.add.is_empty()
+    }
+
+    pub fn apply(&self, target: &mut impl EditHeaders) {
+        for name in &self.remove {
+            target.remove(name);
+        }
+        for (from, to) in &self.rename {
+            let values: Vec<HeaderValue> =
+                target.header_map().get_all(from).iter().cloned().collect();
+            if values.is_empty() {
+                continue;
+            }
+            target.remove(from);
+            target.remove(to);
+            for v in values {
+                target.append(to, v);
+            }
+        }
+        for (name, value) in &self.set {
+            target.insert(name, value.clone());
+        }
+        for (name, value) in &self.add {
+            target.append(name, value.clone());
+        }
+    }
+}
+
+/// Response fields that describe one connection, not the message: an
+/// upstream's must not reach the client.
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, UPGRADE};
+    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let nominated: Vec<HeaderName> = resp
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in &nominated {
+        resp.remove_header(name);
+    }
+    for name in [CONNECTION, TE, TRAILER, UPGRADE, PROXY_AUTHENTICATE] {
+        resp.remove_header(&name);
+    }
+    resp.remove_header("keep-alive");
+    resp.remove_header("proxy-connection");
+}
+
+/// `deprecation:` on a route: RFC 9745 `Deprecation`, RFC 8594 `Sunset` and
+/// a `Link` with `rel="deprecation"` on every response.
+#[derive(Debug)]
+pub struct Deprecation {
+    pub sunset: Option<HeaderValue>,
+    pub link: Option<HeaderValue>,
+}
+
+impl Deprecation {
+    pub fn apply(&self, resp: &mut impl EditHeaders) {
+        resp.insert(
+            &HeaderName::from_static("deprecation"),
+            HeaderValue::from_static("true"),
+        );
+        if let Some(sunset) = &self.sunset {
+            resp.insert(&HeaderName::from_static("sunset"), sunset.clone());
+        }
+        if let Some(link) = &self.link {
+            resp.append(&http::header::LINK, link.clone());
+        }
+    }
+
+    /// `sunset` is a date (`2027-06-30`), an RFC 3339 time, or already an
+    /// HTTP date; it is sent as an HTTP date.
+    pub fn new(sunset: Option<&str>, link: Option<&str>) -> Result<Self, String> {
+        let sunset = match sunset {
+            None => None,
+            Some(s) => {
+                let time = parse_sunset(s)?;
+                Some(
+                    HeaderValue::from_str(&httpdate::fmt_http_date(time))
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+        };
+        let link = match link {
+            None => None,
+            Some(url) => {
+                if url.contains(['<', '>', '"', '\r', '\n']) || url.is_empty() {
+                    return Err(format!("link \"{url}\" is not a valid URL"));
+                }
+                Some(
+                    HeaderValue::from_str(&format!("<{url}>; rel=\"deprecation\""))
+                        .map_err(|_| format!("link \"{url}\" is not a valid URL"))?,
+                )
+            }
+        };
+        Ok(Deprecation { sunset, link })
+    }
+}
+
+fn parse_sunset(s: &str) -> Result<std::time::SystemTime, String> {
+    let bad = || {
+        format!("sunset \"{s}\" is not a date; write it like 2027-06-30 or 2027-06-30T00:00:00Z")
+    };
+    if let Ok(t) = httpdate::parse_http_date(s) {
+        return Ok(t);
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    humantime::parse_rfc3339_weak(&full).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &'static str) -> HeaderName {
+        HeaderName::from_static(s)
+    }
+
+    #[test]
+    fn rules_run_remove_rename_set_add() {
+        let rules = HeaderRules {
+            remove: vec![name("cookie")],
+            rename: vec![(name("x-old"), name("x-new"))],
+            set: vec![(name("x-gateway"), HeaderValue::from_static("gatehouse"))],
+            add: vec![(name("x-new"), HeaderValue::from_static("added"))],
+        };
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("Cookie", "a=1").unwrap();
+        req.append_header("X-Old", "1").unwrap();
+        req.append_header("X-Old", "2").unwrap();
+        req.insert_header("X-Gateway", "client").unwrap();
+        rules.apply(&mut req);
+        assert!(req.headers.get("cookie").is_none());
+        assert!(req.headers.get("x-old").is_none());
+        let new: Vec<_> = req.headers.get_all("x-new").iter().collect();
+        assert_eq!(new, ["1", "2", "added"]);
+        assert_eq!(req.headers.get("x-gateway").unwrap(), "gatehouse");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_dropped_from_responses() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Connection", "close, X-Secret-Hop")
+            .unwrap();
+        resp.insert_header("X-Secret-Hop", "1").unwrap();
+        resp.insert_header("Keep-Alive", "timeout=5").unwrap();
+        resp.insert_header("X-Kept", "1").unwrap();
+        strip_hop_by_hop(&mut resp);
+        assert!(resp.headers.get("connection").is_none());
+        assert!(resp.headers.get("x-secret-hop").is_none());
+        assert!(resp.headers.get("keep-alive").is_none());
+        assert!(resp.headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn deprecation_headers() {
+        let d =
+            Deprecation::new(Some("2027-06-30"), Some("https://docs.example.com/migrate")).unwrap();
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        d.apply(&mut resp);
+        assert_eq!(resp.headers.get("deprecation").unwrap(), "true");
+        assert_eq!(
+            resp.headers.get("sunset").unwrap(),
+            "Wed, 30 Jun 2027 00:00:00 GMT"
+        );
+        assert_eq!(
+            resp.headers.get("link").unwrap(),
+            "<https://docs.example.com/migrate>; rel=\"deprecation\""
+        );
+        assert!(Deprecation::new(Some("soon"), None).is_err());
+        assert!(Deprecation::new(None, Some("a>b")).is_err());
+    }
+}

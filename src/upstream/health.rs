@@ -1,0 +1,181 @@
+//! Active health checks: HTTP (`path` set) or TCP connect, with thresholds,
+//! run by one background service for every upstream of the live
+//! configuration. A target marked unhealthy gets no traffic while a healthy
+//! one exists, and gets it back once it passes `healthy_after` checks.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_error::{Error, ErrorType};
+use pingora_http::RequestHeader;
+use pingora_load_balancing::health_check::{
+    HealthCheck, HealthObserve, HttpHealthCheck, TcpHealthCheck,
+};
+use pingora_load_balancing::Backend;
+
+use super::{Upstream, UpstreamTls};
+use crate::gateway::Gateway;
+
+/// A compiled `health_check` block.
+#[derive(Debug, Clone)]
+pub struct HealthCheckSettings {
+    /// HTTP GET path; `None` checks that a TCP connection can be made.
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub expect_status: u16,
+    pub healthy_after: usize,
+    pub unhealthy_after: usize,
+}
+
+struct LogHealthChange {
+    upstream: String,
+}
+
+#[async_trait]
+impl HealthObserve for LogHealthChange {
+    async fn observe(&self, target: &Backend, healthy: bool) {
+        if healthy {
+            log::info!(
+                "upstream {}: target {} is healthy again",
+                self.upstream,
+                target.addr
+            );
+        } else {
+            log::warn!(
+                "upstream {}: target {} is unhealthy",
+                self.upstream,
+                target.addr
+            );
+        }
+    }
+}
+
+impl HealthCheckSettings {
+    pub(crate) fn build(
+        &self,
+        upstream: &str,
+        tls: Option<&UpstreamTls>,
+    ) -> Box<dyn HealthCheck + Send + Sync> {
+        let observer = Box::new(LogHealthChange {
+            upstream: upstream.to_string(),
+        });
+        match &self.path {
+            None => {
+                let mut check = match tls {
+                    Some(t) => TcpHealthCheck::new_tls(&t.sni),
+                    None => TcpHealthCheck::new(),
+                };
+                check.consecutive_success = self.healthy_after;
+                check.consecutive_failure = self.unhealthy_after;
+                check.peer_template.options.connection_timeout = Some(self.timeout);
+                check.peer_template.options.total_connection_timeout = Some(self.timeout);
+                if let Some(t) = tls {
+                    check.peer_template.options.verify_cert = t.verify;
+                    check.peer_template.options.verify_hostname = t.verify;
+                    check.peer_template.options.ca = t.ca.clone();
+                }
+                check.health_changed_callback = Some(observer);
+                check
+            }
+            Some(path) => {
+                let host = self
+                    .host
+                    .clone()
+                    .or_else(|| tls.map(|t| t.sni.clone()))
+                    .unwrap_or_else(|| "localhost".to_string());
+                let mut check = HttpHealthCheck::new(&host, tls.is_some());
+                check.consecutive_success = self.healthy_after;
+                check.consecutive_failure = self.unhealthy_after;
+                // The path was validated when the configuration was compiled.
+                if let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) {
+                    let _ = req.insert_header("Host", host.as_str());
+                    let _ = req.insert_header("User-Agent", "gatehouse-health-check");
+                    check.req = req;
+                }
+                let options = &mut check.peer_template.options;
+                options.connection_timeout = Some(self.timeout);
+                options.total_connection_timeout = Some(self.timeout);
+                options.read_timeout = Some(self.timeout);
+                options.write_timeout = Some(self.timeout);
+                if let Some(t) = tls {
+                    options.verify_cert = t.verify;
+                    options.verify_hostname = t.verify;
+                    options.ca = t.ca.clone();
+                }
+                let expect = self.expect_status;
+                check.validator = Some(Box::new(move |resp| {
+                    if resp.status.as_u16() == expect {
+                        Ok(())
+                    } else {
+                        Error::e_explain(
+                            ErrorType::CustomCode(
+                                "unexpected health check status",
+                                resp.status.as_u16(),
+                            ),
+                            format!("expected {expect}"),
+                        )
+                    }
+                }));
+                check.health_changed_callback = Some(observer);
+                Box::new(check)
+            }
+        }
+    }
+}
+
+/// Runs the checks of every upstream in the live configuration. After a
+/// reload, checks of upstreams that are gone stop on their own and new ones
+/// start.
+pub struct HealthService {
+    gateway: Arc<Gateway>,
+}
+
+impl HealthService {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        HealthService { gateway }
+    }
+}
+
+async fn check_forever(upstream: Weak<Upstream>, interval: Duration) {
+    loop {
+        let Some(up) = upstream.upgrade() else {
+            return;
+        };
+        up.run_health_check_pass().await;
+        drop(up);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut changes = self.gateway.subscribe();
+        let mut started: Vec<Weak<Upstream>> = Vec::new();
+        loop {
+            started.retain(|w| w.strong_count() > 0);
+            let runtime = self.gateway.current();
+            for upstream in runtime.upstreams.values() {
+                let Some(interval) = upstream.health_interval() else {
+                    continue;
+                };
+                let weak = Arc::downgrade(upstream);
+                if started.iter().any(|w| w.ptr_eq(&weak)) {
+                    continue;
+                }
+                started.push(weak.clone());
+                tokio::spawn(check_forever(weak, interval));
+            }
+            drop(runtime);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
