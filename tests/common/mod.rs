@@ -1,0 +1,575 @@
+//! Shared helpers for the end-to-end tests: real upstream servers on
+//! 127.0.0.1:0 that record what they receive, and the real `gatehouse`
+//! binary started on a generated configuration.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+/// A request as an upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query, exactly as received.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// What an upstream answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Send the body in chunks of this size with chunked framing.
+    pub chunked: Option<usize>,
+}
+
+impl Reply {
+    pub fn text(status: u16, body: &str) -> Self {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: body.as_bytes().to_vec(),
+            delay: Duration::ZERO,
+            chunked: None,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn delayed(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+struct UpstreamState {
+    name: String,
+    requests: Mutex<Vec<Recorded>>,
+    healthy: AtomicBool,
+    health_checks: AtomicUsize,
+    handler: Handler,
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1:0. `GET /health` answers 200 or 503
+/// as set by [`TestUpstream::set_healthy`] and is counted apart; every other
+/// request is recorded and answered by the handler.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestUpstream {
+    /// Answers every request with `200` and the upstream's name as body,
+    /// and an `X-Upstream` header naming it.
+    pub fn named(name: &str) -> Self {
+        let n = name.to_string();
+        Self::with_handler(name, move |_| Reply::text(200, &n).header("x-upstream", &n))
+    }
+
+    pub fn with_handler(
+        name: &str,
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Self::serve(name, listener, Arc::new(handler))
+    }
+
+    fn serve(name: &str, listener: TcpListener, handler: Handler) -> Self {
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name: name.to_string(),
+            requests: Mutex::new(Vec::new()),
+            healthy: AtomicBool::new(true),
+            health_checks: AtomicUsize::new(0),
+            handler,
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let st = Arc::clone(&state);
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = Arc::clone(&st);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(Arc::clone(&st), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestUpstream {
+            addr,
+            state,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .expect("the upstream received no request")
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn health_checks(&self) -> usize {
+        self.state.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection: the target is dead.
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type ReplyBody = http_body_util::Either<
+    Full<Bytes>,
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
+>;
+
+async fn handle(
+    st: Arc<UpstreamState>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<ReplyBody>, Infallible> {
+    let method = req.method().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if target == "/health" {
+        st.health_checks.fetch_add(1, Ordering::SeqCst);
+        let ok = st.healthy.load(Ordering::SeqCst);
+        let mut resp = hyper::Response::new(http_body_util::Either::Left(Full::new(Bytes::from(
+            if ok { "ok" } else { "down" },
+        ))));
+        *resp.status_mut() = if ok { 200 } else { 503 }.try_into().unwrap();
+        return Ok(resp);
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(_) => {
+            return Ok(hyper::Response::new(http_body_util::Either::Left(
+                Full::default(),
+            )))
+        }
+    };
+    let recorded = Recorded {
+        method,
+        target,
+        headers,
+        body,
+    };
+    let reply = (st.handler)(&recorded);
+    st.requests.lock().unwrap().push(recorded);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let body = match reply.chunked {
+        None => http_body_util::Either::Left(Full::new(Bytes::from(reply.body))),
+        Some(size) => {
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = reply
+                .body
+                .chunks(size.max(1))
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            http_body_util::Either::Right(StreamBody::new(futures::stream::iter(frames)))
+        }
+    };
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() = reply.status.try_into().unwrap();
+    for (n, v) in &reply.headers {
+        resp.headers_mut().append(
+            hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    Ok(resp)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A configuration for the real binary: `body` holds the upstreams and
+/// routes; the harness adds `server`, `listen` and `admin`.
+pub struct GatewayBuilder {
+    body: String,
+    server_extra: Vec<String>,
+    tls: Option<(PathBuf, PathBuf)>,
+    env: Vec<(String, String)>,
+}
+
+pub fn gateway(body: &str) -> GatewayBuilder {
+    GatewayBuilder {
+        body: body.to_string(),
+        server_extra: Vec::new(),
+        tls: None,
+        env: Vec::new(),
+    }
+}
+
+impl GatewayBuilder {
+    /// Adds a `server:` key, e.g. `"max_body: 1KiB"`.
+    pub fn server(mut self, line: &str) -> Self {
+        self.server_extra.push(line.to_string());
+        self
+    }
+
+    /// Adds a TLS listener with this certificate and key.
+    pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn start(self) -> Gateway {
+        let mut last_log = String::new();
+        // A port picked free may be taken before the gateway binds it: retry.
+        for _ in 0..3 {
+            match self.try_start() {
+                Ok(g) => return g,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("gatehouse did not start:\n{last_log}");
+    }
+
+    fn try_start(&self) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let tls_port = self.tls.as_ref().map(|_| free_port());
+        let mut yaml = format!(
+            "server:\n  threads: 1\n  pid_file: {d}/gatehouse.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n  graceful_shutdown_timeout: 1s\n",
+            d = dir.path().display()
+        );
+        for line in &self.server_extra {
+            yaml.push_str(&format!("  {line}\n"));
+        }
+        yaml.push_str(&format!("listen:\n  - 127.0.0.1:{port}\n"));
+        if let (Some((cert, key)), Some(p)) = (&self.tls, tls_port) {
+            yaml.push_str(&format!(
+                "  - address: 127.0.0.1:{p}\n    tls: {{ cert: {}, key: {} }}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        yaml.push_str(&format!("admin:\n  listen: 127.0.0.1:{admin_port}\n"));
+        yaml.push_str(&self.body);
+        let conf = dir.path().join("gatehouse.yaml");
+        std::fs::write(&conf, &yaml).unwrap();
+        let log = dir.path().join("gatehouse.log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-c")
+            .arg(&conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
+            ))
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+        for (n, v) in &self.env {
+            cmd.env(n, v);
+        }
+        let child = cmd.spawn().expect("spawn gatehouse");
+        let mut gw = Gateway {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls_addr: tls_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            conf,
+            log,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = gw.child.try_wait() {
+                return Err(format!("{yaml}\n---\n{}", gw.log_text()));
+            }
+            let public_up = TcpStream::connect(gw.addr).is_ok();
+            let admin_up = raw_request(
+                gw.admin,
+                b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .starts_with("HTTP/1.1 200");
+            if public_up && admin_up {
+                return Ok(gw);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("not ready in 20s\n{yaml}\n---\n{}", gw.log_text()))
+    }
+}
+
+/// The real `gatehouse` process; killed when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub conf: PathBuf,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends raw bytes on a new connection and returns everything the
+    /// gateway sent back before closing (or going quiet for 3 s).
+    pub fn raw(&self, request: &[u8]) -> String {
+        raw_request(self.addr, request)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- gatehouse log ----\n{}", self.log_text());
+        }
+    }
+}
+
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    if s.write_all(request).is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A blocking client that keeps connections alive and ignores proxies.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` until it holds, for at most `within`.
+pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("not true within {within:?}: {what}");
+}
+
+/// Asserts a gateway-made error response: status, problem+json body with
+/// the request id, and that the body names no address.
+pub fn assert_problem(resp: reqwest::blocking::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/problem+json",
+        "a gateway error must be problem+json"
+    );
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["status"], status);
+    assert_eq!(body["type"], "about:blank");
+    assert_eq!(body["request_id"], id.as_str());
+    let text = body.to_string();
+    assert!(
+        !text.contains("127.0.0.1"),
+        "problem leaks an address: {text}"
+    );
+    body
+}
+
+/// A self-signed certificate for `names`, written as PEM files in `dir`.
+pub fn self_signed(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// Runs `gatehouse -t -c FILE` on `yaml` and returns (exit code, stdout, stderr).
+pub fn check_config(yaml: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gatehouse.yaml");
+    std::fs::write(&conf, yaml).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("-t").arg("-c").arg(&conf);
+    for (n, v) in env {
+        cmd.env(n, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn parse(text: &str) -> Option<RawResponse> {
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Some(RawResponse {
+            status,
+            headers,
+            body: body.to_string(),
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request with a raw target (not normalized by any client
+/// library) and `Connection: close`.
+pub fn send_raw(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    let mut req = format!("{method} {target} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        req.push_str("Host: gateway.test\r\n");
+    }
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    let text = raw_request(addr, req.as_bytes());
+    RawResponse::parse(&text)
+        .unwrap_or_else(|| panic!("no HTTP response to {method} {target}: {text:?}"))
+}
