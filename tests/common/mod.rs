@@ -88,6 +88,7 @@ struct UpstreamState {
     requests: Mutex<Vec<Recorded>>,
     healthy: AtomicBool,
     health_checks: AtomicUsize,
+    connections: AtomicUsize,
     handler: Handler,
 }
 
@@ -124,6 +125,7 @@ impl TestUpstream {
             requests: Mutex::new(Vec::new()),
             healthy: AtomicBool::new(true),
             health_checks: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             handler,
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -138,6 +140,7 @@ impl TestUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = Arc::clone(&st);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(Arc::clone(&st), req));
@@ -174,6 +177,11 @@ impl TestUpstream {
 
     pub fn set_healthy(&self, healthy: bool) {
         self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn health_checks(&self) -> usize {

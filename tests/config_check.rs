@@ -1,0 +1,227 @@
+//! `gatehouse -t`: every kind of configuration error is reported with its
+//! YAML path and line, all at once, and nothing is bound.
+
+mod common;
+
+use common::*;
+
+const UPSTREAMS: &str = "upstreams:\n  users:\n    targets: [127.0.0.1:9001]\n  orders:\n    targets: [127.0.0.1:9002]\n";
+
+fn with_listen(rest: &str) -> String {
+    format!("listen: [127.0.0.1:18080]\n{UPSTREAMS}{rest}")
+}
+
+fn route(extra: &str) -> String {
+    with_listen(&format!(
+        "routes:\n  - name: r\n    match: {{ path_prefix: /v1 }}\n    upstream: users\n{extra}"
+    ))
+}
+
+/// Runs `-t` on a bad file and returns its error lines.
+fn errors_of(yaml: &str) -> Vec<String> {
+    let (code, stdout, stderr) = check_config(yaml, &[]);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stdout.contains("config OK"));
+    stderr
+        .lines()
+        .filter(|l| l.contains(": error: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn single_error(yaml: &str) -> String {
+    let errors = errors_of(yaml);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    errors.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_valid_file_passes_and_binds_nothing() {
+    // The configured port is taken: -t must not try to bind it.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let yaml = format!(
+        "listen: [127.0.0.1:{port}]\n{UPSTREAMS}routes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: users\n"
+    );
+    let (code, stdout, stderr) = check_config(&yaml, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "config OK");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_place() {
+    let e = single_error(&route("    colour: blue\n"));
+    assert!(
+        e.contains("routes[0].colour (line 11, column 5): unknown key `colour`"),
+        "{e}"
+    );
+    let e = single_error(&with_listen("servers:\n  threads: 2\n"));
+    assert!(
+        e.contains("servers (line 7, column 1): unknown section \"servers\""),
+        "{e}"
+    );
+    let e = single_error(&format!("{}server:\n  thread: 2\n", with_listen("")));
+    assert!(
+        e.contains("server.thread (line 8, column 3): unknown key `thread`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_durations_and_sizes() {
+    let e = single_error(&route("    timeout: 10 parsecs\n"));
+    assert!(
+        e.contains("routes[0].timeout (line 11, column 5): invalid duration \"10 parsecs\""),
+        "{e}"
+    );
+    let e = single_error(&route("    timeout: 10\n"));
+    assert!(
+        e.contains("routes[0].timeout") && e.contains("has no unit"),
+        "{e}"
+    );
+    let e = single_error(&route("    max_body: 1 MiBs\n"));
+    assert!(
+        e.contains("routes[0].max_body (line 11, column 5): invalid size \"1 MiBs\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_upstreams_name_the_known_ones() {
+    let yaml = with_listen("routes:\n  - name: r\n    match: { path: /x }\n    upstream: userz\n");
+    let e = single_error(&yaml);
+    assert!(
+        e.contains("routes[0].upstream (line 10, column 5): unknown upstream \"userz\"; known: orders, users"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_regexes_and_duplicate_names() {
+    let yaml = with_listen("routes:\n  - name: a\n    match: { path_regex: \"^/files/(\" }\n    upstream: users\n  - name: a\n    match: { path: /b }\n    upstream: users\n");
+    let errors = errors_of(&yaml);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].contains("routes[0].match.path_regex (line 9")
+            && errors[0].contains("invalid path_regex"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].contains(
+            "routes[1].name (line 11, column 5): route name \"a\" is used by an earlier route"
+        ),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn unset_environment_variables() {
+    let yaml = with_listen(
+        "routes:\n  - name: r\n    match: { path: /x }\n    upstream: ${UPSTREAM_NAME}\n",
+    );
+    let e = single_error(&yaml);
+    assert!(e.contains("routes[0].upstream (line 10, column 15): environment variable UPSTREAM_NAME is not set"), "{e}");
+    let (code, stdout, _) = check_config(&yaml, &[("UPSTREAM_NAME", "orders")]);
+    assert_eq!((code, stdout.trim()), (0, "config OK"));
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let e = single_error("listen: [127.0.0.1:8080\nroutes: []\n");
+    assert!(
+        e.contains("YAML syntax error") && e.contains("(line "),
+        "{e}"
+    );
+}
+
+#[test]
+fn files_and_addresses_are_checked() {
+    let yaml = format!(
+        "listen:\n  - 127.0.0.1:8080\n  - address: 127.0.0.1:8443\n    tls: {{ cert: missing-cert.pem, key: missing-key.pem }}\n  - localhost:80\n{UPSTREAMS}"
+    );
+    let errors = errors_of(&yaml);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].contains("listen[1].tls.cert") && errors[0].contains("cannot read"),
+        "{errors:#?}"
+    );
+    assert!(errors[1].contains("listen[1].tls.key"), "{errors:#?}");
+    assert!(
+        errors[2].contains("listen[2] (line 5")
+            && errors[2].contains("\"localhost:80\" is not an address"),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn upstream_errors() {
+    let yaml = "listen: [127.0.0.1:8080]\nupstreams:\n  a:\n    targets: []\n  b:\n    targets: [127.0.0.1:1]\n    balance: fastest\n  c:\n    targets: [\"no-port\"]\n    health_check: { interval: 0s, unhealthy_after: 0 }\n";
+    let errors = errors_of(yaml);
+    let joined = errors.join("\n");
+    assert!(
+        joined.contains(
+            "upstreams.a.targets (line 4, column 5): an upstream needs at least one target"
+        ),
+        "{joined}"
+    );
+    assert!(joined.contains("upstreams.b.balance (line 7, column 5): unknown balance \"fastest\"; known: round_robin"), "{joined}");
+    assert!(
+        joined.contains("upstreams.c.targets[0]") && joined.contains("needs a port"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("upstreams.c.health_check.interval") && joined.contains("above zero"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("upstreams.c.health_check.unhealthy_after"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn all_errors_are_reported_together() {
+    let yaml = "listen: [nowhere]\nserver:\n  grace_period: soon\nupstreams:\n  u:\n    targets: [127.0.0.1:1]\nroutes:\n  - name: a\n    match: { path: relative }\n    upstream: u\n  - name: b\n    match: { path_prefix: /b, methods: [\"GE T\"] }\n    upstream: nope\n";
+    let (code, _, stderr) = check_config(yaml, &[]);
+    assert_eq!(code, 1);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    assert_eq!(errors.len(), 5, "{stderr}");
+    assert!(stderr.contains("5 errors found"), "{stderr}");
+    // In file order.
+    assert!(errors[0].contains("listen[0]"));
+    assert!(errors[1].contains("server.grace_period"));
+    assert!(errors[2].contains("routes[0].match.path"));
+    assert!(errors[3].contains("routes[1].match.methods"));
+    assert!(errors[4].contains("routes[1].upstream"));
+}
+
+#[test]
+fn secrets_from_the_environment_are_never_printed() {
+    let yaml = "listen: [127.0.0.1:8080]\nserver:\n  threads: \"${SECRET_VALUE}\"\n";
+    let (code, stdout, stderr) = check_config(yaml, &[("SECRET_VALUE", "hunter2-very-secret")]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("server.threads"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2") && !stdout.contains("hunter2"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn features_of_later_versions_are_refused_not_ignored() {
+    let e = single_error(&route("    auth: main\n"));
+    assert!(
+        e.contains("routes[0].auth") && e.contains("not supported"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_an_error() {
+    let out = std::process::Command::new(BIN)
+        .args(["-t", "-c", "/nonexistent/gatehouse.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}

@@ -1,0 +1,384 @@
+//! What passes through a proxied route: header rules, request ids,
+//! forwarding headers, hop-by-hop fields, body limits and bodies, keep-alive,
+//! and the limits on a client's request head.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn simple(up: &TestUpstream, route_extra: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    targets: [{}]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n{route_extra}",
+        up.addr
+    )
+}
+
+#[test]
+fn header_rules_run_on_requests_and_responses() {
+    let up = TestUpstream::with_handler("app", |_| {
+        Reply::text(200, "ok")
+            .header("server", "upstream/1.0")
+            .header("x-powered-by", "php")
+            .header("x-internal", "42")
+    });
+    let gw = gateway(&simple(
+        &up,
+        concat!(
+            "    request_headers:\n      set: { X-Gateway: gatehouse }\n      add: { X-Added: one }\n",
+            "      remove: [Cookie]\n      rename: { X-Old: X-New }\n",
+            "    response_headers:\n      remove: [Server, X-Powered-By]\n      rename: { X-Internal: X-Public }\n",
+            "      set: { X-Frame-Options: DENY }\n      add: { X-Extra: \"yes\" }\n",
+        ),
+    ))
+    .start();
+    let r = client()
+        .get(gw.url("/a"))
+        .header("Cookie", "session=secret")
+        .header("X-Old", "legacy")
+        .header("X-Gateway", "spoofed")
+        .header("X-Added", "client")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert!(h.get("server").is_none() && h.get("x-powered-by").is_none());
+    assert!(h.get("x-internal").is_none());
+    assert_eq!(h["x-public"], "42");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["x-extra"], "yes");
+    let seen = up.last();
+    assert_eq!(seen.header("cookie"), None);
+    assert_eq!(seen.header("x-old"), None);
+    assert_eq!(seen.header("x-new"), Some("legacy"));
+    assert_eq!(seen.header("x-gateway"), Some("gatehouse"));
+    assert_eq!(seen.header_all("x-added"), ["client", "one"]);
+}
+
+#[test]
+fn request_ids_reach_the_upstream_and_come_back() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, "")).start();
+    let c = client();
+    let r = c
+        .get(gw.url("/a"))
+        .header("X-Request-Id", "req-123.abc")
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "req-123.abc");
+    assert_eq!(up.last().header("x-request-id"), Some("req-123.abc"));
+
+    for bad in ["has space", "<script>", &"x".repeat(200)] {
+        let r = c
+            .get(gw.url("/a"))
+            .header("X-Request-Id", bad)
+            .send()
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_ne!(id, bad);
+        assert_eq!(id.len(), 36, "a UUID is generated: {id}");
+        assert_eq!(up.last().header("x-request-id"), Some(id.as_str()));
+    }
+    let a = c.get(gw.url("/a")).send().unwrap().headers()["x-request-id"].clone();
+    let b = c.get(gw.url("/a")).send().unwrap().headers()["x-request-id"].clone();
+    assert_ne!(a, b);
+    // Errors made by the gateway carry one too.
+    let r = send_raw(gw.addr, "GET", "/../x", &[("X-Request-Id", "err-1")]);
+    assert_eq!(r.header("x-request-id"), Some("err-1"));
+    assert!(r.body.contains("\"request_id\":\"err-1\""));
+}
+
+#[test]
+fn forwarding_headers_are_set_by_the_gateway() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, "")).start();
+    let r = send_raw(
+        gw.addr,
+        "GET",
+        "/a",
+        &[
+            ("Host", "api.example.com:8443"),
+            ("X-Forwarded-For", "203.0.113.1"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "evil.example"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.1, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some("api.example.com:8443")
+    );
+    assert_eq!(seen.header("host"), Some("api.example.com:8443"));
+}
+
+#[test]
+fn trusted_proxies_keep_their_forwarding_headers() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, ""))
+        .server("trusted_proxies: [127.0.0.0/8]")
+        .start();
+    send_raw(
+        gw.addr,
+        "GET",
+        "/a",
+        &[
+            ("X-Forwarded-For", "198.51.100.7"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "public.example.com"),
+        ],
+    );
+    let seen = up.last();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("198.51.100.7, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("public.example.com"));
+}
+
+#[test]
+fn hop_by_hop_fields_do_not_cross() {
+    let up = TestUpstream::with_handler("app", |_| {
+        Reply::text(200, "ok")
+            .header("connection", "x-resp-hop")
+            .header("x-resp-hop", "1")
+            .header("keep-alive", "timeout=5")
+    });
+    let gw = gateway(&simple(&up, "")).start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=9\r\nProxy-Connection: keep-alive\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(!text.contains("x-resp-hop"), "{text}");
+    assert!(!text.contains("timeout=5"), "{text}");
+    let seen = up.last();
+    assert_eq!(seen.header("x-hop"), None);
+    assert_eq!(seen.header("keep-alive"), None);
+    assert_eq!(seen.header("proxy-connection"), None);
+}
+
+#[test]
+fn bodies_over_max_body_get_413_before_the_upstream_sees_them() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&format!(
+        "upstreams:\n  app:\n    targets: [{}]\nroutes:\n  - name: small\n    match: {{ path_prefix: /small }}\n    upstream: app\n    max_body: 1KiB\n  - name: default\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        up.addr
+    ))
+    .server("max_body: 4KiB")
+    .start();
+    let c = client();
+    assert_problem(
+        c.post(gw.url("/small"))
+            .body(vec![b'x'; 2000])
+            .send()
+            .unwrap(),
+        413,
+    );
+    assert_problem(
+        c.post(gw.url("/other"))
+            .body(vec![b'x'; 5000])
+            .send()
+            .unwrap(),
+        413,
+    );
+    assert_eq!(up.count(), 0, "the upstream was contacted");
+    assert_eq!(
+        c.post(gw.url("/small"))
+            .body(vec![b'x'; 1024])
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.post(gw.url("/other"))
+            .body(vec![b'x'; 4000])
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(up.count(), 2);
+
+    // Without a declared length the body is counted as it streams: the
+    // client gets 413 and the upstream never receives a complete request.
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'y'; 3000]));
+    let r = c.post(gw.url("/small")).body(chunked).send().unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        up.count(),
+        2,
+        "a truncated body must not arrive as a request"
+    );
+}
+
+#[test]
+fn large_and_chunked_bodies_stream_intact_both_ways() {
+    let up = TestUpstream::with_handler("echo", |r| Reply {
+        status: 200,
+        headers: vec![("content-type".into(), "application/octet-stream".into())],
+        body: r.body.clone(),
+        delay: Duration::ZERO,
+        chunked: Some(10_000),
+    });
+    let gw = gateway(&simple(&up, "")).start();
+    let payload: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let c = client();
+    let r = c
+        .post(gw.url("/echo"))
+        .body(payload.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "the echo is chunked"
+    );
+    assert_eq!(r.bytes().unwrap().as_ref(), payload.as_slice());
+    assert_eq!(up.last().body, payload);
+    assert_eq!(up.last().header("content-length"), Some("1048576"));
+
+    let r = c
+        .put(gw.url("/echo"))
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
+            payload.clone(),
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), payload.as_slice());
+    let seen = up.last();
+    assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(seen.body, payload);
+}
+
+/// Reads one response with a Content-Length off a kept-alive connection.
+fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+#[test]
+fn fifty_requests_on_one_keep_alive_connection_reuse_upstream_connections() {
+    let up = TestUpstream::with_handler("app", |r| Reply::text(200, &r.target));
+    let gw = gateway(&simple(&up, "")).start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..50 {
+        s.write_all(format!("GET /n/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, format!("/n/{i}").as_bytes());
+    }
+    assert_eq!(up.count(), 50);
+    assert_eq!(up.connections(), 1, "upstream connections were not pooled");
+    // A gateway error keeps the connection usable too.
+    s.write_all(b"GET /../x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"/after");
+}
+
+#[test]
+fn oversized_request_heads_get_431() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, ""))
+        .server("max_header_size: 8KiB")
+        .server("max_headers: 20")
+        .start();
+    let big = "v".repeat(9000);
+    let r = send_raw(gw.addr, "GET", "/a", &[("X-Big", &big)]);
+    assert_eq!(r.status, 431, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let huge = "v".repeat(70_000);
+    let r = send_raw(gw.addr, "GET", "/a", &[("X-Huge", &huge)]);
+    assert_eq!(r.status, 431);
+    let many: Vec<(String, String)> = (0..25).map(|i| (format!("X-H{i}"), "1".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let r = send_raw(gw.addr, "GET", "/a", &many);
+    assert_eq!(r.status, 431);
+    assert_eq!(up.count(), 0);
+    // Within the limits all is well, and the gateway is still serving.
+    let r = send_raw(gw.addr, "GET", "/a", &many[..10]);
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_trickled_request_head_is_cut_off_at_header_timeout() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, ""))
+        .server("header_timeout: 600ms")
+        .start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    // One byte every 100 ms: each read is quick, the whole head is not.
+    for i in 0..40 {
+        if s.write_all(if i % 2 == 0 { b"X" } else { b"-" }).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?} after {took:?}");
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    assert_eq!(up.count(), 0);
+
+    // A connection that sends nothing is closed after header_timeout.
+    let mut idle = TcpStream::connect(gw.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0);
+    assert!(start.elapsed() < Duration::from_millis(2000));
+}
