@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what building gatehouse needs on a fresh Debian/Ubuntu machine:
+# cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers.
+# A Rust toolchain (rustup, 1.85 or newer) is assumed.
+set -euo pipefail
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+if ! pkg-config --exists openssl 2>/dev/null; then need+=(libssl-dev); fi
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing: ${need[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
