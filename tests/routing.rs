@@ -58,7 +58,8 @@ fn route_of(gw: &Gateway, method: &str, target: &str, headers: &[(&str, &str)]) 
 #[test]
 fn specificity_order_and_conditions() {
     let (up, gw) = setup();
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("GET", "/v1/users/me", &[], "exact-literal"),
         ("GET", "/v1/users/42", &[], "exact-param"),
         ("GET", "/v1/users/42/orders", &[], "regex"),
