@@ -14,21 +14,47 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The client's `X-Request-Id` when it is sane (1-128 characters of
-/// letters, digits and `-_.:`), else a new UUID.
-pub fn request_id(headers: &HeaderMap) -> String {
-    if let Some(v) = headers.get(crate::respond::REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-        {
-            // Checked ASCII above.
-            return String::from_utf8_lossy(b).into_owned();
+/// A request's id: the client's `X-Request-Id` when it is sane (1-128
+/// characters of letters, digits and `-_.:`), else a new UUID. Kept as a
+/// header value so that sending it costs no copy.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        if let Some(v) = headers.get(crate::respond::REQUEST_ID) {
+            let b = v.as_bytes();
+            if !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+            {
+                return RequestId(v.clone());
+            }
         }
+        Self::generate()
     }
-    uuid::Uuid::new_v4().hyphenated().to_string()
+
+    pub fn generate() -> Self {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-")))
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever kept (checked or generated).
+        self.0.to_str().unwrap_or("-")
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId(HeaderValue::from_static(""))
+    }
 }
 
 pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
@@ -63,32 +89,28 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 }
 
 /// What the upstream is told about the original request.
-pub struct Forwarded<'a> {
+pub struct Forwarded {
     pub peer: Option<IpAddr>,
     pub peer_trusted: bool,
     pub tls: bool,
-    /// The client's Host (or HTTP/2 authority).
-    pub host: Option<&'a str>,
+    /// The client's host as sent (HTTP/2 authority, or `Host`).
+    pub host: Option<HeaderValue>,
 }
 
-impl Forwarded<'_> {
+impl Forwarded {
     /// Appends the peer to `X-Forwarded-For` and sets `-Proto` and `-Host`;
     /// a trusted proxy's own `-Proto` and `-Host` are kept.
     pub fn apply(&self, req: &mut RequestHeader) {
         if let Some(peer) = self.peer {
-            let mut chain = String::new();
+            use std::fmt::Write;
+            let mut chain = String::with_capacity(64);
             for v in req.headers.get_all(X_FORWARDED_FOR).iter() {
                 if let Ok(s) = v.to_str() {
-                    if !chain.is_empty() {
-                        chain.push_str(", ");
-                    }
                     chain.push_str(s.trim());
+                    chain.push_str(", ");
                 }
             }
-            if !chain.is_empty() {
-                chain.push_str(", ");
-            }
-            chain.push_str(&peer.to_string());
+            let _ = write!(chain, "{peer}");
             let _ = req.insert_header(X_FORWARDED_FOR, chain);
         }
         if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
@@ -96,9 +118,9 @@ impl Forwarded<'_> {
             let _ = req.insert_header(X_FORWARDED_PROTO, proto);
         }
         if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
-            match self.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            match &self.host {
                 Some(h) => {
-                    let _ = req.insert_header(X_FORWARDED_HOST, h);
+                    let _ = req.insert_header(X_FORWARDED_HOST, h.clone());
                 }
                 None => {
                     req.remove_header(&X_FORWARDED_HOST);
@@ -108,15 +130,20 @@ impl Forwarded<'_> {
     }
 }
 
-/// The request's host without its port: the `Host` header, or the URI
-/// authority of an HTTP/2 or absolute-form request.
-pub fn request_host(req: &RequestHeader) -> Option<&str> {
-    let raw = req.uri.authority().map(|a| a.as_str()).or_else(|| {
+/// The request's host as sent, port included: the URI authority of an
+/// HTTP/2 or absolute-form request (which wins, as Pingora sends it
+/// upstream), else the `Host` header.
+pub fn raw_host(req: &RequestHeader) -> Option<&str> {
+    req.uri.authority().map(|a| a.as_str()).or_else(|| {
         req.headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-    })?;
-    Some(strip_port(raw))
+    })
+}
+
+/// The request's host without its port, for routing.
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
+    raw_host(req).map(strip_port)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -146,11 +173,14 @@ mod tests {
     fn request_ids_are_kept_only_when_sane() {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123.x:y"));
-        assert_eq!(request_id(&h), "abc-123.x:y");
+        assert_eq!(RequestId::from_headers(&h).as_str(), "abc-123.x:y");
         h.insert("x-request-id", HeaderValue::from_static("bad id<script>"));
-        let generated = request_id(&h);
-        assert_eq!(generated.len(), 36);
-        assert_ne!(request_id(&HeaderMap::new()), generated);
+        let generated = RequestId::from_headers(&h);
+        assert_eq!(generated.as_str().len(), 36);
+        assert_ne!(
+            RequestId::from_headers(&HeaderMap::new()).as_str(),
+            generated.as_str()
+        );
     }
 
     #[test]
@@ -180,7 +210,7 @@ mod tests {
             peer: Some("127.0.0.1".parse().unwrap()),
             peer_trusted: false,
             tls: false,
-            host: Some("api.example.com"),
+            host: Some(HeaderValue::from_static("api.example.com")),
         }
         .apply(&mut req);
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 127.0.0.1");

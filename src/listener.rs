@@ -50,12 +50,6 @@ impl<A> HeadGuard<A> {
 /// hands it from one request to the next.
 pub struct Reused;
 
-enum HeadRead {
-    Ready(Box<ServerSession>),
-    /// Closed, timed out while idle, or answered with an error.
-    Done,
-}
-
 #[async_trait]
 impl<A> HttpServerApp for HeadGuard<A>
 where
@@ -67,10 +61,8 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         let session = match session {
-            ServerSession::H1(v1) => match self.read_head(v1, shutdown.clone()).await {
-                HeadRead::Ready(s) => *s,
-                HeadRead::Done => return None,
-            },
+            // None: closed, idle too long, or answered with an error.
+            ServerSession::H1(v1) => self.read_head(v1, shutdown.clone()).await?,
             other => other,
         };
         self.inner.process_new_http(session, shutdown).await
@@ -105,7 +97,11 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 impl<A> HeadGuard<A> {
-    async fn read_head(&self, mut v1: SessionV1, mut shutdown: ShutdownWatch) -> HeadRead {
+    async fn read_head(
+        &self,
+        mut v1: SessionV1,
+        mut shutdown: ShutdownWatch,
+    ) -> Option<ServerSession> {
         let keepalive = v1.get_keepalive_timeout();
         let reuses = v1.get_keepalive_reuses_remaining();
         let user_ctx = v1.take_connection_user_context();
@@ -114,24 +110,29 @@ impl<A> HeadGuard<A> {
         let limits = self.limits;
         let mut buf = BytesMut::with_capacity(4096);
 
-        // An idle keep-alive connection may wait `keepalive_timeout` for its
-        // next request; a new connection gets `header_timeout` for all of it.
-        let idle_wait = if reused {
-            limits.keepalive_timeout
+        // A new connection gets `header_timeout` for everything up to the
+        // end of its head; an idle keep-alive connection may wait
+        // `keepalive_timeout` for the first byte of its next request.
+        let start = Instant::now();
+        let mut deadline = start + limits.header_timeout;
+        let idle_until = if reused {
+            start + limits.keepalive_timeout
         } else {
-            limits.header_timeout
+            deadline
         };
         let first = tokio::select! {
             biased;
-            r = tokio::time::timeout(idle_wait, stream.read_buf(&mut buf)) => r,
-            _ = shutdown.changed() => return HeadRead::Done,
+            r = tokio::time::timeout_at(idle_until, stream.read_buf(&mut buf)) => r,
+            _ = shutdown.changed() => return None,
         };
         match first {
             Ok(Ok(n)) if n > 0 => {}
             // Closed, failed or idle: nothing was asked, nothing to answer.
-            _ => return HeadRead::Done,
+            _ => return None,
         }
-        let deadline = Instant::now() + limits.header_timeout;
+        if reused {
+            deadline = Instant::now() + limits.header_timeout;
+        }
         let end = loop {
             if let Some(end) = head_end(&buf) {
                 break end;
@@ -143,11 +144,11 @@ impl<A> HeadGuard<A> {
                     "the request head is too large",
                 )
                 .await;
-                return HeadRead::Done;
+                return None;
             }
             match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return HeadRead::Done,
+                Ok(_) => return None,
                 Err(_) => {
                     reject(
                         stream,
@@ -155,21 +156,22 @@ impl<A> HeadGuard<A> {
                         "the request head was not received in time",
                     )
                     .await;
-                    return HeadRead::Done;
+                    return None;
                 }
             }
         };
-        let head = &buf[..end];
-        // Lines in the head, less the request line and the blank line.
-        let fields = memchr::memchr_iter(b'\n', head).count().saturating_sub(2);
-        if end > limits.max_header_size || fields > limits.max_headers {
+        if end > limits.max_header_size {
             reject(
                 stream,
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "the request head is too large",
             )
             .await;
-            return HeadRead::Done;
+            return None;
+        }
+        if let Err((status, detail)) = check_head(&buf[..end], limits.max_headers) {
+            reject(stream, status, detail).await;
+            return None;
         }
         let mut session = ServerSession::new_http1(stream);
         // Pingora's default for a new connection is 60 s; ours is configured.
@@ -177,9 +179,42 @@ impl<A> HeadGuard<A> {
         session.set_keepalive_reuses_remaining(reuses);
         session.set_connection_user_context(user_ctx);
         session.set_pipelined_prefix(buf);
-        HeadRead::Ready(Box::new(session))
+        Some(session)
     }
 }
+
+/// Parses the head as Pingora will, so that a malformed one is answered
+/// with a problem document rather than Pingora's bare 400.
+fn check_head(head: &[u8], max_headers: usize) -> Result<(), (StatusCode, &'static str)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err((StatusCode::BAD_REQUEST, "the request head is malformed"))
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request has too many header fields",
+            ))
+        }
+        Err(_) => return Err((StatusCode::BAD_REQUEST, "the request head is malformed")),
+    }
+    if req.headers.len() > max_headers {
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request has too many header fields",
+        ));
+    }
+    if req.method == Some("CONNECT") {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served"));
+    }
+    Ok(())
+}
+
+/// Upper bound of `server.max_headers`, checked when the file is compiled.
+pub const MAX_FIELDS: usize = 250;
 
 /// Answers a head that was refused, then closes the connection.
 async fn reject(mut stream: Stream, status: StatusCode, detail: &str) {
@@ -205,6 +240,36 @@ async fn reject(mut stream: Stream, status: StatusCode, detail: &str) {
 #[cfg(test)]
 mod tests {
     use super::head_end;
+
+    #[test]
+    fn heads_are_checked_like_pingora_parses_them() {
+        use super::check_head;
+        assert!(check_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 10).is_ok());
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1)
+                .unwrap_err()
+                .0,
+            431
+        );
+        assert_eq!(
+            check_head(b"GET /a b HTTP/1.1\r\n\r\n", 10).unwrap_err().0,
+            400
+        );
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n", 10)
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            check_head(b"CONNECT a:443 HTTP/1.1\r\n\r\n", 10)
+                .unwrap_err()
+                .0,
+            405
+        );
+        // Blank lines before the request line are not header fields.
+        assert!(check_head(b"\r\n\r\nGET / HTTP/1.1\r\nA: 1\r\n\r\n", 1).is_ok());
+    }
 
     #[test]
     fn finds_the_end_of_the_head() {

@@ -16,7 +16,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::ServerSettings;
-use crate::forwarding::{self, Forwarded};
+use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
@@ -37,7 +37,7 @@ impl Proxy {
 /// Per-request state, filled as the request moves through the phases.
 #[derive(Default)]
 pub struct RequestCtx {
-    request_id: String,
+    request_id: RequestId,
     client_ip: Option<IpAddr>,
     peer_trusted: bool,
     route: Option<Arc<Route>>,
@@ -54,7 +54,12 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn problem(&self, status: StatusCode, detail: &str) -> Phase {
-        Phase::Respond(Response::problem(status, detail, &self.request_id))
+        Phase::Respond(Response::problem(status, detail, self.request_id.as_str()))
+    }
+
+    /// Whether the route's deadline has passed.
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }
 
@@ -69,7 +74,7 @@ impl Proxy {
     /// Everything decided before going upstream; synchronous on purpose.
     fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
         let req = session.req_header();
-        ctx.request_id = forwarding::request_id(&req.headers);
+        ctx.request_id = RequestId::from_headers(&req.headers);
         if let Some(peer) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -88,6 +93,10 @@ impl Proxy {
             if let Some(phase) = self.check_h2_head(req, ctx) {
                 return phase;
             }
+        }
+        // The router sees the parsed path; the raw bytes must say the same.
+        if !req.raw_path_is_utf8() {
+            return ctx.problem(StatusCode::BAD_REQUEST, "the path is not valid UTF-8");
         }
         let path = match normalize_path(req.uri.path()) {
             Ok(p) => p,
@@ -116,21 +125,27 @@ impl Proxy {
                 return Phase::Respond(r.with_header(ALLOW, allow));
             }
         };
+        let max_body = route.max_body;
+        // Anything but an origin-form target as the client wrote it is
+        // rebuilt, so the upstream gets exactly the path that was routed.
+        let rebuild = !route.rewrite.is_identity()
+            || matches!(path, std::borrow::Cow::Owned(_))
+            || !req.raw_path().starts_with(b"/");
+        if rebuild {
+            ctx.upstream_uri = Some(route.rewrite.apply(&path, req.uri.query()));
+        }
+        ctx.deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
+        ctx.route = Some(route);
         match declared_length(req) {
-            Some(len) if len > route.max_body => {
+            Some(len) if len > max_body => {
                 return ctx.problem(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("the request body is larger than {} bytes", route.max_body),
+                    &format!("the request body is larger than {max_body} bytes"),
                 );
             }
             Some(_) => {}
-            None => ctx.body_limit = Some(route.max_body),
+            None => ctx.body_limit = Some(max_body),
         }
-        if !route.rewrite.is_identity() || matches!(path, std::borrow::Cow::Owned(_)) {
-            ctx.upstream_uri = Some(route.rewrite.apply(&path, req.uri.query()));
-        }
-        ctx.deadline = route.timeout.map(|t| Instant::now() + t);
-        ctx.route = Some(route);
         Phase::Continue
     }
 
@@ -159,7 +174,14 @@ impl Proxy {
                 if !session.is_body_empty() {
                     session.set_keepalive(None);
                 }
-                response.write(session, &ctx.request_id, |_| {}).await?;
+                let deprecation = ctx.route.as_ref().and_then(|r| r.deprecation.as_ref());
+                response
+                    .write(session, ctx.request_id.as_str(), |h| {
+                        if let Some(d) = deprecation {
+                            d.apply(h);
+                        }
+                    })
+                    .await?;
                 Ok(true)
             }
         }
@@ -245,13 +267,22 @@ impl ProxyHttp for Proxy {
             },
             None => None,
         };
-        let ip_bytes = match ctx.client_ip {
-            Some(IpAddr::V4(v4)) => v4.octets().to_vec(),
-            Some(IpAddr::V6(v6)) => v6.octets().to_vec(),
-            None => Vec::new(),
+        // Each attempt replays the body from its start.
+        ctx.body_seen = 0;
+        let mut ip_buf = [0u8; 16];
+        let ip_bytes: &[u8] = match ctx.client_ip {
+            Some(IpAddr::V4(v4)) => {
+                ip_buf[..4].copy_from_slice(&v4.octets());
+                &ip_buf[..4]
+            }
+            Some(IpAddr::V6(v6)) => {
+                ip_buf.copy_from_slice(&v6.octets());
+                &ip_buf
+            }
+            None => &[],
         };
         let key = if upstream.uses_hash_key() {
-            self.hash_input(session, &upstream.hash_key, &ip_bytes)
+            self.hash_input(session, &upstream.hash_key, ip_bytes)
         } else {
             &[]
         };
@@ -279,7 +310,7 @@ impl ProxyHttp for Proxy {
         drop(in_flight);
         log::warn!(
             "request {}: connect to {} (upstream {}) failed: {}",
-            ctx.request_id,
+            ctx.request_id.as_str(),
             route.upstream.targets[failed].label,
             route.upstream.name,
             e.etype().as_str()
@@ -304,15 +335,10 @@ impl ProxyHttp for Proxy {
             upstream_request.set_raw_path(uri.as_bytes())?;
         }
         let downstream = session.req_header();
-        let host = downstream
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| downstream.uri.authority().map(|a| a.as_str()));
-        let host_owned = host.map(str::to_owned);
-        if upstream_request.headers.get(http::header::HOST).is_none() {
-            if let Some(h) = &host_owned {
-                upstream_request.insert_header(http::header::HOST, h.as_str())?;
+        let host = forwarding::raw_host(downstream).and_then(|h| HeaderValue::from_str(h).ok());
+        if let Some(h) = &host {
+            if !upstream_request.headers.contains_key(http::header::HOST) {
+                upstream_request.insert_header(http::header::HOST, h.clone())?;
             }
         }
         Forwarded {
@@ -322,10 +348,10 @@ impl ProxyHttp for Proxy {
                 .map(|a| a.ip()),
             peer_trusted: ctx.peer_trusted,
             tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
-            host: host_owned.as_deref(),
+            host,
         }
         .apply(upstream_request);
-        upstream_request.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        upstream_request.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         if let Some(route) = &ctx.route {
             route.request_headers.apply(upstream_request);
         }
@@ -354,10 +380,28 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.past_deadline() {
+            return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
+        }
         strip_hop_by_hop(upstream_response);
         Ok(())
+    }
+
+    // A route's timeout bounds the whole exchange: an upstream trickling its
+    // body past the deadline is cut off.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if !end_of_stream && ctx.past_deadline() {
+            return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
+        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -372,7 +416,7 @@ impl ProxyHttp for Proxy {
                 d.apply(upstream_response);
             }
         }
-        upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        upstream_response.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         Ok(())
     }
 
@@ -383,8 +427,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (status, upstream_fault) = classify(e);
-        if ctx.request_id.is_empty() {
-            ctx.request_id = forwarding::request_id(&session.req_header().headers);
+        if ctx.request_id.as_str().is_empty() {
+            ctx.request_id = RequestId::from_headers(&session.req_header().headers);
         }
         if status == 0 || session.response_written().is_some() {
             return FailToProxy {
@@ -393,14 +437,14 @@ impl ProxyHttp for Proxy {
             };
         }
         if upstream_fault {
-            log::warn!("request {}: {} ({e})", ctx.request_id, status);
+            log::warn!("request {}: {} ({e})", ctx.request_id.as_str(), status);
         }
         let route = ctx.route.clone();
         let response = match route.as_ref().and_then(|r| r.fallback.as_ref()) {
             Some(fallback) if upstream_fault => fallback.to_response(),
             _ => {
                 let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-                Response::problem(code, detail_for(status), &ctx.request_id)
+                Response::problem(code, detail_for(status), ctx.request_id.as_str())
             }
         };
         let status = response.status.as_u16();
@@ -408,7 +452,7 @@ impl ProxyHttp for Proxy {
         session.set_keepalive(None);
         let deprecation = route.as_ref().and_then(|r| r.deprecation.as_ref());
         let written = response
-            .write(session, &ctx.request_id, |h| {
+            .write(session, ctx.request_id.as_str(), |h| {
                 if let Some(d) = deprecation {
                     d.apply(h);
                 }
@@ -417,7 +461,7 @@ impl ProxyHttp for Proxy {
         if let Err(write_error) = written {
             log::debug!(
                 "request {}: could not send the error response: {write_error}",
-                ctx.request_id
+                ctx.request_id.as_str()
             );
         }
         FailToProxy {

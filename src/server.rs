@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
@@ -69,6 +70,10 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
         conf,
     );
     proxy.handle_init_modules();
+    // HTTP/1 idle connections are timed by HeadGuard; HTTP/2 ones here.
+    let mut server_options = HttpServerOptions::default();
+    server_options.h2_idle_timeout = Some(settings.keepalive_timeout);
+    proxy.server_options = Some(server_options);
     let guarded = HeadGuard::new(
         proxy,
         HeadLimits {

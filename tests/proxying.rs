@@ -234,6 +234,7 @@ fn large_and_chunked_bodies_stream_intact_both_ways() {
         body: r.body.clone(),
         delay: Duration::ZERO,
         chunked: Some(10_000),
+        chunk_delay: Duration::ZERO,
     });
     let gw = gateway(&simple(&up, "")).start();
     let payload: Vec<u8> = (0..(1 << 20))
@@ -381,4 +382,133 @@ fn a_trickled_request_head_is_cut_off_at_header_timeout() {
     let start = Instant::now();
     assert_eq!(idle.read(&mut buf).unwrap_or(0), 0);
     assert!(start.elapsed() < Duration::from_millis(2000));
+}
+
+#[test]
+fn keep_alive_connections_idle_on_keepalive_timeout_not_header_timeout() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, ""))
+        .server("header_timeout: 300ms")
+        .server("keepalive_timeout: 1500ms")
+        .start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(read_response(&mut s).0.starts_with("HTTP/1.1 200"));
+    // Idle longer than header_timeout: still served.
+    std::thread::sleep(Duration::from_millis(700));
+    s.write_all(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(read_response(&mut s).0.starts_with("HTTP/1.1 200"));
+    // Idle longer than keepalive_timeout: closed without a word.
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    let idle = start.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1400) && idle < Duration::from_millis(3500),
+        "{idle:?}"
+    );
+}
+
+#[test]
+fn header_timeout_counts_from_the_connection_start() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, ""))
+        .server("header_timeout: 600ms")
+        .start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_millis(400));
+    s.write_all(b"GET /a HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = s.write_all(b"Host: x\r\n\r\n");
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
+    assert!(start.elapsed() < Duration::from_millis(1500));
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn malformed_heads_get_a_problem_document() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, "")).start();
+    for request in [
+        &b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET /a HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+        b"GET /a HTTP/9.9\r\nHost: x\r\n\r\n",
+    ] {
+        let r = RawResponse::parse(&gw.raw(request)).expect("a response");
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(request));
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    let r = RawResponse::parse(
+        &gw.raw(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn a_smuggled_request_never_reaches_the_upstream() {
+    let up = TestUpstream::with_handler("app", |r| Reply::text(200, &r.target));
+    let gw = gateway(&simple(&up, "")).start();
+    // Content-Length and Transfer-Encoding together: the chunked framing
+    // wins and the connection is not reused, so the tail is never a request.
+    let text = gw.raw(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 "), "{text:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        up.requests().iter().all(|r| r.target != "/smuggled"),
+        "{:?}",
+        up.requests()
+    );
+    // Two different lengths are refused outright.
+    let text = gw
+        .raw(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde");
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+    assert!(up.requests().iter().all(|r| r.target != "/b"));
+}
+
+#[test]
+fn route_timeout_cuts_a_trickling_body() {
+    let up = TestUpstream::with_handler("slow-body", |_| Reply {
+        status: 200,
+        headers: vec![],
+        body: vec![b'z'; 20],
+        delay: Duration::ZERO,
+        chunked: Some(1),
+        chunk_delay: Duration::from_millis(100),
+    });
+    let gw = gateway(&simple(&up, "    timeout: 500ms\n")).start();
+    let start = Instant::now();
+    let result = client().get(gw.url("/a")).send().and_then(|r| r.bytes());
+    let took = start.elapsed();
+    assert!(
+        result.is_err(),
+        "a 2 s body came through a 500 ms route timeout"
+    );
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+#[test]
+fn early_answers_of_a_deprecated_route_carry_its_deprecation_headers() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(
+        &up,
+        "    max_body: 10B\n    deprecation: { sunset: \"2027-06-30\" }\n",
+    ))
+    .start();
+    let r = client()
+        .post(gw.url("/a"))
+        .body("more than ten bytes")
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["deprecation"], "true");
+    assert_eq!(r.headers()["sunset"], "Wed, 30 Jun 2027 00:00:00 GMT");
+    assert_problem(r, 413);
 }

@@ -230,6 +230,23 @@ fn paths_are_normalized_before_matching_and_forwarded_normalized() {
             "{target}"
         );
     }
+    // Backslashes and dot segments with parameters could leave the prefix
+    // on some upstreams (IIS, Tomcat): refused.
+    for target in [
+        "/v1/users/..\\..\\admin",
+        "/v1/..;/admin",
+        "/v1/.;/x",
+        "/v1/..%3b/admin",
+    ] {
+        let r = send_raw(gw.addr, "GET", target, &[]);
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+    }
+    // A path that is not UTF-8 (an overlong "..") is refused.
+    let r = RawResponse::parse(
+        &gw.raw(b"GET /v1/\xC0\xAE\xC0\xAE/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
     // A raw control character is refused before any route is tried.
     let r = send_raw(gw.addr, "GET", "/v1/a\x01b", &[]);
     assert_eq!(r.status, 400);
@@ -238,4 +255,19 @@ fn paths_are_normalized_before_matching_and_forwarded_normalized() {
         before,
         "refused paths must never reach the upstream"
     );
+}
+
+#[test]
+fn absolute_form_targets_are_forwarded_as_origin_form() {
+    let (up, gw) = setup();
+    assert_eq!(
+        route_of(&gw, "GET", "http://gateway.test/v1/users/./me", &[]),
+        "exact-literal"
+    );
+    assert_eq!(up.last().target, "/v1/users/me");
+    assert_eq!(
+        route_of(&gw, "GET", "http://gateway.test/v1/other?q=1", &[]),
+        "prefix-short"
+    );
+    assert_eq!(up.last().target, "/v1/other?q=1");
 }

@@ -161,3 +161,29 @@ fn https_upstreams_get_sni_and_are_verified() {
 
     assert_eq!(c.get(gw.url("/unverified")).send().unwrap().status(), 200);
 }
+
+#[test]
+fn http2_request_heads_are_held_to_the_same_limits() {
+    let up = TestUpstream::named("app");
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), &["gw.test"]);
+    let gw = gateway(&format!(
+        "upstreams:\n  app:\n    targets: [{}]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        up.addr
+    ))
+    .server("max_headers: 20")
+    .tls(&cert, &key)
+    .start();
+    let tls_addr = gw.tls_addr.unwrap();
+    let c = https_client(&std::fs::read(&cert).unwrap(), tls_addr, false);
+    let url = format!("https://gw.test:{}/a", tls_addr.port());
+    let mut req = c.get(&url);
+    for i in 0..30 {
+        req = req.header(format!("x-h{i}"), "1");
+    }
+    let r = req.send().unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_problem(r, 431);
+    assert_eq!(up.count(), 0);
+    assert_eq!(c.get(&url).send().unwrap().status(), 200);
+}

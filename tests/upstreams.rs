@@ -294,3 +294,50 @@ fn tcp_health_checks_mark_a_closed_port_down() {
     );
     assert_eq!(spread(&gw, 10)["a"], 10);
 }
+
+#[test]
+fn retries_zero_means_one_attempt() {
+    let a = TestUpstream::named("a");
+    let dead = free_port();
+    let gw = gateway(&format!(
+        "upstreams:\n  pool:\n    targets: [{}, 127.0.0.1:{dead}]\n    retries: 0\n{}",
+        a.addr,
+        route_to("pool")
+    ))
+    .start();
+    let c = client();
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| c.get(gw.url("/x")).send().unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(a.count(), 2);
+}
+
+#[test]
+fn a_tls_handshake_that_never_finishes_is_cut_at_connect_timeout() {
+    // Accepts TCP, then says nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().take(4) {
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let gw = gateway(&format!(
+        "upstreams:\n  pool:\n    targets: [{addr}]\n    tls: true\n    tls_verify: false\n    connect_timeout: 300ms\n    retries: 0\n{}",
+        route_to("pool")
+    ))
+    .start();
+    let t = Instant::now();
+    let r = client().get(gw.url("/x")).send().unwrap();
+    let took = t.elapsed();
+    assert!(matches!(r.status().as_u16(), 502 | 504), "{}", r.status());
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    drop(keep);
+}

@@ -920,11 +920,11 @@ impl Compiler<'_> {
 
     fn fallback(&mut self, path: &str, raw: RawFallback) -> Option<StaticResponse> {
         let status = match StatusCode::from_u16(raw.status) {
-            Ok(s) if (200..=599).contains(&raw.status) => s,
+            Ok(s) if (200..=599).contains(&raw.status) && !matches!(raw.status, 204 | 304) => s,
             _ => {
                 self.error(
                     &key_path(path, "status"),
-                    "status must be an HTTP status between 200 and 599",
+                    "status must be an HTTP status between 200 and 599 that carries a body (not 204 or 304)",
                 );
                 return None;
             }

@@ -35,6 +35,8 @@ impl<'de> Deserialize<'de> for ConfDuration {
     }
 }
 
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let trimmed = s.trim();
     if trimmed.is_empty() || trimmed.chars().all(|c| c.is_ascii_digit()) {
@@ -42,8 +44,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "invalid duration \"{s}\": it needs a unit, like 250ms, 2s, 5m or 1h"
         ));
     }
-    humantime::parse_duration(trimmed)
-        .map_err(|e| format!("invalid duration \"{s}\" ({e}); write it like 250ms, 2s, 5m or 1h"))
+    let d = humantime::parse_duration(trimmed).map_err(|e| {
+        format!("invalid duration \"{s}\" ({e}); write it like 250ms, 2s, 5m or 1h")
+    })?;
+    // Deadlines are computed from it; keep them far from overflow.
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration \"{s}\" is too long; the most is 365 days"
+        ));
+    }
+    Ok(d)
 }
 
 /// A size in bytes, written with a unit (`B`, `KiB`, `MiB`, `GiB`, or the
@@ -109,6 +119,9 @@ mod tests {
         assert!(parse_duration("5").unwrap_err().contains("needs a unit"));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("500000000000y")
+            .unwrap_err()
+            .contains("too long"));
     }
 
     #[test]

@@ -14,8 +14,10 @@ pub enum PathError {
     NotAbsolute,
     #[error("the path climbs above the root")]
     AboveRoot,
-    #[error("the path holds an encoded slash")]
+    #[error("the path holds an encoded slash or a backslash")]
     EncodedSlash,
+    #[error("the path holds a dot segment with parameters")]
+    DotSegmentParams,
     #[error("the path holds a control character")]
     ControlCharacter,
     #[error("the path holds a malformed percent-encoding")]
@@ -34,6 +36,10 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
         if b < 0x20 || b == 0x7f {
             return Err(PathError::ControlCharacter);
         }
+        // Some upstreams (IIS, .NET) take a backslash for a slash.
+        if b == b'\\' {
+            return Err(PathError::EncodedSlash);
+        }
         if b == b'%' || (b == b'/' && matches!(bytes.get(i + 1), Some(b'/') | Some(b'.'))) {
             needs_work = true;
         }
@@ -43,6 +49,17 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
     let decoded = decode_unreserved(path)?;
     Ok(Cow::Owned(resolve_segments(&decoded)?))
+}
+
+/// `..;x` or `.;x`: Tomcat and Spring drop `;` parameters and then resolve
+/// the dot segment, which would take a request out of the matched prefix.
+fn is_dot_with_params(segment: &str) -> bool {
+    let name = segment.split(';').next().unwrap_or(segment);
+    let name = match name.find("%3B").or_else(|| name.find("%3b")) {
+        Some(i) => &name[..i],
+        None => name,
+    };
+    (name == "." || name == "..") && name.len() < segment.len()
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -104,6 +121,9 @@ fn resolve_segments(path: &str) -> Result<String, PathError> {
     let mut trailing_slash = false;
     for segment in path.split('/').skip(1) {
         trailing_slash = false;
+        if is_dot_with_params(segment) {
+            return Err(PathError::DotSegmentParams);
+        }
         match segment {
             "" => trailing_slash = true,
             "." => trailing_slash = true,
@@ -181,6 +201,22 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::BadEncoding));
         assert_eq!(n("/a%2"), Err(PathError::BadEncoding));
         assert_eq!(n("a/b"), Err(PathError::NotAbsolute));
+        assert_eq!(n("/v1/..\\..\\admin"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/public/..;/internal"), Err(PathError::DotSegmentParams));
+        assert_eq!(
+            n("/public/..;x=1/internal"),
+            Err(PathError::DotSegmentParams)
+        );
+        assert_eq!(n("/public/.;/internal"), Err(PathError::DotSegmentParams));
+        assert_eq!(
+            n("/public/..%3B/internal"),
+            Err(PathError::DotSegmentParams)
+        );
+        assert_eq!(
+            n("/public/%2e%2e;/internal"),
+            Err(PathError::DotSegmentParams)
+        );
+        assert_eq!(n("/public/a;b/c"), Ok("/public/a;b/c".into()));
         assert_eq!(n("*"), Err(PathError::NotAbsolute));
     }
 }

@@ -155,6 +155,8 @@ impl Upstream {
             };
             let mut peer = HttpPeer::new(*addr, tls, sni);
             peer.options.connection_timeout = Some(spec.connect_timeout);
+            // The TCP connect and the TLS handshake together.
+            peer.options.total_connection_timeout = Some(spec.connect_timeout);
             peer.options.read_timeout = Some(spec.read_timeout);
             peer.options.write_timeout = Some(spec.write_timeout);
             peer.options.idle_timeout = spec.idle_timeout;
@@ -296,14 +298,12 @@ impl Upstream {
     pub fn peer(&self, index: usize, deadline_left: Option<Duration>) -> Box<HttpPeer> {
         let mut peer = Box::new(self.targets[index].peer.clone());
         if let Some(left) = deadline_left {
-            peer.options.read_timeout = Some(left);
-            peer.options.write_timeout =
-                Some(peer.options.write_timeout.map_or(left, |w| w.min(left)));
-            peer.options.connection_timeout = Some(
-                peer.options
-                    .connection_timeout
-                    .map_or(left, |c| c.min(left)),
-            );
+            let cap = |d: Option<Duration>| Some(d.map_or(left, |d| d.min(left)));
+            let o = &mut peer.options;
+            o.read_timeout = Some(left);
+            o.write_timeout = cap(o.write_timeout);
+            o.connection_timeout = cap(o.connection_timeout);
+            o.total_connection_timeout = cap(o.total_connection_timeout);
         }
         peer
     }

@@ -57,6 +57,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Send the body in chunks of this size with chunked framing.
     pub chunked: Option<usize>,
+    /// Pause between chunks.
+    pub chunk_delay: Duration,
 }
 
 impl Reply {
@@ -67,6 +69,7 @@ impl Reply {
             body: body.as_bytes().to_vec(),
             delay: Duration::ZERO,
             chunked: None,
+            chunk_delay: Duration::ZERO,
         }
     }
 
@@ -202,10 +205,9 @@ impl Drop for TestUpstream {
     }
 }
 
-type ReplyBody = http_body_util::Either<
-    Full<Bytes>,
-    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
->;
+type Chunks =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+type ReplyBody = http_body_util::Either<Full<Bytes>, StreamBody<Chunks>>;
 
 async fn handle(
     st: Arc<UpstreamState>,
@@ -258,12 +260,21 @@ async fn handle(
     let body = match reply.chunked {
         None => http_body_util::Either::Left(Full::new(Bytes::from(reply.body))),
         Some(size) => {
-            let frames: Vec<Result<Frame<Bytes>, Infallible>> = reply
+            let pause = reply.chunk_delay;
+            let frames: Vec<Bytes> = reply
                 .body
                 .chunks(size.max(1))
-                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .map(Bytes::copy_from_slice)
                 .collect();
-            http_body_util::Either::Right(StreamBody::new(futures::stream::iter(frames)))
+            let stream =
+                futures::StreamExt::then(futures::stream::iter(frames), move |chunk| async move {
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    Ok::<_, Infallible>(Frame::data(chunk))
+                });
+            let chunks: Chunks = Box::pin(stream);
+            http_body_util::Either::Right(StreamBody::new(chunks))
         }
     };
     let mut resp = hyper::Response::new(body);
