@@ -341,3 +341,19 @@ fn a_tls_handshake_that_never_finishes_is_cut_at_connect_timeout() {
     assert!(took < Duration::from_millis(1500), "{took:?}");
     drop(keep);
 }
+
+#[test]
+fn health_checks_expect_the_configured_status() {
+    // The targets answer /health with 200; a check expecting 204 fails them.
+    let a = TestUpstream::named("a");
+    let gw = gateway(&format!(
+        "upstreams:\n  strict:\n    targets: [{a}]\n    health_check: {{ path: /health, interval: 100ms, expect_status: 204, unhealthy_after: 1 }}\n  plain:\n    targets: [{a}]\n    health_check: {{ path: /health, interval: 100ms, expect_status: 200, unhealthy_after: 1 }}\n\
+routes:\n  - name: strict\n    match: {{ path_prefix: /strict }}\n    upstream: strict\n  - name: plain\n    match: {{ path_prefix: /plain }}\n    upstream: plain\n",
+        a = a.addr
+    ))
+    .start();
+    eventually(Duration::from_secs(5), "checks ran", || a.health_checks() >= 4);
+    let c = client();
+    assert_problem(c.get(gw.url("/strict")).send().unwrap(), 503);
+    assert_eq!(c.get(gw.url("/plain")).send().unwrap().status(), 200);
+}
