@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::auth::Provider;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -16,6 +17,7 @@ use crate::upstream::Upstream;
 pub struct Runtime {
     pub router: Router,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub providers: BTreeMap<String, Arc<Provider>>,
 }
 
 pub struct Gateway {

@@ -5,11 +5,14 @@
 //! the request phases.
 
 pub mod admin;
+pub mod auth;
+pub mod background;
 pub mod config;
 pub mod forwarding;
 pub mod gateway;
 pub mod listener;
 pub mod proxy;
+pub mod ratelimit;
 pub mod respond;
 pub mod routing;
 pub mod server;

@@ -15,7 +15,9 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::auth::{self, Claims};
 use crate::config::ServerSettings;
+use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
 use crate::respond::{Phase, Response, REQUEST_ID};
@@ -50,11 +52,39 @@ pub struct RequestCtx {
     /// Counted against the route's `max_body` when no length was declared.
     body_limit: Option<u64>,
     body_seen: u64,
+    /// The verified token's claims, on a route with `auth`.
+    claims: Option<Arc<Claims>>,
+    /// The rate limit count, for the `RateLimit-*` headers.
+    limit: Option<Decision>,
 }
 
 impl RequestCtx {
     fn problem(&self, status: StatusCode, detail: &str) -> Phase {
         Phase::Respond(Response::problem(status, detail, self.request_id.as_str()))
+    }
+
+    /// Headers every response of the route carries, whoever wrote it.
+    fn decorate(&self, resp: &mut ResponseHeader) {
+        if let Some(d) = self.route.as_ref().and_then(|r| r.deprecation.as_ref()) {
+            d.apply(resp);
+        }
+        if let Some(limit) = &self.limit {
+            limit.headers(resp);
+        }
+    }
+
+    fn count(&mut self, limit: &RateLimit, headers: &http::HeaderMap) -> Phase {
+        let decision = limit.admit(&Subject {
+            client_ip: self.client_ip,
+            headers,
+            claims: self.claims.as_deref(),
+        });
+        self.limit = Some(decision);
+        if decision.allowed {
+            Phase::Continue
+        } else {
+            Phase::Respond(decision.refusal(self.request_id.as_str()))
+        }
     }
 
     /// Whether the route's deadline has passed.
@@ -166,6 +196,35 @@ impl Proxy {
         None
     }
 
+    /// Rate limit and authentication. An IP- or header-keyed limit counts
+    /// first, so floods of bad tokens are limited before they cost a
+    /// signature check; a claim-keyed one needs the verified token.
+    async fn guard(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
+        let Some(route) = ctx.route.clone() else {
+            return Phase::Continue;
+        };
+        let headers = &session.req_header().headers;
+        let (early, late) = match &route.rate_limit {
+            Some(l) if l.key.needs_claims() => (None, Some(l)),
+            other => (other.as_ref(), None),
+        };
+        if let Some(limit) = early {
+            if let Phase::Respond(r) = ctx.count(limit, headers) {
+                return Phase::Respond(r);
+            }
+        }
+        if let Some(auth) = &route.auth {
+            match auth.authorize(session.req_header()).await {
+                Ok(claims) => ctx.claims = Some(claims),
+                Err(e) => return Phase::Respond(e.response(ctx.request_id.as_str())),
+            }
+        }
+        match late {
+            Some(limit) => ctx.count(limit, headers),
+            None => Phase::Continue,
+        }
+    }
+
     async fn respond(&self, phase: Phase, session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
         match phase {
             Phase::Continue => Ok(false),
@@ -174,20 +233,21 @@ impl Proxy {
                 if !session.is_body_empty() {
                     session.set_keepalive(None);
                 }
-                let deprecation = ctx.route.as_ref().and_then(|r| r.deprecation.as_ref());
                 response
-                    .write(session, ctx.request_id.as_str(), |h| {
-                        if let Some(d) = deprecation {
-                            d.apply(h);
-                        }
-                    })
+                    .write(session, ctx.request_id.as_str(), |h| ctx.decorate(h))
                     .await?;
                 Ok(true)
             }
         }
     }
 
-    fn hash_input<'a>(&self, session: &'a Session, key: &HashKey, ip: &'a [u8]) -> &'a [u8] {
+    fn hash_input<'a>(
+        &self,
+        session: &'a Session,
+        claims: Option<&'a Claims>,
+        key: &HashKey,
+        ip: &'a [u8],
+    ) -> &'a [u8] {
         match key {
             HashKey::ClientIp => ip,
             HashKey::Header(name) => session
@@ -195,6 +255,10 @@ impl Proxy {
                 .headers
                 .get(name)
                 .map_or(ip, |v| v.as_bytes()),
+            HashKey::Claim(name) => match claims.and_then(|c| c.get(name)) {
+                Some(serde_json::Value::String(s)) => s.as_bytes(),
+                _ => ip,
+            },
         }
     }
 }
@@ -247,7 +311,10 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let phase = self.admit(session, ctx);
+        let mut phase = self.admit(session, ctx);
+        if let Phase::Continue = phase {
+            phase = self.guard(session, ctx).await;
+        }
         self.respond(phase, session, ctx).await
     }
 
@@ -282,7 +349,7 @@ impl ProxyHttp for Proxy {
             None => &[],
         };
         let key = if upstream.uses_hash_key() {
-            self.hash_input(session, &upstream.hash_key, ip_bytes)
+            self.hash_input(session, ctx.claims.as_deref(), &upstream.hash_key, ip_bytes)
         } else {
             &[]
         };
@@ -353,6 +420,12 @@ impl ProxyHttp for Proxy {
         .apply(upstream_request);
         upstream_request.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         if let Some(route) = &ctx.route {
+            let auth = route.auth.as_ref().zip(ctx.claims.as_deref());
+            auth::forward_identity(
+                &route.identity_headers,
+                auth.map(|(a, c)| (&*a.provider, c)),
+                upstream_request,
+            );
             route.request_headers.apply(upstream_request);
         }
         Ok(())
@@ -412,10 +485,8 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         if let Some(route) = &ctx.route {
             route.response_headers.apply(upstream_response);
-            if let Some(d) = &route.deprecation {
-                d.apply(upstream_response);
-            }
         }
+        ctx.decorate(upstream_response);
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         Ok(())
     }
@@ -450,13 +521,8 @@ impl ProxyHttp for Proxy {
         let status = response.status.as_u16();
         // What the client sent may not have been read to its end.
         session.set_keepalive(None);
-        let deprecation = route.as_ref().and_then(|r| r.deprecation.as_ref());
         let written = response
-            .write(session, ctx.request_id.as_str(), |h| {
-                if let Some(d) = deprecation {
-                    d.apply(h);
-                }
-            })
+            .write(session, ctx.request_id.as_str(), |h| ctx.decorate(h))
             .await;
         if let Err(write_error) = written {
             log::debug!(

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{HeadGuard, HeadLimits};
 use crate::proxy::Proxy;
-use crate::upstream::HealthService;
+use crate::background::ConfigFollower;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -116,8 +116,8 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     }
 
     server.add_service(background_service(
-        "health checks",
-        HealthService::new(Arc::clone(&gateway)),
+        "health checks and key refreshes",
+        ConfigFollower::new(Arc::clone(&gateway)),
     ));
     Ok(server)
 }

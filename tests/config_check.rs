@@ -209,9 +209,9 @@ fn secrets_from_the_environment_are_never_printed() {
 
 #[test]
 fn features_of_later_versions_are_refused_not_ignored() {
-    let e = single_error(&route("    auth: main\n"));
+    let e = single_error(&route("    cache: { ttl: 30s }\n"));
     assert!(
-        e.contains("routes[0].auth") && e.contains("not supported"),
+        e.contains("routes[0].cache") && e.contains("not supported"),
         "{e}"
     );
 }

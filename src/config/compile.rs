@@ -18,7 +18,12 @@ use super::error::ConfigErrors;
 use super::raw::*;
 use super::source::{index_path, key_path, Document};
 use super::{AdminSettings, Config, Listener, ServerSettings, TlsFiles};
+use crate::auth::jwks::{JwksUrl, RemoteJwks};
+use crate::auth::keys::{self, KeySet};
+use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
 use crate::gateway::Runtime;
+use crate::ratelimit::{LimitKey, RateLimit};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use crate::respond::StaticResponse;
 use crate::routing::{
     HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router,
@@ -70,7 +75,7 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
             );
         }
     }
-    for section in ["access_log", "cache", "auth"] {
+    for section in ["access_log", "cache"] {
         if root.get(section).is_some_and(|v| !v.is_null()) {
             cx.error(section, format!("{section} {NOT_YET}"));
         }
@@ -79,11 +84,26 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
     let listeners = cx.listeners(root.get("listen"));
     let admin = cx.admin(root.get("admin"), &listeners);
     let upstreams = cx.upstreams(root.get("upstreams"));
+    let providers = cx.providers(root.get("auth"));
+    let identity_headers: Arc<[HeaderName]> = {
+        let mut names: Vec<HeaderName> = providers
+            .values()
+            .flat_map(|p| p.forward_claims.iter().map(|(_, h)| h.clone()))
+            .collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names.into()
+    };
+    let shared = Shared {
+        upstreams: &upstreams,
+        providers: &providers,
+        identity_headers: &identity_headers,
+    };
     let declared: Vec<String> = match root.get("upstreams") {
         Some(Value::Object(map)) => map.keys().cloned().collect(),
         _ => Vec::new(),
     };
-    let routes = cx.routes(root.get("routes"), &upstreams, &declared, &server);
+    let routes = cx.routes(root.get("routes"), &shared, &declared, &server);
     if !cx.errors.is_empty() {
         cx.errors.sort();
         return Err(cx.errors);
@@ -95,8 +115,16 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
         runtime: Runtime {
             router: Router::new(routes),
             upstreams,
+            providers,
         },
     })
+}
+
+/// What routes refer to by name.
+struct Shared<'a> {
+    upstreams: &'a BTreeMap<String, Arc<Upstream>>,
+    providers: &'a BTreeMap<String, Arc<Provider>>,
+    identity_headers: &'a Arc<[HeaderName]>,
 }
 
 struct Compiler<'d> {
@@ -134,7 +162,9 @@ impl Compiler<'_> {
                     }
                     message = message.replacen("unknown field", "unknown key", 1);
                 }
-                if self.doc.is_from_env(&full) {
+                if full.ends_with(".secret") {
+                    message = "the secret must be a string".to_string();
+                } else if self.doc.is_from_env(&full) {
                     message = redact_quoted(&message);
                 }
                 self.errors.push(self.doc.error(full, message));
@@ -564,12 +594,12 @@ impl Compiler<'_> {
                 }
             };
         }
-        if key.starts_with("claim:") {
-            self.error(
-                path,
-                format!("hash_key \"{key}\" needs JWT auth, which {NOT_YET}"),
-            );
-            return None;
+        if let Some(claim) = key.strip_prefix("claim:") {
+            if claim.is_empty() {
+                self.error(path, "hash_key claim: needs a claim name");
+                return None;
+            }
+            return Some(HashKey::Claim(claim.to_string()));
         }
         self.error(
             path,
@@ -664,7 +694,7 @@ impl Compiler<'_> {
     fn routes(
         &mut self,
         value: Option<&Value>,
-        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        shared: &Shared<'_>,
         declared: &[String],
         server: &ServerSettings,
     ) -> Vec<Route> {
@@ -697,7 +727,7 @@ impl Compiler<'_> {
                     format!("route name \"{}\" is used by an earlier route", raw.name),
                 );
             }
-            if let Some(route) = self.route(&path, raw, upstreams, declared, server) {
+            if let Some(route) = self.route(&path, raw, shared, declared, server) {
                 out.push(route);
             }
         }
@@ -708,14 +738,13 @@ impl Compiler<'_> {
         &mut self,
         path: &str,
         raw: RawRoute,
-        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        shared: &Shared<'_>,
         declared: &[String],
         server: &ServerSettings,
     ) -> Option<Route> {
+        let upstreams = shared.upstreams;
         let errors_before = self.errors.0.len();
         for (key, set) in [
-            ("auth", raw.auth.is_some()),
-            ("rate_limit", raw.rate_limit.is_some()),
             ("cache", raw.cache.is_some()),
             ("request_body", raw.request_body.is_some()),
             ("response_body", raw.response_body.is_some()),
@@ -780,6 +809,14 @@ impl Compiler<'_> {
         let fallback = raw
             .fallback
             .and_then(|f| self.fallback(&key_path(path, "fallback"), f));
+        let auth = raw
+            .auth
+            .as_ref()
+            .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared.providers));
+        let rate_limit = raw
+            .rate_limit
+            .as_ref()
+            .and_then(|r| self.rate_limit(&key_path(path, "rate_limit"), r));
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
                 self.error(&key_path(path, "timeout"), "timeout must be above zero");
@@ -805,7 +842,260 @@ impl Compiler<'_> {
             response_headers,
             deprecation,
             fallback,
+            auth,
+            rate_limit,
+            identity_headers: Arc::clone(shared.identity_headers),
         })
+    }
+
+    fn route_auth(
+        &mut self,
+        path: &str,
+        value: &Value,
+        providers: &BTreeMap<String, Arc<Provider>>,
+    ) -> Option<RouteAuth> {
+        let raw = match value {
+            Value::String(name) => RawRouteAuth {
+                jwt: name.clone(),
+                require_claims: BTreeMap::new(),
+                require_scopes: Vec::new(),
+            },
+            _ => self.de::<RawRouteAuth>(path, value)?,
+        };
+        let name_path = if value.is_string() {
+            path.to_string()
+        } else {
+            key_path(path, "jwt")
+        };
+        let Some(provider) = providers.get(&raw.jwt) else {
+            let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+            let known = if known.is_empty() {
+                "none are defined under auth.jwt".to_string()
+            } else {
+                format!("known: {}", known.join(", "))
+            };
+            self.error(&name_path, format!("unknown auth provider \"{}\"; {known}", raw.jwt));
+            return None;
+        };
+        let mut require_claims = Vec::new();
+        for (claim, accepted) in raw.require_claims {
+            let cpath = key_path(&key_path(path, "require_claims"), &claim);
+            let values = match accepted {
+                Value::Array(items) => items,
+                v => vec![v],
+            };
+            if values.is_empty() || values.iter().any(|v| v.is_array() || v.is_object() || v.is_null()) {
+                self.error(&cpath, "list the accepted values: strings, numbers or booleans");
+                continue;
+            }
+            require_claims.push((claim, values));
+        }
+        if raw.require_scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+            self.error(&key_path(path, "require_scopes"), "a scope is one word without spaces");
+        }
+        Some(RouteAuth {
+            provider: Arc::clone(provider),
+            require_claims,
+            require_scopes: raw.require_scopes,
+        })
+    }
+
+    fn rate_limit(&mut self, path: &str, value: &Value) -> Option<Arc<RateLimit>> {
+        let raw = self.de::<RawRateLimit>(path, value)?;
+        if raw.requests == 0 {
+            self.error(&key_path(path, "requests"), "requests must be at least 1");
+            return None;
+        }
+        if raw.per.0 < Duration::from_millis(100) {
+            self.error(&key_path(path, "per"), "per must be at least 100ms");
+            return None;
+        }
+        let key = match raw.key.as_deref() {
+            None => LimitKey::ClientIp,
+            Some(k) => match LimitKey::parse(k) {
+                Ok(k) => k,
+                Err(e) => {
+                    self.error(&key_path(path, "key"), e);
+                    return None;
+                }
+            },
+        };
+        Some(Arc::new(RateLimit::new(raw.requests, raw.per.0, key)))
+    }
+
+    fn providers(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Provider>> {
+        let mut out = BTreeMap::new();
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return out;
+        };
+        let Some(raw) = self.de::<RawAuth>("auth", value) else {
+            return out;
+        };
+        for (name, item) in &raw.jwt {
+            let path = key_path("auth.jwt", name);
+            if !valid_name(name) {
+                self.error(&path, format!("provider name \"{name}\" may hold only letters, digits, '-', '_' and '.'"));
+                continue;
+            }
+            let Some(raw) = self.de::<RawJwtProvider>(&path, item) else {
+                continue;
+            };
+            if let Some(p) = self.provider(&path, name, raw) {
+                out.insert(name.clone(), Arc::new(p));
+            }
+        }
+        out
+    }
+
+    fn provider(&mut self, path: &str, name: &str, raw: RawJwtProvider) -> Option<Provider> {
+        let before = self.errors.0.len();
+        let apath = key_path(path, "algorithms");
+        let mut algorithms: Vec<Algorithm> = Vec::new();
+        if raw.algorithms.is_empty() {
+            self.error(&apath, "list the accepted algorithms, like [RS256]");
+        }
+        for (i, a) in raw.algorithms.iter().enumerate() {
+            match a.parse::<Algorithm>() {
+                Ok(alg) if !algorithms.contains(&alg) => algorithms.push(alg),
+                Ok(_) => {}
+                Err(_) => self.error(
+                    &index_path(&apath, i),
+                    format!("unknown algorithm \"{a}\"; supported: HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                ),
+            }
+        }
+        let families: Vec<AlgorithmFamily> = {
+            let mut f: Vec<AlgorithmFamily> = algorithms.iter().map(|a| a.family()).collect();
+            f.dedup();
+            f
+        };
+        let sources = [
+            raw.secret.is_some(),
+            raw.public_key_file.is_some(),
+            raw.jwks_file.is_some(),
+            raw.jwks_url.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            self.error(path, "give exactly one of secret, public_key_file, jwks_file or jwks_url");
+            return None;
+        }
+        if raw.jwks_refresh.is_some() && raw.jwks_url.is_none() {
+            self.error(&key_path(path, "jwks_refresh"), "jwks_refresh applies only to jwks_url");
+        }
+        let keys = if let Some(secret) = &raw.secret {
+            let spath = key_path(path, "secret");
+            if families.iter().any(|f| *f != AlgorithmFamily::Hmac) {
+                self.error(&apath, "a secret verifies only HS256, HS384 and HS512 tokens");
+            }
+            // The secret's content never appears in a message; its length may.
+            for alg in &algorithms {
+                let need = keys::min_secret_len(*alg);
+                if secret.len() < need {
+                    self.error(&spath, format!("{alg:?} needs a secret of at least {need} bytes; this one has {}", secret.len()));
+                }
+            }
+            KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            }]))
+        } else if let Some(file) = &raw.public_key_file {
+            let fpath = key_path(path, "public_key_file");
+            if families.len() != 1 || families[0] == AlgorithmFamily::Hmac {
+                self.error(&apath, "a public_key_file holds one key: list algorithms of one family (RS/PS, ES or EdDSA)");
+                return None;
+            }
+            let resolved = self.resolve_file(file);
+            let pem = match std::fs::read(&resolved) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
+                    return None;
+                }
+            };
+            match keys::from_pem(&pem, families[0]) {
+                Ok(key) => KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey { kid: None, alg: None, key }])),
+                Err(e) => {
+                    self.error(&fpath, format!("{}: {e}", resolved.display()));
+                    return None;
+                }
+            }
+        } else if let Some(file) = &raw.jwks_file {
+            let fpath = key_path(path, "jwks_file");
+            let resolved = self.resolve_file(file);
+            let json = match std::fs::read(&resolved) {
+                Ok(j) => j,
+                Err(e) => {
+                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
+                    return None;
+                }
+            };
+            match KeySet::from_jwks(&json, &algorithms) {
+                Ok(set) => KeyStore::Fixed(set),
+                Err(e) => {
+                    self.error(&fpath, format!("{}: {e}", resolved.display()));
+                    return None;
+                }
+            }
+        } else {
+            let url = raw.jwks_url.as_deref().unwrap_or_default();
+            let upath = key_path(path, "jwks_url");
+            let parsed = match JwksUrl::parse(url) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.error(&upath, e);
+                    return None;
+                }
+            };
+            let refresh = raw.jwks_refresh.map_or(Duration::from_secs(600), |d| d.0);
+            if refresh < Duration::from_secs(1) {
+                self.error(&key_path(path, "jwks_refresh"), "jwks_refresh must be at least 1s");
+            }
+            KeyStore::Remote(Arc::new(RemoteJwks::new(parsed, algorithms.clone(), refresh)))
+        };
+        let audience = raw.audience.map(OneOrMany::into_vec).unwrap_or_default();
+        if audience.iter().any(String::is_empty) {
+            self.error(&key_path(path, "audience"), "an audience cannot be empty");
+        }
+        if raw.issuer.as_deref() == Some("") {
+            self.error(&key_path(path, "issuer"), "the issuer cannot be empty");
+        }
+        let leeway = raw.leeway.map_or(Duration::from_secs(30), |d| d.0);
+        if leeway > Duration::from_secs(300) {
+            self.error(&key_path(path, "leeway"), "leeway must be at most 5m");
+        }
+        let token_from = match raw.token_from.as_deref() {
+            None => TokenSource::Header,
+            Some(t) => match TokenSource::parse(t) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error(&key_path(path, "token_from"), e);
+                    TokenSource::Header
+                }
+            },
+        };
+        let mut forward_claims = Vec::new();
+        for (claim, header) in &raw.forward_claims {
+            let cpath = key_path(&key_path(path, "forward_claims"), claim);
+            match HeaderName::from_bytes(header.as_bytes()) {
+                Ok(h) if !RESERVED_HEADERS.contains(&h.as_str()) => forward_claims.push((claim.clone(), h)),
+                Ok(_) => self.error(&cpath, format!("{header} cannot carry a claim")),
+                Err(_) => self.error(&cpath, format!("\"{header}\" is not a valid header name")),
+            }
+        }
+        if self.errors.0.len() > before {
+            return None;
+        }
+        Some(Provider::new(
+            name.to_string(),
+            algorithms,
+            keys,
+            raw.issuer,
+            audience,
+            leeway,
+            token_from,
+            forward_claims,
+        ))
     }
 
     fn matcher(&mut self, path: &str, raw: RawMatch) -> Option<RouteMatcher> {
@@ -948,6 +1238,24 @@ impl Compiler<'_> {
     }
 }
 
+/// Headers that frame or route a request; a claim never replaces them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "authorization",
+    "cookie",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
@@ -1077,9 +1385,9 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_refused_not_ignored() {
-        let yaml = format!("{BASE}routes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n    auth: main\n");
+        let yaml = format!("{BASE}routes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n    cache: {{ ttl: 30s }}\n");
         let e = errors(&yaml);
-        assert_eq!(e.0[0].path, "routes[0].auth");
+        assert_eq!(e.0[0].path, "routes[0].cache");
         assert!(e.0[0].message.contains("not supported"));
     }
 }

@@ -163,3 +163,65 @@ pub struct RawFallback {
     #[serde(default)]
     pub body: String,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Each a `RawJwtProvider`, read with its own path.
+    #[serde(default)]
+    pub jwt: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtProvider {
+    pub algorithms: Vec<String>,
+    pub secret: Option<String>,
+    pub public_key_file: Option<String>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh: Option<ConfDuration>,
+    pub issuer: Option<String>,
+    pub audience: Option<OneOrMany>,
+    pub leeway: Option<ConfDuration>,
+    pub token_from: Option<String>,
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `auth: { jwt: NAME, require_claims: {...}, require_scopes: [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteAuth {
+    pub jwt: String,
+    /// Claim -> an accepted value or a list of them.
+    #[serde(default)]
+    pub require_claims: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub require_scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests: u64,
+    pub per: ConfDuration,
+    pub key: Option<String>,
+}

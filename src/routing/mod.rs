@@ -13,6 +13,8 @@ use http::{HeaderMap, Method};
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
 pub use normalize::{normalize_path, PathError};
 
+use crate::auth::RouteAuth;
+use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
 use crate::transform::headers::{Deprecation, HeaderRules};
 use crate::upstream::Upstream;
@@ -33,6 +35,11 @@ pub struct Route {
     pub response_headers: HeaderRules,
     pub deprecation: Option<Deprecation>,
     pub fallback: Option<StaticResponse>,
+    pub auth: Option<RouteAuth>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// Every header named by any provider's `forward_claims`: removed from
+    /// each client request, on every route.
+    pub identity_headers: Arc<[http::HeaderName]>,
 }
 
 /// `strip_prefix` then `add_prefix`, applied to the normalized path.

@@ -1,14 +1,12 @@
 //! Active health checks: HTTP (`path` set) or TCP connect, with thresholds,
-//! run by one background service for every upstream of the live
+//! run in the background (see `background`) for every upstream of the live
 //! configuration. A target marked unhealthy gets no traffic while a healthy
 //! one exists, and gets it back once it passes `healthy_after` checks.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::{
@@ -17,7 +15,6 @@ use pingora_load_balancing::health_check::{
 use pingora_load_balancing::Backend;
 
 use super::{Upstream, UpstreamTls};
-use crate::gateway::Gateway;
 
 /// A compiled `health_check` block.
 #[derive(Debug, Clone)]
@@ -128,20 +125,8 @@ impl HealthCheckSettings {
     }
 }
 
-/// Runs the checks of every upstream in the live configuration. After a
-/// reload, checks of upstreams that are gone stop on their own and new ones
-/// start.
-pub struct HealthService {
-    gateway: Arc<Gateway>,
-}
-
-impl HealthService {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        HealthService { gateway }
-    }
-}
-
-async fn check_forever(upstream: Weak<Upstream>, interval: Duration) {
+/// Checks `upstream` every `interval` until no configuration holds it.
+pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration) {
     loop {
         let Some(up) = upstream.upgrade() else {
             return;
@@ -149,33 +134,5 @@ async fn check_forever(upstream: Weak<Upstream>, interval: Duration) {
         up.run_health_check_pass().await;
         drop(up);
         tokio::time::sleep(interval).await;
-    }
-}
-
-#[async_trait]
-impl BackgroundService for HealthService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut changes = self.gateway.subscribe();
-        let mut started: Vec<Weak<Upstream>> = Vec::new();
-        loop {
-            started.retain(|w| w.strong_count() > 0);
-            let runtime = self.gateway.current();
-            for upstream in runtime.upstreams.values() {
-                let Some(interval) = upstream.health_interval() else {
-                    continue;
-                };
-                let weak = Arc::downgrade(upstream);
-                if started.iter().any(|w| w.ptr_eq(&weak)) {
-                    continue;
-                }
-                started.push(weak.clone());
-                tokio::spawn(check_forever(weak, interval));
-            }
-            drop(runtime);
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }

@@ -15,7 +15,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
 use pingora_load_balancing::{Backend, LoadBalancer};
 
-pub use health::{HealthCheckSettings, HealthService};
+pub use health::HealthCheckSettings;
 
 /// How `balance: consistent_hash` keys a request.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub enum HashKey {
     ClientIp,
     /// A request header; a request without it is keyed by client IP.
     Header(HeaderName),
+    /// A claim of the verified token; without one, by client IP.
+    Claim(String),
 }
 
 /// One target of an upstream.

@@ -1,0 +1,80 @@
+//! Verified tokens, so that a client reusing its token does not pay an RSA
+//! or ECDSA verification per request. Bounded; an entry is never used past
+//! the token's `exp`; a hash collision cannot hand one token's claims to
+//! another, since the stored token is compared in full.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use super::Claims;
+
+struct Verified {
+    token: Box<str>,
+    claims: Arc<Claims>,
+    exp: u64,
+}
+
+pub struct TokenCache {
+    entries: quick_cache::sync::Cache<u64, Arc<Verified>>,
+    // Keyed per process, so nobody can aim tokens at one slot.
+    hasher: RandomState,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        TokenCache {
+            entries: quick_cache::sync::Cache::new(capacity),
+            hasher: RandomState::new(),
+        }
+    }
+
+    pub fn get(&self, token: &str, now: u64) -> Option<Arc<Claims>> {
+        let key = self.hasher.hash_one(token);
+        let hit = self.entries.get(&key)?;
+        if &*hit.token != token {
+            return None;
+        }
+        if now >= hit.exp {
+            self.entries.remove(&key);
+            return None;
+        }
+        Some(Arc::clone(&hit.claims))
+    }
+
+    pub fn insert(&self, token: &str, claims: Arc<Claims>, exp: u64) {
+        let key = self.hasher.hash_one(token);
+        self.entries.insert(
+            key,
+            Arc::new(Verified {
+                token: token.into(),
+                claims,
+                exp,
+            }),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_expire_with_the_token_and_never_cross_tokens() {
+        let cache = TokenCache::new(10);
+        let claims = Arc::new(Claims::new());
+        cache.insert("a.b.c", Arc::clone(&claims), 100);
+        assert!(cache.get("a.b.c", 99).is_some());
+        assert!(cache.get("a.b.d", 99).is_none());
+        assert!(cache.get("a.b.c", 100).is_none());
+        assert!(cache.get("a.b.c", 50).is_none(), "an expired entry is dropped");
+    }
+
+    #[test]
+    fn it_is_bounded() {
+        let cache = TokenCache::new(100);
+        for i in 0..10_000 {
+            cache.insert(&format!("token-{i}"), Arc::new(Claims::new()), u64::MAX);
+        }
+        assert!(cache.entries.len() <= 200, "{}", cache.entries.len());
+    }
+}

@@ -1,0 +1,256 @@
+//! A JWK set fetched from `jwks_url`: at start and every `jwks_refresh`, in
+//! the background. A token naming an unknown `kid` asks for an early
+//! refresh, granted at most once per `EARLY_REFRESH_GAP`, so a flood of
+//! random kids cannot flood the identity provider. A failed fetch keeps the
+//! last good set.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use jsonwebtoken::Algorithm;
+use pingora_core::connectors::http::Connector;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::keys::KeySet;
+
+/// The shortest time between two fetches asked for by unknown kids.
+pub const EARLY_REFRESH_GAP: Duration = Duration::from_secs(5);
+/// After a failed fetch, the next try comes this soon (or at the refresh
+/// interval, when shorter).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_JWKS_SIZE: usize = 1 << 20;
+
+/// A parsed `jwks_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path_and_query: String,
+}
+
+impl JwksUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| format!("\"{url}\" is not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("\"{url}\" must start with https:// or http://")),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("\"{url}\" names no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path_and_query = uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        Ok(JwksUrl {
+            tls,
+            host,
+            port,
+            path_and_query,
+        })
+    }
+}
+
+pub struct RemoteJwks {
+    url: JwksUrl,
+    algorithms: Vec<Algorithm>,
+    refresh: Duration,
+    keys: ArcSwap<KeySet>,
+    /// Bumped after every fetch attempt, for requests waiting on one.
+    fetched: watch::Sender<u64>,
+    last_attempt: Mutex<Option<Instant>>,
+    wake: Notify,
+    fetch_count: AtomicU64,
+}
+
+impl RemoteJwks {
+    pub fn new(url: JwksUrl, algorithms: Vec<Algorithm>, refresh: Duration) -> Self {
+        RemoteJwks {
+            url,
+            algorithms,
+            refresh,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            fetched: watch::Sender::new(0),
+            last_attempt: Mutex::new(None),
+            wake: Notify::new(),
+            fetch_count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn keys(&self) -> arc_swap::Guard<Arc<KeySet>> {
+        self.keys.load()
+    }
+
+    /// Waits, at most `wait`, for the first fetch to have been tried: a
+    /// request arriving as the gateway starts is not refused for want of keys.
+    pub async fn loaded(&self, wait: Duration) {
+        let mut rx = self.fetched.subscribe();
+        if *rx.borrow() > 0 {
+            return;
+        }
+        let _ = tokio::time::timeout(wait, rx.wait_for(|n| *n > 0)).await;
+    }
+
+    pub fn fetch_count(&self) -> u64 {
+        self.fetch_count.load(Ordering::Relaxed)
+    }
+
+    /// Asks for an early fetch. Returns a receiver that changes when it is
+    /// done, or `None` when one happened too recently to ask again.
+    pub fn request_refresh(&self) -> Option<watch::Receiver<u64>> {
+        let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < EARLY_REFRESH_GAP) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        let rx = self.fetched.subscribe();
+        self.wake.notify_one();
+        Some(rx)
+    }
+
+    /// Fetches now, then on schedule or when woken, until dropped.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            let next = match self.fetch().await {
+                Ok(set) => {
+                    log::info!(
+                        "JWKS {}: {} key(s) loaded",
+                        self.url.host,
+                        set.len()
+                    );
+                    self.keys.store(Arc::new(set));
+                    self.refresh
+                }
+                Err(e) => {
+                    log::warn!(
+                        "JWKS {}: fetch failed, keeping the last good key set: {e}",
+                        self.url.host
+                    );
+                    self.refresh.min(RETRY_AFTER_FAILURE)
+                }
+            };
+            self.fetched.send_modify(|n| *n += 1);
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = self.wake.notified() => {}
+            }
+            // Stop once no configuration holds this provider any more.
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        self.fetch_count.fetch_add(1, Ordering::Relaxed);
+        let body = tokio::time::timeout(FETCH_TIMEOUT, self.get())
+            .await
+            .map_err(|_| "timed out".to_string())??;
+        KeySet::from_jwks(&body, &self.algorithms)
+    }
+
+    async fn get(&self) -> Result<BytesMut, String> {
+        let u = &self.url;
+        let addr = tokio::net::lookup_host((u.host.as_str(), u.port))
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", u.host))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", u.host))?;
+        let mut peer = HttpPeer::new(addr, u.tls, u.host.clone());
+        peer.options.connection_timeout = Some(FETCH_TIMEOUT);
+        peer.options.total_connection_timeout = Some(FETCH_TIMEOUT);
+        peer.options.read_timeout = Some(FETCH_TIMEOUT);
+        let connector = Connector::new(None);
+        let (mut session, _) = connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = RequestHeader::build("GET", u.path_and_query.as_bytes(), None)
+            .map_err(|e| e.to_string())?;
+        let host = if (u.tls && u.port == 443) || (!u.tls && u.port == 80) {
+            u.host.clone()
+        } else {
+            format!("{}:{}", u.host, u.port)
+        };
+        let headers = [
+            ("Host", host.as_str()),
+            ("Accept", "application/json"),
+            ("User-Agent", "gatehouse"),
+        ];
+        for (n, v) in headers {
+            req.insert_header(n, v).map_err(|e| e.to_string())?;
+        }
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        session.finish_request_body().await.map_err(|e| e.to_string())?;
+        session.read_response_header().await.map_err(|e| e.to_string())?;
+        let status = session
+            .response_header()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        if status != 200 {
+            return Err(format!("status {status}"));
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_response_body().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_SIZE {
+                return Err("the JWK set is larger than 1 MiB".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = JwksUrl::parse("https://idp.example.com/.well-known/jwks.json").unwrap();
+        assert_eq!(
+            u,
+            JwksUrl {
+                tls: true,
+                host: "idp.example.com".into(),
+                port: 443,
+                path_and_query: "/.well-known/jwks.json".into()
+            }
+        );
+        let u = JwksUrl::parse("http://127.0.0.1:8080/keys?x=1").unwrap();
+        assert_eq!((u.tls, u.port, u.path_and_query.as_str()), (false, 8080, "/keys?x=1"));
+        assert!(JwksUrl::parse("ftp://x/y").is_err());
+        assert!(JwksUrl::parse("/just/a/path").is_err());
+    }
+
+    #[test]
+    fn early_refreshes_are_rate_limited() {
+        let jwks = RemoteJwks::new(
+            JwksUrl::parse("http://127.0.0.1:1/").unwrap(),
+            vec![Algorithm::RS256],
+            Duration::from_secs(600),
+        );
+        assert!(jwks.request_refresh().is_some());
+        for _ in 0..100 {
+            assert!(jwks.request_refresh().is_none());
+        }
+    }
+}

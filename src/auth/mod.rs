@@ -1,0 +1,437 @@
+//! JWT authentication at the door. Joins `request_filter` (find the token,
+//! verify it, check required claims and scopes: 401 or 403) and
+//! `upstream_request_filter` (identity headers: removed from every client
+//! request, then set from verified claims only).
+//!
+//! jsonwebtoken is permissive by default; here every provider pins its
+//! algorithms, requires `exp`, checks `nbf`, requires and checks `iss` and
+//! `aud` when they are configured, refuses a `crit` header, and takes keys
+//! only from its own configuration.
+
+mod cache;
+pub mod jwks;
+pub mod keys;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use jsonwebtoken::{Algorithm, Validation};
+use pingora_http::RequestHeader;
+use serde_json::Value;
+
+use cache::TokenCache;
+use jwks::RemoteJwks;
+use keys::{KeySet, NoKey};
+
+/// A verified token's claims.
+pub type Claims = serde_json::Map<String, Value>;
+
+/// Tokens longer than this are refused unread.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// How long a request may wait for an early JWKS refresh after an unknown kid.
+const KID_REFRESH_WAIT: Duration = Duration::from_secs(2);
+const TOKEN_CACHE_ENTRIES: usize = 16 * 1024;
+
+/// Where a provider finds the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Header,
+    Cookie(String),
+    Query(String),
+}
+
+impl TokenSource {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "header" {
+            return Ok(TokenSource::Header);
+        }
+        let named = |rest: &str, kind: &str| {
+            if rest.is_empty() || rest.contains([';', '=', '&', ' ']) {
+                Err(format!("token_from \"{s}\": {kind} name is missing or invalid"))
+            } else {
+                Ok(rest.to_string())
+            }
+        };
+        if let Some(rest) = s.strip_prefix("cookie:") {
+            return named(rest, "the cookie").map(TokenSource::Cookie);
+        }
+        if let Some(rest) = s.strip_prefix("query:") {
+            return named(rest, "the query parameter").map(TokenSource::Query);
+        }
+        Err(format!(
+            "unknown token_from \"{s}\"; use header, cookie:NAME or query:NAME"
+        ))
+    }
+
+    /// The token in `req`, if any. A present but empty or oversized token
+    /// is still returned, to be refused as invalid.
+    fn find<'r>(&self, req: &'r RequestHeader) -> Option<Cow<'r, str>> {
+        match self {
+            TokenSource::Header => {
+                let value = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+                let (scheme, token) = value.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| Cow::Borrowed(token.trim()))
+            }
+            TokenSource::Cookie(name) => req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
+            TokenSource::Query(name) => req
+                .uri
+                .query()?
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy()),
+        }
+    }
+}
+
+/// The keys of a provider: fixed at load, or fetched from a URL.
+pub enum KeyStore {
+    Fixed(KeySet),
+    Remote(Arc<RemoteJwks>),
+}
+
+/// One `auth.jwt` provider, compiled.
+pub struct Provider {
+    pub name: String,
+    pub algorithms: Vec<Algorithm>,
+    pub keys: KeyStore,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
+    pub leeway: Duration,
+    pub token_from: TokenSource,
+    /// Claim -> header sent upstream.
+    pub forward_claims: Vec<(String, HeaderName)>,
+    cache: TokenCache,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys and secrets are never printed.
+        f.debug_struct("Provider").field("name", &self.name).finish()
+    }
+}
+
+/// Why a request was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token: 401, `WWW-Authenticate: Bearer`.
+    Missing,
+    /// A token that does not verify: 401 with `error="invalid_token"`.
+    Invalid(&'static str),
+    /// A valid token without the required claims or scopes: 403.
+    Forbidden(&'static str),
+}
+
+impl AuthError {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            AuthError::Forbidden(_) => http::StatusCode::FORBIDDEN,
+            _ => http::StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// A short, stable reason: the metric label and the problem detail.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Invalid(r) | AuthError::Forbidden(r) => r,
+        }
+    }
+
+    pub fn www_authenticate(&self) -> Option<HeaderValue> {
+        match self {
+            AuthError::Missing => Some(HeaderValue::from_static("Bearer")),
+            AuthError::Invalid(_) => Some(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
+            AuthError::Forbidden(_) => Some(HeaderValue::from_static("Bearer error=\"insufficient_scope\"")),
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+impl Provider {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        algorithms: Vec<Algorithm>,
+        keys: KeyStore,
+        issuer: Option<String>,
+        audience: Vec<String>,
+        leeway: Duration,
+        token_from: TokenSource,
+        forward_claims: Vec<(String, HeaderName)>,
+    ) -> Self {
+        Provider {
+            name,
+            algorithms,
+            keys,
+            issuer,
+            audience,
+            leeway,
+            token_from,
+            forward_claims,
+            cache: TokenCache::new(TOKEN_CACHE_ENTRIES),
+        }
+    }
+
+    pub fn remote_jwks(&self) -> Option<&Arc<RemoteJwks>> {
+        match &self.keys {
+            KeyStore::Remote(r) => Some(r),
+            KeyStore::Fixed(_) => None,
+        }
+    }
+
+    /// Verifies the request's token and returns its claims.
+    pub async fn authenticate(&self, req: &RequestHeader) -> Result<Arc<Claims>, AuthError> {
+        let token = self.token_from.find(req).ok_or(AuthError::Missing)?;
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(AuthError::Invalid("malformed_token"));
+        }
+        self.verify(&token).await
+    }
+
+    async fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        if let Some(claims) = self.cache.get(token, now_secs()) {
+            return Ok(claims);
+        }
+        // `alg: none` in any spelling, or any unknown alg, fails here.
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed_token"))?;
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid("unsupported_crit"));
+        }
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthError::Invalid("algorithm_not_allowed"));
+        }
+        let kid = header.kid.as_deref();
+        let claims = match &self.keys {
+            KeyStore::Fixed(set) => self.check(token, header.alg, set, kid)?,
+            KeyStore::Remote(remote) => {
+                remote.loaded(KID_REFRESH_WAIT).await;
+                let set = remote.keys();
+                match self.check(token, header.alg, &set, kid) {
+                    Err(AuthError::Invalid("unknown_key")) => {
+                        drop(set);
+                        // The identity provider may have rotated its keys.
+                        let Some(mut fetched) = remote.request_refresh() else {
+                            return Err(AuthError::Invalid("unknown_key"));
+                        };
+                        let _ = tokio::time::timeout(KID_REFRESH_WAIT, fetched.changed()).await;
+                        self.check(token, header.alg, &remote.keys(), kid)?
+                    }
+                    other => other?,
+                }
+            }
+        };
+        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        let claims = Arc::new(claims);
+        self.cache.insert(token, Arc::clone(&claims), exp);
+        Ok(claims)
+    }
+
+    fn check(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        set: &KeySet,
+        kid: Option<&str>,
+    ) -> Result<Claims, AuthError> {
+        let key = set.select(kid, alg).map_err(|e| match e {
+            NoKey::UnknownKid | NoKey::NoneForAlgorithm => AuthError::Invalid("unknown_key"),
+            NoKey::Ambiguous => AuthError::Invalid("missing_kid"),
+        })?;
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway.as_secs();
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        let mut required = vec!["exp"];
+        if let Some(issuer) = &self.issuer {
+            v.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if self.audience.is_empty() {
+            // Not configured: not checked (a token may still carry one).
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audience);
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            AuthError::Invalid(match e.kind() {
+                ErrorKind::ExpiredSignature => "expired",
+                ErrorKind::ImmatureSignature => "not_yet_valid",
+                ErrorKind::InvalidIssuer => "wrong_issuer",
+                ErrorKind::InvalidAudience => "wrong_audience",
+                ErrorKind::MissingRequiredClaim(_) => "missing_claim",
+                ErrorKind::InvalidSignature => "bad_signature",
+                _ => "invalid_token",
+            })
+        })?;
+        // jsonwebtoken checks a string exp; a wrongly typed one is refused.
+        if !data.claims.get("exp").is_some_and(Value::is_u64) {
+            return Err(AuthError::Invalid("missing_claim"));
+        }
+        Ok(data.claims)
+    }
+}
+
+impl AuthError {
+    /// The 401 or 403 answer, with `WWW-Authenticate`.
+    pub fn response(&self, request_id: &str) -> crate::respond::Response {
+        let detail = match self {
+            AuthError::Missing => "a bearer token is required",
+            AuthError::Invalid(_) => "the token is not valid",
+            AuthError::Forbidden(_) => "the token does not grant access to this route",
+        };
+        let r = crate::respond::Response::problem(self.status(), detail, request_id);
+        match self.www_authenticate() {
+            Some(v) => r.with_header(http::header::WWW_AUTHENTICATE, v),
+            None => r,
+        }
+    }
+}
+
+/// Identity headers on the upstream request: whatever the client sent
+/// under those names is dropped, then the verified claims are set.
+pub fn forward_identity(
+    identity_headers: &[HeaderName],
+    auth: Option<(&Provider, &Claims)>,
+    upstream: &mut RequestHeader,
+) {
+    for name in identity_headers {
+        upstream.remove_header(name);
+    }
+    if let Some((provider, claims)) = auth {
+        for (claim, header) in &provider.forward_claims {
+            if let Some(value) = claims.get(claim).and_then(claim_header_value) {
+                let _ = upstream.insert_header(header, value);
+            }
+        }
+    }
+}
+
+/// A route's `auth`: the provider, plus claims and scopes a token must carry.
+#[derive(Debug)]
+pub struct RouteAuth {
+    pub provider: Arc<Provider>,
+    pub require_claims: Vec<(String, Vec<Value>)>,
+    pub require_scopes: Vec<String>,
+}
+
+impl RouteAuth {
+    pub async fn authorize(&self, req: &RequestHeader) -> Result<Arc<Claims>, AuthError> {
+        let claims = self.provider.authenticate(req).await?;
+        for (name, accepted) in &self.require_claims {
+            let ok = match claims.get(name) {
+                Some(Value::Array(items)) => items.iter().any(|i| accepted.contains(i)),
+                Some(v) => accepted.contains(v),
+                None => false,
+            };
+            if !ok {
+                return Err(AuthError::Forbidden("claim_not_allowed"));
+            }
+        }
+        if !self.require_scopes.is_empty() {
+            let granted = scopes(&claims);
+            if !self.require_scopes.iter().all(|s| granted.contains(&s.as_str())) {
+                return Err(AuthError::Forbidden("insufficient_scope"));
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// The space-separated `scope` claim, or the `scp` array.
+fn scopes(claims: &Claims) -> Vec<&str> {
+    match (claims.get("scope"), claims.get("scp")) {
+        (Some(Value::String(s)), _) => s.split_whitespace().collect(),
+        (_, Some(Value::Array(items))) => items.iter().filter_map(Value::as_str).collect(),
+        (_, Some(Value::String(s))) => s.split_whitespace().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A claim as a header value: strings as they are, numbers and booleans as
+/// text, arrays of strings joined by commas; anything else, or a value that
+/// cannot be a header, is not sent.
+pub fn claim_header_value(value: &Value) -> Option<HeaderValue> {
+    let text = match value {
+        Value::String(s) => Cow::Borrowed(s.as_str()),
+        Value::Number(n) => Cow::Owned(n.to_string()),
+        Value::Bool(b) => Cow::Owned(b.to_string()),
+        Value::Array(items) => Cow::Owned(
+            items
+                .iter()
+                .map(|i| i.as_str())
+                .collect::<Option<Vec<_>>>()?
+                .join(","),
+        ),
+        _ => return None,
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)], path: &str) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        for (n, v) in headers {
+            r.append_header(n.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn tokens_are_found_where_configured() {
+        let r = req(&[("Authorization", "bearer abc.def.ghi")], "/");
+        assert_eq!(TokenSource::Header.find(&r).as_deref(), Some("abc.def.ghi"));
+        let r = req(&[("Authorization", "Basic dXNlcjpwdw==")], "/");
+        assert_eq!(TokenSource::Header.find(&r), None);
+        let r = req(&[("Cookie", "a=1; session=tok.en.x; b=2")], "/");
+        let cookie = TokenSource::parse("cookie:session").unwrap();
+        assert_eq!(cookie.find(&r).as_deref(), Some("tok.en.x"));
+        let r = req(&[], "/x?a=1&access_token=q.t.x");
+        let query = TokenSource::parse("query:access_token").unwrap();
+        assert_eq!(query.find(&r).as_deref(), Some("q.t.x"));
+        assert!(TokenSource::parse("cookie:").is_err());
+        assert!(TokenSource::parse("body").is_err());
+    }
+
+    #[test]
+    fn scopes_from_scope_or_scp() {
+        let mut c = Claims::new();
+        c.insert("scope".into(), Value::from("a b  c"));
+        assert_eq!(scopes(&c), ["a", "b", "c"]);
+        let mut c = Claims::new();
+        c.insert("scp".into(), serde_json::json!(["x", "y"]));
+        assert_eq!(scopes(&c), ["x", "y"]);
+    }
+
+    #[test]
+    fn claims_as_headers() {
+        assert_eq!(claim_header_value(&Value::from("u-1")).unwrap(), "u-1");
+        assert_eq!(claim_header_value(&Value::from(42)).unwrap(), "42");
+        assert_eq!(claim_header_value(&serde_json::json!(["a", "b"])).unwrap(), "a,b");
+        assert!(claim_header_value(&serde_json::json!({"a": 1})).is_none());
+        assert!(claim_header_value(&Value::from("bad\r\nX-Injected: 1")).is_none());
+    }
+}

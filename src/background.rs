@@ -1,0 +1,83 @@
+//! Background work that follows the live configuration: the health checks
+//! of every upstream and the JWKS refreshes of every provider with a
+//! `jwks_url`. After a reload, work for what is gone stops on its own and
+//! work for what is new starts; what is unchanged keeps running.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::auth::jwks::RemoteJwks;
+use crate::gateway::Gateway;
+use crate::upstream::{health, Upstream};
+
+pub struct ConfigFollower {
+    gateway: Arc<Gateway>,
+}
+
+impl ConfigFollower {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        ConfigFollower { gateway }
+    }
+}
+
+/// Pointers to what already has a task, so nothing is started twice.
+#[derive(Default)]
+struct Started {
+    upstreams: Vec<Weak<Upstream>>,
+    jwks: Vec<Weak<RemoteJwks>>,
+}
+
+impl Started {
+    fn upstream(&mut self, up: &Arc<Upstream>) -> bool {
+        self.upstreams.retain(|w| w.strong_count() > 0);
+        let weak = Arc::downgrade(up);
+        if self.upstreams.iter().any(|w| w.ptr_eq(&weak)) {
+            return false;
+        }
+        self.upstreams.push(weak);
+        true
+    }
+
+    fn jwks(&mut self, remote: &Arc<RemoteJwks>) -> bool {
+        self.jwks.retain(|w| w.strong_count() > 0);
+        let weak = Arc::downgrade(remote);
+        if self.jwks.iter().any(|w| w.ptr_eq(&weak)) {
+            return false;
+        }
+        self.jwks.push(weak);
+        true
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ConfigFollower {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut changes = self.gateway.subscribe();
+        let mut started = Started::default();
+        loop {
+            let runtime = self.gateway.current();
+            for upstream in runtime.upstreams.values() {
+                if let Some(interval) = upstream.health_interval() {
+                    if started.upstream(upstream) {
+                        tokio::spawn(health::check_forever(Arc::downgrade(upstream), interval));
+                    }
+                }
+            }
+            for provider in runtime.providers.values() {
+                if let Some(remote) = provider.remote_jwks() {
+                    if started.jwks(remote) {
+                        tokio::spawn(Arc::clone(remote).run());
+                    }
+                }
+            }
+            drop(runtime);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
