@@ -17,9 +17,9 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{self, Claims};
 use crate::config::ServerSettings;
-use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
+use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
 use crate::transform::headers::strip_hop_by_hop;

@@ -13,11 +13,11 @@ use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 
 use crate::admin::AdminApp;
+use crate::background::ConfigFollower;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{HeadGuard, HeadLimits};
 use crate::proxy::Proxy;
-use crate::background::ConfigFollower;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -352,7 +352,9 @@ routes:\n  - name: strict\n    match: {{ path_prefix: /strict }}\n    upstream: 
         a = a.addr
     ))
     .start();
-    eventually(Duration::from_secs(5), "checks ran", || a.health_checks() >= 4);
+    eventually(Duration::from_secs(5), "checks ran", || {
+        a.health_checks() >= 4
+    });
     let c = client();
     assert_problem(c.get(gw.url("/strict")).send().unwrap(), 503);
     assert_eq!(c.get(gw.url("/plain")).send().unwrap().status(), 200);

@@ -12,6 +12,9 @@ struct Verified {
     token: Box<str>,
     claims: Arc<Claims>,
     exp: u64,
+    /// The key set it was verified with; a new set (a rotation that may
+    /// have withdrawn a key) makes it verify again.
+    keys: u64,
 }
 
 pub struct TokenCache {
@@ -28,20 +31,20 @@ impl TokenCache {
         }
     }
 
-    pub fn get(&self, token: &str, now: u64) -> Option<Arc<Claims>> {
+    pub fn get(&self, token: &str, now: u64, keys: u64) -> Option<Arc<Claims>> {
         let key = self.hasher.hash_one(token);
         let hit = self.entries.get(&key)?;
         if &*hit.token != token {
             return None;
         }
-        if now >= hit.exp {
+        if now >= hit.exp || hit.keys != keys {
             self.entries.remove(&key);
             return None;
         }
         Some(Arc::clone(&hit.claims))
     }
 
-    pub fn insert(&self, token: &str, claims: Arc<Claims>, exp: u64) {
+    pub fn insert(&self, token: &str, claims: Arc<Claims>, exp: u64, keys: u64) {
         let key = self.hasher.hash_one(token);
         self.entries.insert(
             key,
@@ -49,6 +52,7 @@ impl TokenCache {
                 token: token.into(),
                 claims,
                 exp,
+                keys,
             }),
         );
     }
@@ -62,18 +66,26 @@ mod tests {
     fn entries_expire_with_the_token_and_never_cross_tokens() {
         let cache = TokenCache::new(10);
         let claims = Arc::new(Claims::new());
-        cache.insert("a.b.c", Arc::clone(&claims), 100);
-        assert!(cache.get("a.b.c", 99).is_some());
-        assert!(cache.get("a.b.d", 99).is_none());
-        assert!(cache.get("a.b.c", 100).is_none());
-        assert!(cache.get("a.b.c", 50).is_none(), "an expired entry is dropped");
+        cache.insert("a.b.c", Arc::clone(&claims), 100, 1);
+        assert!(cache.get("a.b.c", 99, 1).is_some());
+        assert!(cache.get("a.b.d", 99, 1).is_none());
+        assert!(
+            cache.get("a.b.c", 99, 2).is_none(),
+            "a new key set verifies again"
+        );
+        cache.insert("a.b.c", Arc::clone(&claims), 100, 1);
+        assert!(cache.get("a.b.c", 100, 1).is_none());
+        assert!(
+            cache.get("a.b.c", 50, 1).is_none(),
+            "an expired entry is dropped"
+        );
     }
 
     #[test]
     fn it_is_bounded() {
         let cache = TokenCache::new(100);
         for i in 0..10_000 {
-            cache.insert(&format!("token-{i}"), Arc::new(Claims::new()), u64::MAX);
+            cache.insert(&format!("token-{i}"), Arc::new(Claims::new()), u64::MAX, 0);
         }
         assert!(cache.entries.len() <= 200, "{}", cache.entries.len());
     }

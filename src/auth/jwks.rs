@@ -38,9 +38,7 @@ pub struct JwksUrl {
 
 impl JwksUrl {
     pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|_| format!("\"{url}\" is not a URL"))?;
+        let uri: http::Uri = url.parse().map_err(|_| format!("\"{url}\" is not a URL"))?;
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -75,6 +73,8 @@ pub struct RemoteJwks {
     last_attempt: Mutex<Option<Instant>>,
     wake: Notify,
     fetch_count: AtomicU64,
+    /// Bumped each time a new key set is stored.
+    generation: AtomicU64,
 }
 
 impl RemoteJwks {
@@ -88,6 +88,7 @@ impl RemoteJwks {
             last_attempt: Mutex::new(None),
             wake: Notify::new(),
             fetch_count: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -103,6 +104,10 @@ impl RemoteJwks {
             return;
         }
         let _ = tokio::time::timeout(wait, rx.wait_for(|n| *n > 0)).await;
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn fetch_count(&self) -> u64 {
@@ -128,12 +133,9 @@ impl RemoteJwks {
             *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             let next = match self.fetch().await {
                 Ok(set) => {
-                    log::info!(
-                        "JWKS {}: {} key(s) loaded",
-                        self.url.host,
-                        set.len()
-                    );
+                    log::info!("JWKS {}: {} key(s) loaded", self.url.host, set.len());
                     self.keys.store(Arc::new(set));
+                    self.generation.fetch_add(1, Ordering::Release);
                     self.refresh
                 }
                 Err(e) => {
@@ -199,8 +201,14 @@ impl RemoteJwks {
             .write_request_header(Box::new(req))
             .await
             .map_err(|e| e.to_string())?;
-        session.finish_request_body().await.map_err(|e| e.to_string())?;
-        session.read_response_header().await.map_err(|e| e.to_string())?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| e.to_string())?;
         let status = session
             .response_header()
             .map(|r| r.status.as_u16())
@@ -209,7 +217,11 @@ impl RemoteJwks {
             return Err(format!("status {status}"));
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = session.read_response_body().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| e.to_string())?
+        {
             if body.len() + chunk.len() > MAX_JWKS_SIZE {
                 return Err("the JWK set is larger than 1 MiB".into());
             }
@@ -236,7 +248,10 @@ mod tests {
             }
         );
         let u = JwksUrl::parse("http://127.0.0.1:8080/keys?x=1").unwrap();
-        assert_eq!((u.tls, u.port, u.path_and_query.as_str()), (false, 8080, "/keys?x=1"));
+        assert_eq!(
+            (u.tls, u.port, u.path_and_query.as_str()),
+            (false, 8080, "/keys?x=1")
+        );
         assert!(JwksUrl::parse("ftp://x/y").is_err());
         assert!(JwksUrl::parse("/just/a/path").is_err());
     }

@@ -77,7 +77,9 @@ impl KeySet {
         let mut keys = Vec::new();
         for jwk in &set.keys {
             if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_))
-                && !algorithms.iter().any(|a| a.family() == AlgorithmFamily::Hmac)
+                && !algorithms
+                    .iter()
+                    .any(|a| a.family() == AlgorithmFamily::Hmac)
             {
                 continue;
             }

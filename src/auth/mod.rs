@@ -50,7 +50,9 @@ impl TokenSource {
         }
         let named = |rest: &str, kind: &str| {
             if rest.is_empty() || rest.contains([';', '=', '&', ' ']) {
-                Err(format!("token_from \"{s}\": {kind} name is missing or invalid"))
+                Err(format!(
+                    "token_from \"{s}\": {kind} name is missing or invalid"
+                ))
             } else {
                 Ok(rest.to_string())
             }
@@ -71,7 +73,11 @@ impl TokenSource {
     fn find<'r>(&self, req: &'r RequestHeader) -> Option<Cow<'r, str>> {
         match self {
             TokenSource::Header => {
-                let value = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+                let value = req
+                    .headers
+                    .get(http::header::AUTHORIZATION)?
+                    .to_str()
+                    .ok()?;
                 let (scheme, token) = value.trim().split_once(' ')?;
                 scheme
                     .eq_ignore_ascii_case("bearer")
@@ -120,7 +126,9 @@ pub struct Provider {
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Keys and secrets are never printed.
-        f.debug_struct("Provider").field("name", &self.name).finish()
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -154,8 +162,12 @@ impl AuthError {
     pub fn www_authenticate(&self) -> Option<HeaderValue> {
         match self {
             AuthError::Missing => Some(HeaderValue::from_static("Bearer")),
-            AuthError::Invalid(_) => Some(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
-            AuthError::Forbidden(_) => Some(HeaderValue::from_static("Bearer error=\"insufficient_scope\"")),
+            AuthError::Invalid(_) => {
+                Some(HeaderValue::from_static("Bearer error=\"invalid_token\""))
+            }
+            AuthError::Forbidden(_) => Some(HeaderValue::from_static(
+                "Bearer error=\"insufficient_scope\"",
+            )),
         }
     }
 }
@@ -206,12 +218,13 @@ impl Provider {
     }
 
     async fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
-        if let Some(claims) = self.cache.get(token, now_secs()) {
+        let keys = self.remote_jwks().map_or(0, |r| r.generation());
+        if let Some(claims) = self.cache.get(token, now_secs(), keys) {
             return Ok(claims);
         }
         // `alg: none` in any spelling, or any unknown alg, fails here.
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed_token"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed_token"))?;
         if header.crit.is_some() {
             return Err(AuthError::Invalid("unsupported_crit"));
         }
@@ -238,9 +251,14 @@ impl Provider {
                 }
             }
         };
-        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)))
+            .unwrap_or(0);
         let claims = Arc::new(claims);
-        self.cache.insert(token, Arc::clone(&claims), exp);
+        // The generation read before verifying: a set that changed meanwhile
+        // makes the entry verify again.
+        self.cache.insert(token, Arc::clone(&claims), exp, keys);
         Ok(claims)
     }
 
@@ -284,8 +302,8 @@ impl Provider {
                 _ => "invalid_token",
             })
         })?;
-        // jsonwebtoken checks a string exp; a wrongly typed one is refused.
-        if !data.claims.get("exp").is_some_and(Value::is_u64) {
+        // A NumericDate is a number; anything else is refused.
+        if !data.claims.get("exp").is_some_and(Value::is_number) {
             return Err(AuthError::Invalid("missing_claim"));
         }
         Ok(data.claims)
@@ -350,7 +368,11 @@ impl RouteAuth {
         }
         if !self.require_scopes.is_empty() {
             let granted = scopes(&claims);
-            if !self.require_scopes.iter().all(|s| granted.contains(&s.as_str())) {
+            if !self
+                .require_scopes
+                .iter()
+                .all(|s| granted.contains(&s.as_str()))
+            {
                 return Err(AuthError::Forbidden("insufficient_scope"));
             }
         }
@@ -430,7 +452,10 @@ mod tests {
     fn claims_as_headers() {
         assert_eq!(claim_header_value(&Value::from("u-1")).unwrap(), "u-1");
         assert_eq!(claim_header_value(&Value::from(42)).unwrap(), "42");
-        assert_eq!(claim_header_value(&serde_json::json!(["a", "b"])).unwrap(), "a,b");
+        assert_eq!(
+            claim_header_value(&serde_json::json!(["a", "b"])).unwrap(),
+            "a,b"
+        );
         assert!(claim_header_value(&serde_json::json!({"a": 1})).is_none());
         assert!(claim_header_value(&Value::from("bad\r\nX-Injected: 1")).is_none());
     }

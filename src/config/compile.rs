@@ -23,7 +23,6 @@ use crate::auth::keys::{self, KeySet};
 use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
 use crate::gateway::Runtime;
 use crate::ratelimit::{LimitKey, RateLimit};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use crate::respond::StaticResponse;
 use crate::routing::{
     HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router,
@@ -32,6 +31,7 @@ use crate::transform::headers::{Deprecation, HeaderRules};
 use crate::upstream::{
     BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
 };
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
 const SECTIONS: &[&str] = &[
     "server",
@@ -874,7 +874,10 @@ impl Compiler<'_> {
             } else {
                 format!("known: {}", known.join(", "))
             };
-            self.error(&name_path, format!("unknown auth provider \"{}\"; {known}", raw.jwt));
+            self.error(
+                &name_path,
+                format!("unknown auth provider \"{}\"; {known}", raw.jwt),
+            );
             return None;
         };
         let mut require_claims = Vec::new();
@@ -884,14 +887,28 @@ impl Compiler<'_> {
                 Value::Array(items) => items,
                 v => vec![v],
             };
-            if values.is_empty() || values.iter().any(|v| v.is_array() || v.is_object() || v.is_null()) {
-                self.error(&cpath, "list the accepted values: strings, numbers or booleans");
+            if values.is_empty()
+                || values
+                    .iter()
+                    .any(|v| v.is_array() || v.is_object() || v.is_null())
+            {
+                self.error(
+                    &cpath,
+                    "list the accepted values: strings, numbers or booleans",
+                );
                 continue;
             }
             require_claims.push((claim, values));
         }
-        if raw.require_scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
-            self.error(&key_path(path, "require_scopes"), "a scope is one word without spaces");
+        if raw
+            .require_scopes
+            .iter()
+            .any(|s| s.is_empty() || s.contains(' '))
+        {
+            self.error(
+                &key_path(path, "require_scopes"),
+                "a scope is one word without spaces",
+            );
         }
         Some(RouteAuth {
             provider: Arc::clone(provider),
@@ -934,7 +951,12 @@ impl Compiler<'_> {
         for (name, item) in &raw.jwt {
             let path = key_path("auth.jwt", name);
             if !valid_name(name) {
-                self.error(&path, format!("provider name \"{name}\" may hold only letters, digits, '-', '_' and '.'"));
+                self.error(
+                    &path,
+                    format!(
+                        "provider name \"{name}\" may hold only letters, digits, '-', '_' and '.'"
+                    ),
+                );
                 continue;
             }
             let Some(raw) = self.de::<RawJwtProvider>(&path, item) else {
@@ -976,22 +998,37 @@ impl Compiler<'_> {
             raw.jwks_url.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
-            self.error(path, "give exactly one of secret, public_key_file, jwks_file or jwks_url");
+            self.error(
+                path,
+                "give exactly one of secret, public_key_file, jwks_file or jwks_url",
+            );
             return None;
         }
         if raw.jwks_refresh.is_some() && raw.jwks_url.is_none() {
-            self.error(&key_path(path, "jwks_refresh"), "jwks_refresh applies only to jwks_url");
+            self.error(
+                &key_path(path, "jwks_refresh"),
+                "jwks_refresh applies only to jwks_url",
+            );
         }
         let keys = if let Some(secret) = &raw.secret {
             let spath = key_path(path, "secret");
             if families.iter().any(|f| *f != AlgorithmFamily::Hmac) {
-                self.error(&apath, "a secret verifies only HS256, HS384 and HS512 tokens");
+                self.error(
+                    &apath,
+                    "a secret verifies only HS256, HS384 and HS512 tokens",
+                );
             }
             // The secret's content never appears in a message; its length may.
             for alg in &algorithms {
                 let need = keys::min_secret_len(*alg);
                 if secret.len() < need {
-                    self.error(&spath, format!("{alg:?} needs a secret of at least {need} bytes; this one has {}", secret.len()));
+                    self.error(
+                        &spath,
+                        format!(
+                            "{alg:?} needs a secret of at least {need} bytes; this one has {}",
+                            secret.len()
+                        ),
+                    );
                 }
             }
             KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
@@ -1014,7 +1051,11 @@ impl Compiler<'_> {
                 }
             };
             match keys::from_pem(&pem, families[0]) {
-                Ok(key) => KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey { kid: None, alg: None, key }])),
+                Ok(key) => KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
+                    kid: None,
+                    alg: None,
+                    key,
+                }])),
                 Err(e) => {
                     self.error(&fpath, format!("{}: {e}", resolved.display()));
                     return None;
@@ -1049,9 +1090,16 @@ impl Compiler<'_> {
             };
             let refresh = raw.jwks_refresh.map_or(Duration::from_secs(600), |d| d.0);
             if refresh < Duration::from_secs(1) {
-                self.error(&key_path(path, "jwks_refresh"), "jwks_refresh must be at least 1s");
+                self.error(
+                    &key_path(path, "jwks_refresh"),
+                    "jwks_refresh must be at least 1s",
+                );
             }
-            KeyStore::Remote(Arc::new(RemoteJwks::new(parsed, algorithms.clone(), refresh)))
+            KeyStore::Remote(Arc::new(RemoteJwks::new(
+                parsed,
+                algorithms.clone(),
+                refresh,
+            )))
         };
         let audience = raw.audience.map(OneOrMany::into_vec).unwrap_or_default();
         if audience.iter().any(String::is_empty) {
@@ -1078,7 +1126,9 @@ impl Compiler<'_> {
         for (claim, header) in &raw.forward_claims {
             let cpath = key_path(&key_path(path, "forward_claims"), claim);
             match HeaderName::from_bytes(header.as_bytes()) {
-                Ok(h) if !RESERVED_HEADERS.contains(&h.as_str()) => forward_claims.push((claim.clone(), h)),
+                Ok(h) if !RESERVED_HEADERS.contains(&h.as_str()) => {
+                    forward_claims.push((claim.clone(), h))
+                }
                 Ok(_) => self.error(&cpath, format!("{header} cannot carry a claim")),
                 Err(_) => self.error(&cpath, format!("\"{header}\" is not a valid header name")),
             }

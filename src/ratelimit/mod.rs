@@ -207,8 +207,14 @@ mod tests {
             }
         }
         for (i, start) in admitted.iter().enumerate() {
-            let in_window = admitted[i..].iter().take_while(|t| **t < start + 8000).count();
-            assert!(in_window <= 10, "{in_window} admitted in 8 s from {start} ms");
+            let in_window = admitted[i..]
+                .iter()
+                .take_while(|t| **t < start + 8000)
+                .count();
+            assert!(
+                in_window <= 10,
+                "{in_window} admitted in 8 s from {start} ms"
+            );
         }
         // And the limit is not starved: at least 8/9 of it in steady state.
         assert!(admitted.len() >= 40, "{}", admitted.len());
@@ -243,8 +249,14 @@ mod tests {
     fn keys() {
         assert_eq!(LimitKey::parse("ip"), Ok(LimitKey::ClientIp));
         assert_eq!(LimitKey::parse("route"), Ok(LimitKey::Route));
-        assert_eq!(LimitKey::parse("claim:sub"), Ok(LimitKey::Claim("sub".into())));
-        assert!(matches!(LimitKey::parse("header:X-Api-Key"), Ok(LimitKey::Header(_))));
+        assert_eq!(
+            LimitKey::parse("claim:sub"),
+            Ok(LimitKey::Claim("sub".into()))
+        );
+        assert!(matches!(
+            LimitKey::parse("header:X-Api-Key"),
+            Ok(LimitKey::Header(_))
+        ));
         assert!(LimitKey::parse("cookie:x").is_err());
     }
 }
@@ -290,16 +302,14 @@ impl RateLimit {
                 Some(v) => self.check((1u8, v.as_bytes())),
                 None => self.check((0u8, &ip[..])),
             },
-            LimitKey::Claim(name) => {
-                match subject.claims.and_then(|c| c.get(name)) {
-                    Some(serde_json::Value::String(s)) => self.check((2u8, s.as_bytes())),
-                    Some(v) => {
-                        let text = v.to_string();
-                        self.check((2u8, text.as_bytes()))
-                    }
-                    None => self.check((0u8, &ip[..])),
+            LimitKey::Claim(name) => match subject.claims.and_then(|c| c.get(name)) {
+                Some(serde_json::Value::String(s)) => self.check((2u8, s.as_bytes())),
+                Some(v) => {
+                    let text = v.to_string();
+                    self.check((2u8, text.as_bytes()))
                 }
-            }
+                None => self.check((0u8, &ip[..])),
+            },
         }
     }
 }
@@ -319,7 +329,10 @@ impl Decision {
     pub fn refusal(&self, request_id: &str) -> crate::respond::Response {
         crate::respond::Response::problem(
             http::StatusCode::TOO_MANY_REQUESTS,
-            &format!("the rate limit of {} requests is used up; retry in {} s", self.limit, self.retry_after),
+            &format!(
+                "the rate limit of {} requests is used up; retry in {} s",
+                self.limit, self.retry_after
+            ),
             request_id,
         )
     }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod jwt;
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
