@@ -210,6 +210,49 @@ fn check_head(head: &[u8], max_headers: usize) -> Result<(), (StatusCode, &'stat
     if req.method == Some("CONNECT") {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served"));
     }
+    check_framing(req.version, req.headers)
+}
+
+/// The body framing must be unambiguous: Pingora refuses the same heads,
+/// but with a bare 400; answering here gives the client a problem document.
+fn check_framing(
+    version: Option<u8>,
+    headers: &[httparse::Header<'_>],
+) -> Result<(), (StatusCode, &'static str)> {
+    let bad = |detail| Err((StatusCode::BAD_REQUEST, detail));
+    fn named<'h>(
+        headers: &'h [httparse::Header<'h>],
+        name: &'static str,
+    ) -> impl Iterator<Item = &'h [u8]> + 'h {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+    if let Some(last) = named(headers, "transfer-encoding").last() {
+        if version == Some(0) {
+            return bad("HTTP/1.0 requests cannot use Transfer-Encoding");
+        }
+        let final_coding = last.rsplit(|b| *b == b',').next().unwrap_or(b"");
+        if !final_coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return bad("the final transfer coding must be chunked");
+        }
+        // Transfer-Encoding wins over any Content-Length.
+        return Ok(());
+    }
+    let mut length: Option<&[u8]> = None;
+    for value in named(headers, "content-length") {
+        for part in value.split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
+                return bad("the Content-Length is not a number");
+            }
+            match length {
+                Some(seen) if seen != part => return bad("the Content-Length values differ"),
+                _ => length = Some(part),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -267,6 +310,28 @@ mod tests {
                 .0,
             405
         );
+        let framing =
+            |h: &str| check_head(format!("POST / HTTP/1.1\r\n{h}\r\n\r\n").as_bytes(), 10);
+        assert!(framing("Content-Length: 5").is_ok());
+        assert!(framing("Content-Length: 5\r\nContent-Length: 5").is_ok());
+        assert!(framing("Content-Length: 5, 5").is_ok());
+        assert_eq!(
+            framing("Content-Length: 5\r\nContent-Length: 6")
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(framing("Content-Length: +5").unwrap_err().0, 400);
+        assert_eq!(framing("Content-Length: 0x5").unwrap_err().0, 400);
+        assert_eq!(framing("Content-Length: -1").unwrap_err().0, 400);
+        assert!(framing("Transfer-Encoding: gzip, chunked").is_ok());
+        assert!(framing("Transfer-Encoding: chunked\r\nContent-Length: 5").is_ok());
+        assert_eq!(
+            framing("Transfer-Encoding: chunked, gzip").unwrap_err().0,
+            400
+        );
+        let http10 = check_head(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 10);
+        assert_eq!(http10.unwrap_err().0, 400);
         // Blank lines before the request line are not header fields.
         assert!(check_head(b"\r\n\r\nGET / HTTP/1.1\r\nA: 1\r\n\r\n", 1).is_ok());
     }
