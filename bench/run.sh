@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,gatehouse}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-auth}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -37,7 +37,7 @@ for v in ROUNDS DURATION WARMUP CONNS PAUSE SERVER_CPU UPSTREAM_CPU LOAD_CPU; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
 done
 (( ROUNDS >= 1 && DURATION >= 1 && CONNS >= 1 )) || die "ROUNDS, DURATION and CONNS must be >= 1"
-for tool in python3 curl taskset getconf; do
+for tool in python3 curl taskset getconf openssl; do
     command -v "$tool" >/dev/null || die "'$tool' is required but not installed"
 done
 [[ -x $WRK_BIN ]] || die "wrk not found (set WRK_BIN)"
@@ -102,26 +102,27 @@ print(" ".join(str(s.getsockname()[1]) for s in ss))
 [[ -n ${GH_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
-# One line per target: "name|server|url". `server` is the process whose CPU and
+# One line per target: "name|server|url|auth". `server` is the process whose CPU and
 # RSS are measured (upstream, nginx or gatehouse; "-" = measure nothing). The
 # upstream always runs; the other servers start only if a selected target needs
-# them. A second gatehouse scenario is one more line here, e.g.
-#   "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth/v1/users/7"
-# plus its route in GATEHOUSE_EXTRA_ROUTES.
+# them. `auth` = bearer sends one RS256 token (minted below) with every request.
+# A further gatehouse scenario is one more line here plus its route in
+# GATEHOUSE_EXTRA_ROUTES.
 TARGET_DEFS=(
-    "upstream|-|http://127.0.0.1:$UP_PORT$REQ_PATH"
-    "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH"
-    "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH"
+    "upstream|-|http://127.0.0.1:$UP_PORT$REQ_PATH|-"
+    "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH|-"
+    "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
+    "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
 )
 
-declare -A T_SERVER=() T_URL=()
+declare -A T_SERVER=() T_URL=() T_AUTH=()
 SELECTED=()
 IFS=',' read -ra wanted <<<"$TARGETS"
 for def in "${TARGET_DEFS[@]}"; do
-    IFS='|' read -r name server url <<<"$def"
+    IFS='|' read -r name server url auth <<<"$def"
     for w in "${wanted[@]}"; do
         if [[ ${w// /} == "$name" ]]; then
-            SELECTED+=("$name"); T_SERVER[$name]=$server; T_URL[$name]=$url
+            SELECTED+=("$name"); T_SERVER[$name]=$server; T_URL[$name]=$url; T_AUTH[$name]=$auth
             break
         fi
     done
@@ -208,6 +209,19 @@ $(nginx_temp_paths nginx)
 }
 EOF
 
+# One RS256 token (the test suite's key), reused by every request of the
+# bearer targets: the gateway verifies it once and then serves it from its
+# token cache, as it would a real client's.
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+mint_token() {
+    local key=$ROOT/tests/keys/rsa1.pem header payload sig
+    header=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
+    payload=$(printf '{"sub":"bench-user","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
+    sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$key" | b64url)
+    printf '%s.%s.%s' "$header" "$payload" "$sig"
+}
+TOKEN=$(mint_token) || die "cannot mint the bench token (openssl?)"
+
 cat >"$WORK/gatehouse.yaml" <<EOF
 server:
   threads: 1
@@ -219,7 +233,21 @@ admin: { listen: 127.0.0.1:$GH_ADMIN_PORT }
 upstreams:
   app:
     targets: [127.0.0.1:$UP_PORT]
+auth:
+  jwt:
+    bench:
+      algorithms: [RS256]
+      public_key_file: $ROOT/tests/keys/rsa1.pub.pem
 routes:
+  # RS256 auth and a rate limit (high enough never to refuse), one token.
+  - name: auth-limited
+    match: { path_prefix: /auth }
+    upstream: app
+    strip_prefix: /auth
+    auth: bench
+    rate_limit: { requests: 1000000000, per: 1s, key: ip }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
   - name: plain
     match: { path_prefix: / }
     upstream: app
@@ -263,7 +291,9 @@ check_target() {
         show_log "$WORK/$server.log"
         die "$server (pid ${SERVER_PID[$server]}) is no longer running"
     fi
-    out=$(curl -s --max-time 5 -w '\n%{http_code}' "$url") || die "$name: no HTTP answer from $url"
+    local auth=()
+    [[ ${T_AUTH[$name]} == bearer ]] && auth=(-H "Authorization: Bearer $TOKEN")
+    out=$(curl -s --max-time 5 "${auth[@]}" -w '\n%{http_code}' "$url") || die "$name: no HTTP answer from $url"
     code=${out##*$'\n'}
     body=${out%$'\n'*}
     [[ $code == 200 ]] || die "$name: $url answered HTTP $code, not 200 (body: ${body:0:200})"
@@ -369,7 +399,9 @@ run_wrk() {
     [[ $server == - ]] || read -ra pids <<<"$(pids_of "${SERVER_PID[$server]}")"
     m0=$(machine_ticks); w0=$(self_child_ticks); u0=$(cpu_ticks "${up_pids[@]}")
     [[ $server == - ]] || s0=$(cpu_ticks "${pids[@]}")
-    taskset -c "$LOAD_CPU" "$WRK_BIN" -t1 -c"$CONNS" -d"${secs}s" --latency "${T_URL[$name]}" >"$outfile" 2>&1 \
+    local auth=()
+    [[ ${T_AUTH[$name]} == bearer ]] && auth=(-H "Authorization: Bearer $TOKEN")
+    taskset -c "$LOAD_CPU" "$WRK_BIN" -t1 -c"$CONNS" -d"${secs}s" --latency "${auth[@]}" "${T_URL[$name]}" >"$outfile" 2>&1 \
         || { cat "$outfile" >&2; die "wrk failed against $name"; }
     [[ $server == - ]] || s1=$(cpu_ticks "${pids[@]}")
     u1=$(cpu_ticks "${up_pids[@]}"); w1=$(self_child_ticks); m1=$(machine_ticks)

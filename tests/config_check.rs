@@ -225,3 +225,68 @@ fn a_missing_file_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn auth_and_rate_limit_errors() {
+    let keys = common::jwt::key_path("");
+    let k = keys.display().to_string();
+    let k = k.trim_end_matches('/');
+    let yaml = [
+        "listen: [127.0.0.1:8080]\nupstreams:\n  u:\n    targets: [127.0.0.1:1]\n".to_string(),
+        "auth:\n  jwt:\n".to_string(),
+        "    none-alg:\n      algorithms: [none]\n      secret: a-secret-that-is-long-enough-to-pass-32\n".to_string(),
+        "    short:\n      algorithms: [HS512]\n      secret: tooshort-but-secret\n".to_string(),
+        format!("    confused:\n      algorithms: [HS256]\n      public_key_file: {k}/rsa1.pub.pem\n"),
+        "    two-sources:\n      algorithms: [RS256]\n      jwks_url: https://idp.test/jwks\n      jwks_file: jwks.json\n".to_string(),
+        "    missing-file:\n      algorithms: [ES256]\n      public_key_file: nowhere.pem\n".to_string(),
+        "    bad-claim-header:\n      algorithms: [RS256]\n      jwks_url: https://idp.test/jwks\n      forward_claims: { sub: Host }\n".to_string(),
+        "routes:\n".to_string(),
+        "  - name: a\n    match: { path: /a }\n    upstream: u\n    auth: mian\n".to_string(),
+        "  - name: b\n    match: { path: /b }\n    upstream: u\n    rate_limit: { requests: 0, per: 1m }\n".to_string(),
+        "  - name: c\n    match: { path: /c }\n    upstream: u\n    rate_limit: { requests: 5, per: 1m, key: \"cookie:x\" }\n".to_string(),
+    ]
+    .concat();
+    let (code, _, stderr) = check_config(&yaml, &[]);
+    assert_eq!(code, 1);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    let has = |path: &str, text: &str| {
+        assert!(
+            errors.iter().any(|e| e.contains(path) && e.contains(text)),
+            "no error at {path} saying {text:?}:\n{stderr}"
+        )
+    };
+    has(
+        "auth.jwt.none-alg.algorithms[0]",
+        "unknown algorithm \"none\"",
+    );
+    has(
+        "auth.jwt.short.secret",
+        "HS512 needs a secret of at least 64 bytes",
+    );
+    has(
+        "auth.jwt.confused.algorithms",
+        "a public_key_file holds one key",
+    );
+    has(
+        "auth.jwt.two-sources",
+        "exactly one of secret, public_key_file, jwks_file or jwks_url",
+    );
+    has("auth.jwt.missing-file.public_key_file", "cannot read");
+    has(
+        "auth.jwt.bad-claim-header.forward_claims.sub",
+        "Host cannot carry a claim",
+    );
+    has(
+        "routes[0].auth",
+        "unknown auth provider \"mian\"; known: bad-claim-header, confused, missing-file, none-alg, short, two-sources",
+    );
+    has("routes[1].rate_limit.requests", "at least 1");
+    has(
+        "routes[2].rate_limit.key",
+        "unknown rate limit key \"cookie:x\"",
+    );
+    assert!(
+        !stderr.contains("tooshort-but-secret"),
+        "a secret was printed:\n{stderr}"
+    );
+}

@@ -94,9 +94,14 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
         names.dedup();
         names.into()
     };
+    let declared_providers: Vec<String> = match root.get("auth").and_then(|a| a.get("jwt")) {
+        Some(Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
     let shared = Shared {
         upstreams: &upstreams,
         providers: &providers,
+        declared_providers: &declared_providers,
         identity_headers: &identity_headers,
     };
     let declared: Vec<String> = match root.get("upstreams") {
@@ -124,6 +129,8 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
 struct Shared<'a> {
     upstreams: &'a BTreeMap<String, Arc<Upstream>>,
     providers: &'a BTreeMap<String, Arc<Provider>>,
+    /// Every provider named in the file, valid or not.
+    declared_providers: &'a [String],
     identity_headers: &'a Arc<[HeaderName]>,
 }
 
@@ -812,7 +819,7 @@ impl Compiler<'_> {
         let auth = raw
             .auth
             .as_ref()
-            .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared.providers));
+            .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared));
         let rate_limit = raw
             .rate_limit
             .as_ref()
@@ -848,12 +855,7 @@ impl Compiler<'_> {
         })
     }
 
-    fn route_auth(
-        &mut self,
-        path: &str,
-        value: &Value,
-        providers: &BTreeMap<String, Arc<Provider>>,
-    ) -> Option<RouteAuth> {
+    fn route_auth(&mut self, path: &str, value: &Value, shared: &Shared<'_>) -> Option<RouteAuth> {
         let raw = match value {
             Value::String(name) => RawRouteAuth {
                 jwt: name.clone(),
@@ -867,8 +869,17 @@ impl Compiler<'_> {
         } else {
             key_path(path, "jwt")
         };
-        let Some(provider) = providers.get(&raw.jwt) else {
-            let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+        let Some(provider) = shared.providers.get(&raw.jwt) else {
+            // Declared but invalid: its own errors are already reported.
+            if shared.declared_providers.contains(&raw.jwt) {
+                return None;
+            }
+            let mut known: Vec<&str> = shared
+                .declared_providers
+                .iter()
+                .map(String::as_str)
+                .collect();
+            known.sort_unstable();
             let known = if known.is_empty() {
                 "none are defined under auth.jwt".to_string()
             } else {

@@ -190,77 +190,6 @@ impl RateLimit {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_window_of_length_per_ever_holds_more_than_the_limit() {
-        let limit = RateLimit::new(10, Duration::from_secs(8), LimitKey::ClientIp);
-        let t0 = limit.epoch;
-        // One attempt every 100 ms for 40 s; remember the admitted ones.
-        let mut admitted = Vec::new();
-        for i in 0..400u64 {
-            let at = t0 + Duration::from_millis(i * 100);
-            if limit.check_at("client", at).allowed {
-                admitted.push(i * 100);
-            }
-        }
-        for (i, start) in admitted.iter().enumerate() {
-            let in_window = admitted[i..]
-                .iter()
-                .take_while(|t| **t < start + 8000)
-                .count();
-            assert!(
-                in_window <= 10,
-                "{in_window} admitted in 8 s from {start} ms"
-            );
-        }
-        // And the limit is not starved: at least 8/9 of it in steady state.
-        assert!(admitted.len() >= 40, "{}", admitted.len());
-    }
-
-    #[test]
-    fn a_burst_is_cut_at_the_limit_and_keys_are_separate() {
-        let limit = RateLimit::new(3, Duration::from_secs(60), LimitKey::ClientIp);
-        let d: Vec<Decision> = (0..5).map(|_| limit.check("a")).collect();
-        assert_eq!(d.iter().filter(|d| d.allowed).count(), 3);
-        assert_eq!(d[0].remaining, 2);
-        assert_eq!(d[2].remaining, 0);
-        assert!(!d[3].allowed && d[3].retry_after >= 1 && d[3].retry_after <= 68);
-        assert!(limit.check("b").allowed);
-    }
-
-    #[test]
-    fn refused_requests_do_not_spend_budget() {
-        let limit = RateLimit::new(2, Duration::from_secs(8), LimitKey::ClientIp);
-        let t0 = limit.epoch;
-        assert!(limit.check_at("a", t0).allowed);
-        assert!(limit.check_at("a", t0).allowed);
-        for _ in 0..100 {
-            assert!(!limit.check_at("a", t0 + Duration::from_secs(1)).allowed);
-        }
-        // 9 s later both admitted requests have left the window.
-        assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
-        assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
-    }
-
-    #[test]
-    fn keys() {
-        assert_eq!(LimitKey::parse("ip"), Ok(LimitKey::ClientIp));
-        assert_eq!(LimitKey::parse("route"), Ok(LimitKey::Route));
-        assert_eq!(
-            LimitKey::parse("claim:sub"),
-            Ok(LimitKey::Claim("sub".into()))
-        );
-        assert!(matches!(
-            LimitKey::parse("header:X-Api-Key"),
-            Ok(LimitKey::Header(_))
-        ));
-        assert!(LimitKey::parse("cookie:x").is_err());
-    }
-}
-
 /// What a limit key may be taken from.
 pub struct Subject<'a> {
     pub client_ip: Option<std::net::IpAddr>,
@@ -335,5 +264,76 @@ impl Decision {
             ),
             request_id,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_window_of_length_per_ever_holds_more_than_the_limit() {
+        let limit = RateLimit::new(10, Duration::from_secs(8), LimitKey::ClientIp);
+        let t0 = limit.epoch;
+        // One attempt every 100 ms for 40 s; remember the admitted ones.
+        let mut admitted = Vec::new();
+        for i in 0..400u64 {
+            let at = t0 + Duration::from_millis(i * 100);
+            if limit.check_at("client", at).allowed {
+                admitted.push(i * 100);
+            }
+        }
+        for (i, start) in admitted.iter().enumerate() {
+            let in_window = admitted[i..]
+                .iter()
+                .take_while(|t| **t < start + 8000)
+                .count();
+            assert!(
+                in_window <= 10,
+                "{in_window} admitted in 8 s from {start} ms"
+            );
+        }
+        // And the limit is not starved: at least 8/9 of it in steady state.
+        assert!(admitted.len() >= 40, "{}", admitted.len());
+    }
+
+    #[test]
+    fn a_burst_is_cut_at_the_limit_and_keys_are_separate() {
+        let limit = RateLimit::new(3, Duration::from_secs(60), LimitKey::ClientIp);
+        let d: Vec<Decision> = (0..5).map(|_| limit.check("a")).collect();
+        assert_eq!(d.iter().filter(|d| d.allowed).count(), 3);
+        assert_eq!(d[0].remaining, 2);
+        assert_eq!(d[2].remaining, 0);
+        assert!(!d[3].allowed && d[3].retry_after >= 1 && d[3].retry_after <= 68);
+        assert!(limit.check("b").allowed);
+    }
+
+    #[test]
+    fn refused_requests_do_not_spend_budget() {
+        let limit = RateLimit::new(2, Duration::from_secs(8), LimitKey::ClientIp);
+        let t0 = limit.epoch;
+        assert!(limit.check_at("a", t0).allowed);
+        assert!(limit.check_at("a", t0).allowed);
+        for _ in 0..100 {
+            assert!(!limit.check_at("a", t0 + Duration::from_secs(1)).allowed);
+        }
+        // 9 s later both admitted requests have left the window.
+        assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
+        assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(LimitKey::parse("ip"), Ok(LimitKey::ClientIp));
+        assert_eq!(LimitKey::parse("route"), Ok(LimitKey::Route));
+        assert_eq!(
+            LimitKey::parse("claim:sub"),
+            Ok(LimitKey::Claim("sub".into()))
+        );
+        assert!(matches!(
+            LimitKey::parse("header:X-Api-Key"),
+            Ok(LimitKey::Header(_))
+        ));
+        assert!(LimitKey::parse("cookie:x").is_err());
     }
 }
