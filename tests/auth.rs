@@ -432,3 +432,124 @@ fn jwks_rotation_with_bounded_refreshes() {
     });
     assert_eq!(get(&s.gw, "/jwks", Some(&token_b)).status(), 200);
 }
+
+#[test]
+fn jwks_files_choose_by_kid_and_pss_and_periodic_refresh_work() {
+    let up = TestUpstream::named("app");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        jwt::jwks(&[("rsa1.pem", "one"), ("rsa2.pem", "two")]),
+    )
+    .unwrap();
+    let doc = Arc::new(Mutex::new(jwt::jwks(&[("rsa1.pem", "one")])));
+    let served = Arc::clone(&doc);
+    let idp = TestUpstream::with_handler("idp", move |_| Reply::text(200, &served.lock().unwrap()));
+    let k = jwt::key_path("").display().to_string();
+    let body = [
+        format!("upstreams:\n  app:\n    targets: [{}]\n", up.addr),
+        "auth:\n  jwt:\n".to_string(),
+        format!("    file:\n      algorithms: [RS256, PS256]\n      jwks_file: {}\n", jwks.display()),
+        format!("    pss:\n      algorithms: [PS256]\n      public_key_file: {}/rsa1.pub.pem\n", k.trim_end_matches('/')),
+        format!("    polled:\n      algorithms: [RS256]\n      jwks_url: http://{}/keys\n      jwks_refresh: 1s\n", idp.addr),
+        "routes:\n".to_string(),
+        "  - name: file\n    match: { path_prefix: /file }\n    upstream: app\n    auth: file\n".to_string(),
+        "  - name: pss\n    match: { path_prefix: /pss }\n    upstream: app\n    auth: pss\n".to_string(),
+        "  - name: polled\n    match: { path_prefix: /polled }\n    upstream: app\n    auth: polled\n".to_string(),
+    ]
+    .concat();
+    let gw = gateway(&body).start();
+    let c = claims("u");
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::RS256, "rsa1.pem", Some("one"), &c))
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::RS256, "rsa2.pem", Some("two"), &c))
+        )
+        .status(),
+        200
+    );
+    // The JWK says "alg": "RS256": the same key is not taken for PS256.
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::PS256, "rsa2.pem", Some("two"), &c))
+        )
+        .status(),
+        401
+    );
+    // Signed by key two but naming key one.
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::RS256, "rsa2.pem", Some("one"), &c))
+        )
+        .status(),
+        401
+    );
+    // Without a kid, which of two keys is meant is unknown: refused.
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::RS256, "rsa1.pem", None, &c))
+        )
+        .status(),
+        401
+    );
+    assert_eq!(
+        get(
+            &gw,
+            "/file",
+            Some(&mint(Algorithm::RS256, "rsa1.pem", Some("three"), &c))
+        )
+        .status(),
+        401
+    );
+
+    assert_eq!(
+        get(
+            &gw,
+            "/pss",
+            Some(&mint(Algorithm::PS256, "rsa1.pem", None, &c))
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        get(
+            &gw,
+            "/pss",
+            Some(&mint(Algorithm::RS256, "rsa1.pem", None, &c))
+        )
+        .status(),
+        401
+    );
+
+    // jwks_refresh: 1s fetches on its own, without any request asking.
+    assert_eq!(
+        get(
+            &gw,
+            "/polled",
+            Some(&mint(Algorithm::RS256, "rsa1.pem", Some("one"), &c))
+        )
+        .status(),
+        200
+    );
+    let seen = idp.count();
+    eventually(Duration::from_secs(5), "two scheduled refreshes", || {
+        idp.count() >= seen + 2
+    });
+}
