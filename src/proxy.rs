@@ -22,6 +22,7 @@ use crate::gateway::Gateway;
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
+use crate::transform::body::Rewrite;
 use crate::transform::headers::strip_hop_by_hop;
 use crate::upstream::{HashKey, InFlight, Pick};
 
@@ -56,6 +57,9 @@ pub struct RequestCtx {
     claims: Option<Arc<Claims>>,
     /// The rate limit count, for the `RateLimit-*` headers.
     limit: Option<Decision>,
+    /// Bodies held back for a body rule.
+    request_rewrite: Option<Rewrite>,
+    response_rewrite: Option<Rewrite>,
 }
 
 impl RequestCtx {
@@ -427,6 +431,12 @@ impl ProxyHttp for Proxy {
                 upstream_request,
             );
             route.request_headers.apply(upstream_request);
+            ctx.request_rewrite = Rewrite::for_request(
+                route.request_body.as_ref(),
+                session.req_header(),
+                upstream_request,
+                self.settings.max_transform_size,
+            );
         }
         Ok(())
     }
@@ -435,7 +445,7 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
@@ -446,12 +456,17 @@ impl ProxyHttp for Proxy {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body over max_body");
             }
         }
+        if let (Some(rewrite), Some(route)) = (ctx.request_rewrite.as_mut(), ctx.route.as_ref()) {
+            if let Some(rules) = &route.request_body {
+                rewrite.on_chunk(rules, body, end_of_stream);
+            }
+        }
         Ok(())
     }
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -459,6 +474,14 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
         }
         strip_hop_by_hop(upstream_response);
+        if let Some(route) = &ctx.route {
+            ctx.response_rewrite = Rewrite::for_response(
+                route.response_body.as_ref(),
+                session.req_header().method == http::Method::HEAD,
+                upstream_response,
+                self.settings.max_transform_size,
+            );
+        }
         Ok(())
     }
 
@@ -467,12 +490,17 @@ impl ProxyHttp for Proxy {
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
         if !end_of_stream && ctx.past_deadline() {
             return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
+        }
+        if let (Some(rewrite), Some(route)) = (ctx.response_rewrite.as_mut(), ctx.route.as_ref()) {
+            if let Some(rules) = &route.response_body {
+                rewrite.on_chunk(&rules.json, body, end_of_stream);
+            }
         }
         Ok(None)
     }

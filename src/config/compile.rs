@@ -24,9 +24,11 @@ use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
 use crate::gateway::Runtime;
 use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
+use crate::routing::ResponseBodyRules;
 use crate::routing::{
     HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router,
 };
+use crate::transform::body::{FieldPath, JsonRules};
 use crate::transform::headers::{Deprecation, HeaderRules};
 use crate::upstream::{
     BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
@@ -265,6 +267,16 @@ impl Compiler<'_> {
         }
         if let Some(w) = raw.work_stealing {
             s.work_stealing = w;
+        }
+        if let Some(m) = raw.max_transform_size {
+            if m.0 > 64 << 20 {
+                self.error(
+                    "server.max_transform_size",
+                    "max_transform_size must be at most 64MiB",
+                );
+            } else {
+                s.max_transform_size = m.0 as usize;
+            }
         }
         s.error_log = raw
             .error_log
@@ -753,8 +765,6 @@ impl Compiler<'_> {
         let errors_before = self.errors.0.len();
         for (key, set) in [
             ("cache", raw.cache.is_some()),
-            ("request_body", raw.request_body.is_some()),
-            ("response_body", raw.response_body.is_some()),
             ("aggregate", raw.aggregate.is_some()),
         ] {
             if set {
@@ -816,6 +826,16 @@ impl Compiler<'_> {
         let fallback = raw
             .fallback
             .and_then(|f| self.fallback(&key_path(path, "fallback"), f));
+        let request_body = raw
+            .request_body
+            .as_ref()
+            .and_then(|v| self.body_rules(&key_path(path, "request_body"), v, false))
+            .map(|(json, _)| json);
+        let response_body = raw
+            .response_body
+            .as_ref()
+            .and_then(|v| self.body_rules(&key_path(path, "response_body"), v, true))
+            .map(|(json, xml_to_json)| ResponseBodyRules { json, xml_to_json });
         let auth = raw
             .auth
             .as_ref()
@@ -852,7 +872,51 @@ impl Compiler<'_> {
             auth,
             rate_limit,
             identity_headers: Arc::clone(shared.identity_headers),
+            request_body,
+            response_body,
         })
+    }
+
+    /// A body rule block; `None` when it is empty or invalid.
+    fn body_rules(
+        &mut self,
+        path: &str,
+        value: &Value,
+        response: bool,
+    ) -> Option<(JsonRules, bool)> {
+        let raw = self.de::<RawBodyRules>(path, value)?;
+        if raw.xml_to_json && !response {
+            self.error(
+                &key_path(path, "xml_to_json"),
+                "xml_to_json applies to response_body only",
+            );
+            return None;
+        }
+        let mut rules = JsonRules::default();
+        for (i, field) in raw.remove_fields.iter().enumerate() {
+            match FieldPath::parse(field) {
+                Ok(p) => rules.remove.push(p),
+                Err(e) => self.error(&index_path(&key_path(path, "remove_fields"), i), e),
+            }
+        }
+        for (from, to) in &raw.rename_fields {
+            let rpath = key_path(&key_path(path, "rename_fields"), from);
+            if to.is_empty() || to.contains(['.', '[', ']']) {
+                self.error(
+                    &rpath,
+                    format!("the new name \"{to}\" must be a plain field name"),
+                );
+                continue;
+            }
+            match FieldPath::parse(from) {
+                Ok(p) => rules.rename.push((p, to.clone())),
+                Err(e) => self.error(&rpath, e),
+            }
+        }
+        if rules.is_empty() && !raw.xml_to_json {
+            return None;
+        }
+        Some((rules, raw.xml_to_json))
     }
 
     fn route_auth(&mut self, path: &str, value: &Value, shared: &Shared<'_>) -> Option<RouteAuth> {

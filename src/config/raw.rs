@@ -31,6 +31,8 @@ pub struct RawServer {
     pub upstream_keepalive_pool_size: Option<usize>,
     /// Pingora's work-stealing scheduler; off by default (better tail latency).
     pub work_stealing: Option<bool>,
+    /// Largest body held back for a body rule; larger ones pass untouched.
+    pub max_transform_size: Option<ConfSize>,
     /// Where the daemon writes its own log when started with `-d`.
     pub error_log: Option<String>,
     /// User and group the daemon drops to after binding.
@@ -224,4 +226,16 @@ pub struct RawRateLimit {
     pub requests: u64,
     pub per: ConfDuration,
     pub key: Option<String>,
+}
+
+/// `request_body` / `response_body`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBodyRules {
+    #[serde(default)]
+    pub remove_fields: Vec<String>,
+    #[serde(default)]
+    pub rename_fields: BTreeMap<String, String>,
+    #[serde(default)]
+    pub xml_to_json: bool,
 }

@@ -16,6 +16,7 @@ pub use normalize::{normalize_path, PathError};
 use crate::auth::RouteAuth;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
+use crate::transform::body::JsonRules;
 use crate::transform::headers::{Deprecation, HeaderRules};
 use crate::upstream::Upstream;
 
@@ -40,6 +41,15 @@ pub struct Route {
     /// Every header named by any provider's `forward_claims`: removed from
     /// each client request, on every route.
     pub identity_headers: Arc<[http::HeaderName]>,
+    pub request_body: Option<JsonRules>,
+    pub response_body: Option<ResponseBodyRules>,
+}
+
+/// `response_body`: JSON field rules, and XML turned into JSON first.
+#[derive(Debug)]
+pub struct ResponseBodyRules {
+    pub json: JsonRules,
+    pub xml_to_json: bool,
 }
 
 /// `strip_prefix` then `add_prefix`, applied to the normalized path.

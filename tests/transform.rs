@@ -1,0 +1,228 @@
+//! Body rules end to end: JSON fields removed and renamed on requests and
+//! responses (nested, through arrays), XML turned into JSON, and everything
+//! else passing byte for byte, with correct framing on both sides.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn reply(content_type: &str, body: &str) -> Reply {
+    let mut r = Reply::text(200, body);
+    r.headers = vec![("content-type".into(), content_type.into())];
+    r
+}
+
+fn setup(
+    handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    extra_server: Option<&str>,
+) -> (TestUpstream, Gateway) {
+    let up = TestUpstream::with_handler("app", handler);
+    let body = [
+        format!("upstreams:\n  app:\n    targets: [{}]\nroutes:\n", up.addr),
+        "  - name: rules\n    match: { path_prefix: / }\n    upstream: app\n".to_string(),
+        "    request_body: { remove_fields: [debug, \"meta.internal\"], rename_fields: { userName: user_name } }\n".to_string(),
+        "    response_body:\n      remove_fields: [password, \"user.password\", \"items[].ssn\"]\n".to_string(),
+        "      rename_fields: { \"items[].id\": item_id, \"user.userName\": user_name }\n      xml_to_json: true\n".to_string(),
+    ]
+    .concat();
+    let mut b = gateway(&body);
+    if let Some(s) = extra_server {
+        b = b.server(s);
+    }
+    (up, b.start())
+}
+
+/// The body is framed exactly: a Content-Length that matches, or chunked.
+fn framed(resp: &reqwest::blocking::Response) -> Option<usize> {
+    resp.headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+#[test]
+fn json_responses_lose_and_rename_fields() {
+    let doc = json!({
+        "password": "hunter2",
+        "user": {"password": "x", "userName": "ann", "id": 1},
+        "items": [{"id": 1, "ssn": "111"}, {"id": 2, "ssn": "222"}],
+        "ok": true
+    });
+    let text = doc.to_string();
+    let (_up, gw) = setup(
+        move |r| {
+            let mut rep = reply("application/json", &text);
+            if r.target == "/chunked" {
+                rep.chunked = Some(7);
+            }
+            rep
+        },
+        None,
+    );
+    let expected = json!({
+        "user": {"user_name": "ann", "id": 1},
+        "items": [{"item_id": 1}, {"item_id": 2}],
+        "ok": true
+    });
+    for path in ["/plain", "/chunked"] {
+        let r = client().get(gw.url(path)).send().unwrap();
+        assert_eq!(r.status(), 200);
+        let declared = framed(&r);
+        let bytes = r.bytes().unwrap();
+        if let Some(n) = declared {
+            assert_eq!(
+                n,
+                bytes.len(),
+                "{path}: Content-Length does not match the body"
+            );
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v, expected, "{path}");
+    }
+}
+
+#[test]
+fn json_requests_are_rewritten_before_the_upstream_sees_them() {
+    let (up, gw) = setup(|_| reply("text/plain", "ok"), None);
+    let sent = json!({"userName": "ann", "debug": true, "meta": {"internal": 1, "public": 2}});
+    let r = client()
+        .post(gw.url("/users"))
+        .header("content-type", "application/json")
+        .body(sent.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    let v: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(v, json!({"user_name": "ann", "meta": {"public": 2}}));
+    // The upstream got a correctly framed body: a length that matches, or chunked.
+    match seen.header("content-length") {
+        Some(n) => assert_eq!(n.parse::<usize>().unwrap(), seen.body.len()),
+        None => assert_eq!(seen.header("transfer-encoding"), Some("chunked")),
+    }
+    // Chunked from the client works too.
+    let body = reqwest::blocking::Body::new(std::io::Cursor::new(sent.to_string().into_bytes()));
+    client()
+        .put(gw.url("/users"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&up.last().body).unwrap();
+    assert_eq!(v, json!({"user_name": "ann", "meta": {"public": 2}}));
+}
+
+#[test]
+fn other_types_and_malformed_json_pass_byte_for_byte() {
+    let (up, gw) = setup(
+        |r| match r.target.as_str() {
+            "/text" => reply("text/plain", r#"{"password": "visible in text"}"#),
+            "/broken" => reply("application/json", r#"{"password": "x", "#),
+            _ => reply("application/octet-stream", "\u{0}\u{1}binary"),
+        },
+        None,
+    );
+    let c = client();
+    assert_eq!(
+        c.get(gw.url("/text")).send().unwrap().text().unwrap(),
+        r#"{"password": "visible in text"}"#
+    );
+    let r = c.get(gw.url("/broken")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), r#"{"password": "x", "#);
+    assert_eq!(
+        c.get(gw.url("/bin"))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .as_ref(),
+        b"\x00\x01binary"
+    );
+    // A request that is not JSON passes untouched.
+    c.post(gw.url("/form"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("debug=1&userName=x")
+        .send()
+        .unwrap();
+    assert_eq!(up.last().body, b"debug=1&userName=x");
+    let malformed = r#"{"debug": tru"#;
+    c.post(gw.url("/bad"))
+        .header("content-type", "application/json")
+        .body(malformed)
+        .send()
+        .unwrap();
+    assert_eq!(up.last().body, malformed.as_bytes());
+}
+
+#[test]
+fn xml_responses_become_json() {
+    let (_up, gw) = setup(
+        |_| {
+            reply(
+                "application/xml",
+                r#"<?xml version="1.0"?><order id="7"><item sku="a">Pen</item><item sku="b">Ink</item><note>fragile</note><password>x</password></order>"#,
+            )
+        },
+        None,
+    );
+    let r = client().get(gw.url("/order")).send().unwrap();
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Value = r.json().unwrap();
+    assert_eq!(
+        v,
+        json!({"order": {"@id": "7", "item": [{"@sku": "a", "#text": "Pen"}, {"@sku": "b", "#text": "Ink"}], "note": "fragile", "password": "x"}})
+    );
+}
+
+#[test]
+fn bodies_over_the_cap_or_compressed_pass_untouched() {
+    let big = json!({"password": "x", "pad": "y".repeat(3000)}).to_string();
+    let small = json!({"password": "x"}).to_string();
+    let (up, gw) = setup(
+        move |r| match r.target.as_str() {
+            "/big" => reply("application/json", &big),
+            "/big-chunked" => {
+                let mut rep = reply("application/json", &big);
+                rep.chunked = Some(500);
+                rep
+            }
+            _ => reply("application/json", &small).header("content-encoding", "br"),
+        },
+        Some("max_transform_size: 1KiB"),
+    );
+    let c = client();
+    for path in ["/big", "/big-chunked"] {
+        let v: Value = c.get(gw.url(path)).send().unwrap().json().unwrap();
+        assert_eq!(
+            v["password"], "x",
+            "{path}: a body over the cap passes untouched"
+        );
+        assert_eq!(v["pad"].as_str().unwrap().len(), 3000);
+    }
+    let r = c.get(gw.url("/compressed")).send().unwrap();
+    assert_eq!(r.headers()["content-encoding"], "br");
+    assert_eq!(
+        r.bytes().unwrap().as_ref(),
+        json!({"password": "x"}).to_string().as_bytes()
+    );
+    // Requests over the cap stream to the upstream as sent, declared or chunked.
+    let big_request = json!({"debug": true, "pad": "z".repeat(3000)}).to_string();
+    c.post(gw.url("/upload"))
+        .header("content-type", "application/json")
+        .body(big_request.clone())
+        .send()
+        .unwrap();
+    assert_eq!(up.last().body, big_request.as_bytes());
+    let chunked =
+        reqwest::blocking::Body::new(std::io::Cursor::new(big_request.clone().into_bytes()));
+    c.post(gw.url("/upload"))
+        .header("content-type", "application/json")
+        .body(chunked)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .unwrap();
+    assert_eq!(up.last().body, big_request.as_bytes());
+}
