@@ -75,7 +75,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
             return leftmost;
         };
         for part in text.rsplit(',') {
-            let Ok(ip) = part.trim().parse::<IpAddr>() else {
+            let Ok(ip) = part.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
                 // Garbage from an untrusted hop: stop at the last good one.
                 return leftmost;
             };
@@ -199,6 +199,17 @@ mod tests {
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
         let garbage = headers(&["nonsense"]);
         assert_eq!(client_ip(proxy, &garbage, &trusted), proxy);
+    }
+
+    #[test]
+    fn mapped_ipv4_addresses_are_plain_ipv4() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mapped: IpAddr = "::ffff:10.1.1.1".parse().unwrap();
+        let chain = headers(&["::ffff:198.51.100.7"]);
+        assert_eq!(
+            client_ip(mapped.to_canonical(), &chain, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl Proxy {
         if let Some(peer) = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
+            // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+            .map(|a| a.ip().to_canonical())
         {
             ctx.peer_trusted = forwarding::is_trusted(peer, &self.settings.trusted_proxies);
             ctx.client_ip = Some(forwarding::client_ip(
@@ -220,7 +221,16 @@ impl Proxy {
         if let Some(auth) = &route.auth {
             match auth.authorize(session.req_header()).await {
                 Ok(claims) => ctx.claims = Some(claims),
-                Err(e) => return Phase::Respond(e.response(ctx.request_id.as_str())),
+                Err(e) => {
+                    // Refused tokens still spend the client's budget (by IP),
+                    // so a flood of them is limited too.
+                    if let Some(limit) = late {
+                        if let Phase::Respond(r) = ctx.count(limit, headers) {
+                            return Phase::Respond(r);
+                        }
+                    }
+                    return Phase::Respond(e.response(ctx.request_id.as_str()));
+                }
             }
         }
         match late {

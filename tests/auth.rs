@@ -158,6 +158,25 @@ fn valid_tokens_of_every_algorithm_pass_and_claims_are_forwarded() {
 #[test]
 fn identity_headers_from_clients_never_reach_upstreams() {
     let s = setup();
+    // On an auth route, a claim the token lacks is not taken from the client.
+    let token = mint(Algorithm::RS256, "rsa1.pem", None, &claims("user-9"));
+    let r = client()
+        .get(s.gw.url("/rs"))
+        .bearer_auth(&token)
+        .header("X-User-Role", "admin")
+        .header("X_User_Role", "admin")
+        .header("x_user_id", "admin")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = s.up.last();
+    assert_eq!(seen.header_all("x-user-id"), ["user-9"]);
+    assert_eq!(seen.header("x-user-role"), None);
+    assert!(
+        seen.headers.iter().all(|(n, _)| !n.contains('_')),
+        "{:?}",
+        seen.headers
+    );
     let r = client()
         .get(s.gw.url("/open"))
         .header("X-User-Id", "admin")
@@ -180,6 +199,13 @@ fn expiry_not_before_and_leeway() {
         "/rs",
         &mint(Algorithm::RS256, "rsa1.pem", None, &c),
         "expired 5 min ago",
+    );
+    c["exp"] = json!(now() - 45);
+    assert_invalid(
+        &s,
+        "/rs",
+        &mint(Algorithm::RS256, "rsa1.pem", None, &c),
+        "45 s past exp, leeway 30 s",
     );
     c["exp"] = json!(now() - 10);
     let within_leeway = mint(Algorithm::RS256, "rsa1.pem", None, &c);
@@ -220,6 +246,10 @@ fn issuer_and_audience_are_enforced() {
     let cases: Vec<(&str, serde_json::Value)> = vec![
         ("wrong issuer", json!({"iss": "https://evil.test"})),
         ("issuer as a number", json!({"iss": 42})),
+        (
+            "issuer as an array",
+            json!({"iss": ["https://idp.test", "https://evil.test"]}),
+        ),
         ("wrong audience", json!({"aud": "billing-api"})),
         ("audience as a number", json!({"aud": 123})),
     ];
@@ -315,6 +345,15 @@ fn forged_and_confused_tokens_are_refused() {
         "claims changed under a genuine signature",
     );
     assert_invalid(&s, "/rs", "not.a.token", "garbage");
+    // Two Authorization headers: which would the upstream read? Refused.
+    let good = mint(Algorithm::RS256, "rsa1.pem", None, &c);
+    let r = client()
+        .get(s.gw.url("/rs"))
+        .header("Authorization", format!("Bearer {good}"))
+        .header("Authorization", "Bearer forged.token.here")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
     assert_invalid(&s, "/rs", &"x".repeat(9000), "9 KB token");
 }
 
@@ -430,7 +469,14 @@ fn jwks_rotation_with_bounded_refreshes() {
     eventually(Duration::from_secs(3), "the failed fetch happened", || {
         s.jwks_server.count() > before
     });
-    assert_eq!(get(&s.gw, "/jwks", Some(&token_b)).status(), 200);
+    // A token never seen before (not in the token cache) verifies with key-b.
+    let fresh = mint(
+        Algorithm::RS256,
+        "rsa2.pem",
+        Some("key-b"),
+        &claims("after-failure"),
+    );
+    assert_eq!(get(&s.gw, "/jwks", Some(&fresh)).status(), 200);
 }
 
 #[test]

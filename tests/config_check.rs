@@ -240,10 +240,12 @@ fn auth_and_rate_limit_errors() {
         "    two-sources:\n      algorithms: [RS256]\n      jwks_url: https://idp.test/jwks\n      jwks_file: jwks.json\n".to_string(),
         "    missing-file:\n      algorithms: [ES256]\n      public_key_file: nowhere.pem\n".to_string(),
         "    bad-claim-header:\n      algorithms: [RS256]\n      jwks_url: https://idp.test/jwks\n      forward_claims: { sub: Host }\n".to_string(),
+        "    good:\n      algorithms: [RS256]\n      jwks_url: https://idp.test/jwks\n      forward_claims: { sub: X-User-Id }\n".to_string(),
         "routes:\n".to_string(),
         "  - name: a\n    match: { path: /a }\n    upstream: u\n    auth: mian\n".to_string(),
         "  - name: b\n    match: { path: /b }\n    upstream: u\n    rate_limit: { requests: 0, per: 1m }\n".to_string(),
         "  - name: c\n    match: { path: /c }\n    upstream: u\n    rate_limit: { requests: 5, per: 1m, key: \"cookie:x\" }\n".to_string(),
+        "  - name: d\n    match: { path: /d }\n    upstream: u\n    request_headers: { rename: { X-Client: X-User-Id } }\n".to_string(),
     ]
     .concat();
     let (code, _, stderr) = check_config(&yaml, &[]);
@@ -278,12 +280,16 @@ fn auth_and_rate_limit_errors() {
     );
     has(
         "routes[0].auth",
-        "unknown auth provider \"mian\"; known: bad-claim-header, confused, missing-file, none-alg, short, two-sources",
+        "unknown auth provider \"mian\"; known: bad-claim-header, confused, good, missing-file, none-alg, short, two-sources",
     );
     has("routes[1].rate_limit.requests", "at least 1");
     has(
         "routes[2].rate_limit.key",
         "unknown rate limit key \"cookie:x\"",
+    );
+    has(
+        "routes[3].request_headers",
+        "x-user-id carries verified claims",
     );
     assert!(
         !stderr.contains("tooshort-but-secret"),

@@ -160,9 +160,13 @@ fn per_claim_and_per_route() {
     let as_user = |t: &str| c.get(gw.url("/user")).bearer_auth(t).send().unwrap();
     assert_eq!(admitted(&statuses(3, || as_user(&alice))), 2);
     assert_eq!(admitted(&statuses(3, || as_user(&bob))), 2);
-    // A refused token is answered 401 and not counted against anyone.
+    // A refused token is answered 401 and counted against the client IP,
+    // with the headers of the limit.
     let r = c.get(gw.url("/user")).send().unwrap();
     assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["ratelimit-limit"], "2");
+    assert_eq!(c.get(gw.url("/user")).send().unwrap().status(), 401);
+    assert_eq!(c.get(gw.url("/user")).send().unwrap().status(), 429);
 
     let a = from("127.0.0.1");
     let b = from("127.0.0.2");

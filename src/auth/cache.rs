@@ -17,16 +17,27 @@ struct Verified {
     keys: u64,
 }
 
+/// Weighs an entry by the bytes it holds, roughly.
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<u64, Arc<Verified>> for ByBytes {
+    fn weight(&self, _key: &u64, v: &Arc<Verified>) -> u64 {
+        (v.token.len() + 64 * v.claims.len() + 128) as u64
+    }
+}
+
 pub struct TokenCache {
-    entries: quick_cache::sync::Cache<u64, Arc<Verified>>,
+    entries: quick_cache::sync::Cache<u64, Arc<Verified>, ByBytes>,
     // Keyed per process, so nobody can aim tokens at one slot.
     hasher: RandomState,
 }
 
 impl TokenCache {
-    pub fn new(capacity: usize) -> Self {
+    /// A cache holding about `bytes` of tokens and claims.
+    pub fn new(bytes: usize) -> Self {
         TokenCache {
-            entries: quick_cache::sync::Cache::new(capacity),
+            entries: quick_cache::sync::Cache::with_weighter(bytes / 512, bytes as u64, ByBytes),
             hasher: RandomState::new(),
         }
     }
@@ -64,7 +75,7 @@ mod tests {
 
     #[test]
     fn entries_expire_with_the_token_and_never_cross_tokens() {
-        let cache = TokenCache::new(10);
+        let cache = TokenCache::new(64 * 1024);
         let claims = Arc::new(Claims::new());
         cache.insert("a.b.c", Arc::clone(&claims), 100, 1);
         assert!(cache.get("a.b.c", 99, 1).is_some());
@@ -83,10 +94,20 @@ mod tests {
 
     #[test]
     fn it_is_bounded() {
-        let cache = TokenCache::new(100);
+        let cache = TokenCache::new(64 * 1024);
         for i in 0..10_000 {
-            cache.insert(&format!("token-{i}"), Arc::new(Claims::new()), u64::MAX, 0);
+            cache.insert(
+                &format!("token-{i:0>1000}"),
+                Arc::new(Claims::new()),
+                u64::MAX,
+                0,
+            );
         }
-        assert!(cache.entries.len() <= 200, "{}", cache.entries.len());
+        assert!(
+            cache.entries.weight() <= 64 * 1024,
+            "{}",
+            cache.entries.weight()
+        );
+        assert!(cache.entries.len() < 100, "{}", cache.entries.len());
     }
 }

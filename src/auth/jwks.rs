@@ -42,7 +42,7 @@ impl JwksUrl {
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(format!("\"{url}\" must start with https:// or http://")),
+            _ => return Err(format!("\"{url}\" must start with https://")),
         };
         let host = uri
             .host()
@@ -50,6 +50,16 @@ impl JwksUrl {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
+        // Keys fetched in the clear could be swapped by anyone on the path.
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !tls && !loopback {
+            return Err(format!(
+                "\"{url}\": keys must be fetched over https:// (http:// only from loopback)"
+            ));
+        }
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let path_and_query = uri
             .path_and_query()
@@ -73,8 +83,11 @@ pub struct RemoteJwks {
     last_attempt: Mutex<Option<Instant>>,
     wake: Notify,
     fetch_count: AtomicU64,
-    /// Bumped each time a new key set is stored.
+    /// Bumped each time a different key set is stored.
     generation: AtomicU64,
+    /// What the last good fetch returned, to tell a change from a refresh.
+    last_body: Mutex<Option<bytes::Bytes>>,
+    connector: Connector,
 }
 
 impl RemoteJwks {
@@ -89,6 +102,9 @@ impl RemoteJwks {
             wake: Notify::new(),
             fetch_count: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            last_body: Mutex::new(None),
+            // Built once: it loads the CA bundle.
+            connector: Connector::new(None),
         }
     }
 
@@ -132,10 +148,15 @@ impl RemoteJwks {
         loop {
             *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             let next = match self.fetch().await {
-                Ok(set) => {
-                    log::info!("JWKS {}: {} key(s) loaded", self.url.host, set.len());
-                    self.keys.store(Arc::new(set));
-                    self.generation.fetch_add(1, Ordering::Release);
+                Ok((set, body)) => {
+                    let mut last = self.last_body.lock().unwrap_or_else(|p| p.into_inner());
+                    // Unchanged keys keep the token cache warm.
+                    if last.as_ref() != Some(&body) {
+                        log::info!("JWKS {}: {} key(s) loaded", self.url.host, set.len());
+                        self.keys.store(Arc::new(set));
+                        self.generation.fetch_add(1, Ordering::Release);
+                        *last = Some(body);
+                    }
                     self.refresh
                 }
                 Err(e) => {
@@ -158,12 +179,13 @@ impl RemoteJwks {
         }
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
+    async fn fetch(&self) -> Result<(KeySet, bytes::Bytes), String> {
         self.fetch_count.fetch_add(1, Ordering::Relaxed);
         let body = tokio::time::timeout(FETCH_TIMEOUT, self.get())
             .await
-            .map_err(|_| "timed out".to_string())??;
-        KeySet::from_jwks(&body, &self.algorithms)
+            .map_err(|_| "timed out".to_string())??
+            .freeze();
+        Ok((KeySet::from_jwks(&body, &self.algorithms)?, body))
     }
 
     async fn get(&self) -> Result<BytesMut, String> {
@@ -177,17 +199,22 @@ impl RemoteJwks {
         peer.options.connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.total_connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.read_timeout = Some(FETCH_TIMEOUT);
-        let connector = Connector::new(None);
-        let (mut session, _) = connector
+        let (mut session, _) = self
+            .connector
             .get_http_session(&peer)
             .await
             .map_err(|e| e.to_string())?;
         let mut req = RequestHeader::build("GET", u.path_and_query.as_bytes(), None)
             .map_err(|e| e.to_string())?;
-        let host = if (u.tls && u.port == 443) || (!u.tls && u.port == 80) {
-            u.host.clone()
+        let name = if u.host.contains(':') {
+            format!("[{}]", u.host)
         } else {
-            format!("{}:{}", u.host, u.port)
+            u.host.clone()
+        };
+        let host = if (u.tls && u.port == 443) || (!u.tls && u.port == 80) {
+            name
+        } else {
+            format!("{name}:{}", u.port)
         };
         let headers = [
             ("Host", host.as_str()),
@@ -252,6 +279,10 @@ mod tests {
             (u.tls, u.port, u.path_and_query.as_str()),
             (false, 8080, "/keys?x=1")
         );
+        assert!(JwksUrl::parse("http://idp.example.com/keys")
+            .unwrap_err()
+            .contains("https"));
+        assert!(JwksUrl::parse("http://localhost:9000/keys").is_ok());
         assert!(JwksUrl::parse("ftp://x/y").is_err());
         assert!(JwksUrl::parse("/just/a/path").is_err());
     }

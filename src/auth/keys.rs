@@ -2,7 +2,7 @@
 //! chosen only from these, by the token's `kid` where there are several;
 //! never from the token's own `jwk`, `jku` or `x5u`.
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
 pub struct VerifyKey {
@@ -76,6 +76,29 @@ impl KeySet {
             serde_json::from_slice(json).map_err(|e| format!("not a JWK set: {e}"))?;
         let mut keys = Vec::new();
         for jwk in &set.keys {
+            // Only keys meant for verifying signatures.
+            let common = &jwk.common;
+            if common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|u| *u != PublicKeyUse::Signature)
+            {
+                continue;
+            }
+            if common
+                .key_operations
+                .as_ref()
+                .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+            {
+                continue;
+            }
+            let declared = common
+                .key_algorithm
+                .map(|a| a.to_string().parse::<Algorithm>());
+            // An algorithm that is not a signing one (RSA-OAEP...) rules it out.
+            if matches!(declared, Some(Err(_))) {
+                continue;
+            }
             if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_))
                 && !algorithms
                     .iter()
@@ -86,10 +109,7 @@ impl KeySet {
             let Ok(key) = DecodingKey::from_jwk(jwk) else {
                 continue;
             };
-            let alg = jwk
-                .common
-                .key_algorithm
-                .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            let alg = declared.and_then(Result::ok);
             if !algorithms.iter().any(|a| a.family() == key.family()) {
                 continue;
             }
@@ -127,5 +147,54 @@ pub fn min_secret_len(alg: Algorithm) -> usize {
         Algorithm::HS384 => 48,
         Algorithm::HS512 => 64,
         _ => 32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsa_jwk(extra: &str) -> String {
+        // A 2048-bit RSA public key (tests/keys/rsa1.pub.pem), as a JWK.
+        let pem =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa1.pem")).unwrap();
+        let enc = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+        let mut jwk = serde_json::to_value(
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::RS256).unwrap(),
+        )
+        .unwrap();
+        jwk.as_object_mut().unwrap().remove("alg");
+        let extra: serde_json::Value = serde_json::from_str(extra).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            jwk[k] = v.clone();
+        }
+        serde_json::json!({ "keys": [jwk] }).to_string()
+    }
+
+    #[test]
+    fn only_signature_keys_are_taken() {
+        let algs = [Algorithm::RS256];
+        assert_eq!(
+            KeySet::from_jwks(rsa_jwk(r#"{"kid":"a","use":"sig"}"#).as_bytes(), &algs)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            KeySet::from_jwks(rsa_jwk(r#"{"kid":"a","use":"enc"}"#).as_bytes(), &algs).is_err()
+        );
+        assert!(
+            KeySet::from_jwks(rsa_jwk(r#"{"kid":"a","alg":"RSA-OAEP"}"#).as_bytes(), &algs)
+                .is_err()
+        );
+        assert!(KeySet::from_jwks(
+            rsa_jwk(r#"{"kid":"a","key_ops":["encrypt"]}"#).as_bytes(),
+            &algs
+        )
+        .is_err());
+        // An RSA key is no use to an ES256-only provider.
+        assert!(
+            KeySet::from_jwks(rsa_jwk(r#"{"kid":"a"}"#).as_bytes(), &[Algorithm::ES256]).is_err()
+        );
     }
 }

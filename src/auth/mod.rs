@@ -32,7 +32,8 @@ pub type Claims = serde_json::Map<String, Value>;
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// How long a request may wait for an early JWKS refresh after an unknown kid.
 const KID_REFRESH_WAIT: Duration = Duration::from_secs(2);
-const TOKEN_CACHE_ENTRIES: usize = 16 * 1024;
+/// Bytes of verified tokens and claims kept per provider.
+const TOKEN_CACHE_BYTES: usize = 8 << 20;
 
 /// Where a provider finds the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,33 +74,47 @@ impl TokenSource {
     fn find<'r>(&self, req: &'r RequestHeader) -> Option<Cow<'r, str>> {
         match self {
             TokenSource::Header => {
-                let value = req
-                    .headers
-                    .get(http::header::AUTHORIZATION)?
-                    .to_str()
-                    .ok()?;
-                let (scheme, token) = value.trim().split_once(' ')?;
+                let mut all = req.headers.get_all(http::header::AUTHORIZATION).iter();
+                let first = all.next()?;
+                if all.next().is_some() {
+                    // Which one would the upstream read? Refuse to guess.
+                    return Some(Cow::Borrowed(""));
+                }
+                let (scheme, token) = first.to_str().ok()?.trim().split_once(' ')?;
                 scheme
                     .eq_ignore_ascii_case("bearer")
                     .then(|| Cow::Borrowed(token.trim()))
             }
-            TokenSource::Cookie(name) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|pair| pair.trim().split_once('='))
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
-            TokenSource::Query(name) => req
-                .uri
-                .query()?
-                .split('&')
-                .filter_map(|pair| pair.split_once('='))
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy()),
+            TokenSource::Cookie(name) => only_one(
+                req.headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|pair| pair.trim().split_once('='))
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
+            ),
+            TokenSource::Query(name) => only_one(
+                req.uri
+                    .query()?
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy()),
+            ),
         }
+    }
+}
+
+/// The one token among `candidates`; two or more are refused as invalid
+/// (an empty token), since the upstream might read another than the one
+/// verified.
+fn only_one<'r>(mut candidates: impl Iterator<Item = Cow<'r, str>>) -> Option<Cow<'r, str>> {
+    let first = candidates.next()?;
+    match candidates.next() {
+        Some(_) => Some(Cow::Borrowed("")),
+        None => Some(first),
     }
 }
 
@@ -197,7 +212,7 @@ impl Provider {
             leeway,
             token_from,
             forward_claims,
-            cache: TokenCache::new(TOKEN_CACHE_ENTRIES),
+            cache: TokenCache::new(TOKEN_CACHE_BYTES),
         }
     }
 
@@ -306,6 +321,12 @@ impl Provider {
         if !data.claims.get("exp").is_some_and(Value::is_number) {
             return Err(AuthError::Invalid("missing_claim"));
         }
+        // The library also takes an array of issuers; the issuer is one string.
+        if let Some(issuer) = &self.issuer {
+            if data.claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
+                return Err(AuthError::Invalid("wrong_issuer"));
+            }
+        }
         Ok(data.claims)
     }
 }
@@ -333,7 +354,24 @@ pub fn forward_identity(
     auth: Option<(&Provider, &Claims)>,
     upstream: &mut RequestHeader,
 ) {
+    if identity_headers.is_empty() {
+        return;
+    }
     for name in identity_headers {
+        upstream.remove_header(name);
+    }
+    // CGI-style upstreams read X_User_Id as X-User-Id: drop such spellings too.
+    let spoofed: Vec<HeaderName> = upstream
+        .headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            identity_headers.iter().any(|i| i.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in &spoofed {
         upstream.remove_header(name);
     }
     if let Some((provider, claims)) = auth {

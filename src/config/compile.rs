@@ -812,6 +812,21 @@ impl Compiler<'_> {
         }
         let request_headers =
             self.header_rules(&key_path(path, "request_headers"), raw.request_headers);
+        // Identity headers carry verified claims only: no rule may write one.
+        let written = request_headers
+            .rename
+            .iter()
+            .map(|(_, to)| to)
+            .chain(request_headers.set.iter().map(|(n, _)| n))
+            .chain(request_headers.add.iter().map(|(n, _)| n));
+        for name in written {
+            if shared.identity_headers.contains(name) {
+                self.error(
+                    &key_path(path, "request_headers"),
+                    format!("{name} carries verified claims (forward_claims); a header rule cannot write it"),
+                );
+            }
+        }
         let response_headers =
             self.header_rules(&key_path(path, "response_headers"), raw.response_headers);
         let deprecation = raw.deprecation.and_then(|d| {

@@ -86,6 +86,9 @@ pub struct RateLimit {
     sub_len: Duration,
     slots: Vec<SubWindow>,
     epoch: Instant,
+    /// The newest period seen: a request that read the clock just before a
+    /// boundary counts in the period others have moved on to.
+    latest: AtomicU64,
     rotate: Mutex<()>,
 }
 
@@ -113,6 +116,7 @@ impl RateLimit {
             sub_len,
             slots,
             epoch: Instant::now(),
+            latest: AtomicU64::new(0),
             rotate: Mutex::new(()),
         }
     }
@@ -140,6 +144,7 @@ impl RateLimit {
         let elapsed = now.saturating_duration_since(self.epoch);
         let sub_nanos = self.sub_len.as_nanos();
         let period = (elapsed.as_nanos() / sub_nanos) as u64;
+        let period = self.latest.fetch_max(period, Ordering::AcqRel).max(period);
         let current = self.current(period);
         // Count first, so concurrent requests see each other.
         let mine = current.counts.incr(key, 1).max(0) as u64;
