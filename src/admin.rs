@@ -8,16 +8,48 @@ use http::{Method, Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
+use crate::cache::Cache;
 use crate::gateway::Gateway;
 
 pub struct AdminApp {
     #[allow(dead_code)]
     gateway: Arc<Gateway>,
+    cache: Option<Cache>,
 }
 
 impl AdminApp {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        AdminApp { gateway }
+    pub fn new(gateway: Arc<Gateway>, cache: Option<Cache>) -> Self {
+        AdminApp { gateway, cache }
+    }
+
+    /// `DELETE /cache` empties the cache; `?prefix=/v1/users` drops only
+    /// the paths under that prefix.
+    fn purge(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let Some(cache) = &self.cache else {
+            return problem(StatusCode::NOT_FOUND, "no route caches responses");
+        };
+        let prefix = query.and_then(|q| {
+            q.split('&')
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| *k == "prefix")
+                .map(|(_, v)| {
+                    percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+        });
+        let purged = match &prefix {
+            Some(p) if !p.starts_with('/') => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "prefix must be a path starting with /",
+                )
+            }
+            Some(p) => cache.storage.purge_prefix(p),
+            None => cache.storage.purge_all(),
+        };
+        let body = serde_json::json!({ "purged": purged, "prefix": prefix }).to_string();
+        reply(StatusCode::OK, "application/json", body.into_bytes())
     }
 }
 
@@ -57,6 +89,8 @@ impl ServeHttp for AdminApp {
                 br#"{"status":"ok"}"#.to_vec(),
             ),
             (_, "/healthz") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            (Method::DELETE, "/cache") => self.purge(req.uri.query()),
+            (_, "/cache") => problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE"),
             _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod background;
+pub mod cache;
 pub mod config;
 pub mod forwarding;
 pub mod gateway;

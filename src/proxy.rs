@@ -16,6 +16,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{self, Claims};
+use crate::cache::{self, Cache};
 use crate::config::ServerSettings;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
@@ -25,15 +26,24 @@ use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
 use crate::transform::body::Rewrite;
 use crate::transform::headers::strip_hop_by_hop;
 use crate::upstream::{HashKey, InFlight, Pick};
+use pingora_cache::key::HashBinary;
+use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
+
+const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
     settings: Arc<ServerSettings>,
+    cache: Option<Cache>,
 }
 
 impl Proxy {
-    pub fn new(gateway: Arc<Gateway>, settings: Arc<ServerSettings>) -> Self {
-        Proxy { gateway, settings }
+    pub fn new(gateway: Arc<Gateway>, settings: Arc<ServerSettings>, cache: Option<Cache>) -> Self {
+        Proxy {
+            gateway,
+            settings,
+            cache,
+        }
     }
 }
 
@@ -72,6 +82,10 @@ impl RequestCtx {
         if let Some(d) = self.route.as_ref().and_then(|r| r.deprecation.as_ref()) {
             d.apply(resp);
         }
+        // Answers the gateway makes itself never come from the cache.
+        if self.route.as_ref().is_some_and(|r| r.cache.is_some()) {
+            let _ = resp.insert_header(X_CACHE, "BYPASS");
+        }
         if let Some(limit) = &self.limit {
             limit.headers(resp);
         }
@@ -89,6 +103,11 @@ impl RequestCtx {
         } else {
             Phase::Respond(decision.refusal(self.request_id.as_str()))
         }
+    }
+
+    /// The verified token's `sub`, when it is a string.
+    fn subject(&self) -> Option<&str> {
+        self.claims.as_ref()?.get("sub")?.as_str()
     }
 
     /// Whether the route's deadline has passed.
@@ -517,7 +536,7 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -525,6 +544,9 @@ impl ProxyHttp for Proxy {
             route.response_headers.apply(upstream_response);
         }
         ctx.decorate(upstream_response);
+        if ctx.route.as_ref().is_some_and(|r| r.cache.is_some()) {
+            upstream_response.insert_header(X_CACHE, cache::x_cache(session.cache.phase()))?;
+        }
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         Ok(())
     }
@@ -572,6 +594,60 @@ impl ProxyHttp for Proxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let (Some(c), Some(route)) = (&self.cache, &ctx.route) else {
+            return Ok(());
+        };
+        // On a route with auth, entries are per subject; no subject, no cache.
+        let keyed = route.auth.is_none() || ctx.subject().is_some();
+        if route.cache.is_some() && keyed && cache::request_cacheable(&session.req_header().method)
+        {
+            c.enable(session);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        let Some(policy) = ctx.route.as_ref().and_then(|r| r.cache.as_ref()) else {
+            return Error::e_explain(ErrorType::InternalError, "cache key without a cached route");
+        };
+        let req = session.req_header();
+        let path = normalize_path(req.uri.path())
+            .map_err(|_| Error::explain(ErrorType::InternalError, "path changed after routing"))?;
+        let host = forwarding::request_host(req).unwrap_or("");
+        let primary = cache::primary_key(req, host, &path, policy, ctx.subject());
+        Ok(CacheKey::new(primary, ""))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        let Some(route) = &ctx.route else {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
+        };
+        let Some(policy) = &route.cache else {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
+        };
+        Ok(cache::cacheability(
+            policy,
+            session.req_header(),
+            resp,
+            route.auth.is_some(),
+        ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        cache::variance(meta, req)
     }
 
     // Lets the head reader tell a reused keep-alive connection from a new one.

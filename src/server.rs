@@ -14,6 +14,7 @@ use pingora_proxy::HttpProxy;
 
 use crate::admin::AdminApp;
 use crate::background::ConfigFollower;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{HeadGuard, HeadLimits};
@@ -64,9 +65,10 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
 
     let settings = Arc::new(config.server.clone());
     let gateway = Arc::new(Gateway::new(config.runtime));
+    let cache = config.cache_max_size.map(Cache::new);
 
     let mut proxy = HttpProxy::new(
-        Proxy::new(Arc::clone(&gateway), Arc::clone(&settings)),
+        Proxy::new(Arc::clone(&gateway), Arc::clone(&settings), cache),
         conf,
     );
     proxy.handle_init_modules();
@@ -108,7 +110,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     if let Some(admin) = &config.admin {
         let mut service = Service::new(
             "gatehouse admin".to_string(),
-            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway), cache)),
         );
         service.add_tcp(&admin.listen.to_string());
         service.threads = Some(1);

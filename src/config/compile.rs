@@ -21,6 +21,7 @@ use super::{AdminSettings, Config, Listener, ServerSettings, TlsFiles};
 use crate::auth::jwks::{JwksUrl, RemoteJwks};
 use crate::auth::keys::{self, KeySet};
 use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
+use crate::cache::CachePolicy;
 use crate::gateway::Runtime;
 use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
@@ -77,7 +78,7 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
             );
         }
     }
-    for section in ["access_log", "cache"] {
+    for section in ["access_log"] {
         if root.get(section).is_some_and(|v| !v.is_null()) {
             cx.error(section, format!("{section} {NOT_YET}"));
         }
@@ -111,12 +112,15 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
         _ => Vec::new(),
     };
     let routes = cx.routes(root.get("routes"), &shared, &declared, &server);
+    let cache_max_size =
+        cx.cache_section(root.get("cache"), routes.iter().any(|r| r.cache.is_some()));
     if !cx.errors.is_empty() {
         cx.errors.sort();
         return Err(cx.errors);
     }
     Ok(Config {
         server,
+        cache_max_size,
         listeners,
         admin,
         runtime: Runtime {
@@ -763,10 +767,7 @@ impl Compiler<'_> {
     ) -> Option<Route> {
         let upstreams = shared.upstreams;
         let errors_before = self.errors.0.len();
-        for (key, set) in [
-            ("cache", raw.cache.is_some()),
-            ("aggregate", raw.aggregate.is_some()),
-        ] {
+        for (key, set) in [("aggregate", raw.aggregate.is_some())] {
             if set {
                 self.error(&key_path(path, key), format!("{key} {NOT_YET}"));
             }
@@ -851,6 +852,10 @@ impl Compiler<'_> {
             .as_ref()
             .and_then(|v| self.body_rules(&key_path(path, "response_body"), v, true))
             .map(|(json, xml_to_json)| ResponseBodyRules { json, xml_to_json });
+        let cache = raw
+            .cache
+            .as_ref()
+            .and_then(|c| self.route_cache(&key_path(path, "cache"), c));
         let auth = raw
             .auth
             .as_ref()
@@ -889,7 +894,44 @@ impl Compiler<'_> {
             identity_headers: Arc::clone(shared.identity_headers),
             request_body,
             response_body,
+            cache,
         })
+    }
+
+    fn route_cache(&mut self, path: &str, value: &Value) -> Option<CachePolicy> {
+        let raw = self.de::<RawRouteCache>(path, value)?;
+        if raw.ttl.0.is_zero() {
+            self.error(&key_path(path, "ttl"), "ttl must be above zero");
+            return None;
+        }
+        let mut vary = Vec::new();
+        for (i, name) in raw.vary.iter().enumerate() {
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => vary.push(h),
+                Err(_) => self.error(
+                    &index_path(&key_path(path, "vary"), i),
+                    format!("\"{name}\" is not a valid header name"),
+                ),
+            }
+        }
+        Some(CachePolicy {
+            ttl: raw.ttl.0,
+            vary,
+        })
+    }
+
+    /// `cache.max_size`, needed only when a route caches.
+    fn cache_section(&mut self, value: Option<&Value>, used: bool) -> Option<u64> {
+        let raw = match value.filter(|v| !v.is_null()) {
+            Some(v) => self.de::<RawCacheGlobal>("cache", v)?,
+            None => RawCacheGlobal::default(),
+        };
+        let size = raw.max_size.map_or(256 << 20, |s| s.0);
+        if size < 1 << 20 {
+            self.error("cache.max_size", "max_size must be at least 1MiB");
+            return None;
+        }
+        used.then_some(size)
     }
 
     /// A body rule block; `None` when it is empty or invalid.

@@ -22,6 +22,8 @@ use crate::gateway::Runtime;
 /// A fully validated configuration.
 pub struct Config {
     pub server: ServerSettings,
+    /// `cache.max_size`, when any route caches.
+    pub cache_max_size: Option<u64>,
     pub listeners: Vec<Listener>,
     pub admin: Option<AdminSettings>,
     pub runtime: Runtime,

@@ -239,3 +239,19 @@ pub struct RawBodyRules {
     #[serde(default)]
     pub xml_to_json: bool,
 }
+
+/// The top-level `cache`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheGlobal {
+    pub max_size: Option<ConfSize>,
+}
+
+/// A route's `cache`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    pub ttl: ConfDuration,
+    #[serde(default)]
+    pub vary: Vec<String>,
+}

@@ -14,6 +14,7 @@ pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Seg
 pub use normalize::{normalize_path, PathError};
 
 use crate::auth::RouteAuth;
+use crate::cache::CachePolicy;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
 use crate::transform::body::JsonRules;
@@ -43,6 +44,7 @@ pub struct Route {
     pub identity_headers: Arc<[http::HeaderName]>,
     pub request_body: Option<JsonRules>,
     pub response_body: Option<ResponseBodyRules>,
+    pub cache: Option<CachePolicy>,
 }
 
 /// `response_body`: JSON field rules, and XML turned into JSON first.

@@ -1,0 +1,191 @@
+//! The response cache: pingora-cache is the engine, `storage` a bounded
+//! in-memory store. Joins `request_cache_filter` (turn it on for GET/HEAD on
+//! a cached route), `cache_key_callback` (the key), `response_cache_filter`
+//! (store or not), `cache_vary_filter` (the upstream's `Vary`) and
+//! `response_filter` (`X-Cache`). Authentication runs before the cache, so
+//! an unauthenticated request never reaches an entry of a protected route.
+
+pub mod storage;
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{HeaderName, AUTHORIZATION, SET_COOKIE, VARY};
+use http::Method;
+use pingora_cache::cache_control::CacheControl;
+use pingora_cache::key::HashBinary;
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::{CacheMeta, CachePhase, NoCacheReason, RespCacheable, VarianceBuilder};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+pub use storage::MemoryStorage;
+
+/// How long a request waits for another one filling the same entry.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A route's `cache`.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    /// Request headers whose values are part of the key.
+    pub vary: Vec<HeaderName>,
+}
+
+/// The process-wide cache: one storage and one lock table, created at start
+/// and shared by every route (pingora-cache needs them `'static`).
+#[derive(Clone, Copy)]
+pub struct Cache {
+    pub storage: &'static MemoryStorage,
+    lock: &'static CacheKeyLockImpl,
+}
+
+impl Cache {
+    pub fn new(max_size: u64) -> Self {
+        let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(LOCK_TIMEOUT);
+        Cache {
+            storage: Box::leak(Box::new(MemoryStorage::new(max_size))),
+            lock: Box::leak(lock),
+        }
+    }
+
+    /// Turns the cache on for this request. Concurrent misses for one key
+    /// wait on the lock, so only one goes upstream.
+    pub fn enable(&self, session: &mut Session) {
+        session
+            .cache
+            .enable(self.storage, None, None, Some(self.lock), None);
+    }
+}
+
+/// Whether a request may use the cache at all.
+pub fn request_cacheable(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD
+}
+
+/// The primary key: method, host, normalized path, query, the route's
+/// `vary` header values, and the token's subject on a route with `auth`.
+/// One field a line (none of them can hold a newline); the path is the
+/// third, which the storage reads back for purges.
+pub fn primary_key(
+    req: &RequestHeader,
+    host: &str,
+    path: &str,
+    policy: &CachePolicy,
+    subject: Option<&str>,
+) -> String {
+    let mut key = String::with_capacity(64 + path.len());
+    key.push_str(req.method.as_str());
+    key.push('\n');
+    key.push_str(&host.to_ascii_lowercase());
+    key.push('\n');
+    key.push_str(path);
+    key.push('\n');
+    key.push_str(req.uri.query().unwrap_or(""));
+    for name in &policy.vary {
+        key.push('\n');
+        key.push_str(name.as_str());
+        key.push('=');
+        for v in req.headers.get_all(name) {
+            key.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            key.push(',');
+        }
+    }
+    key.push_str("\nsub=");
+    key.push_str(subject.unwrap_or(""));
+    key
+}
+
+/// Whether and how long to keep a response: only 200; never `no-store`,
+/// `private`, `no-cache`, `Vary: *` or `Set-Cookie`; for as long as the
+/// route's `ttl`, or a shorter `s-maxage`/`max-age`. A response to a
+/// request with `Authorization` on a route the gateway does not
+/// authenticate is kept only when marked `public`, `s-maxage` or
+/// `must-revalidate` (RFC 9111 3.5).
+pub fn cacheability(
+    policy: &CachePolicy,
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    gateway_auth: bool,
+) -> RespCacheable {
+    let no = |why: &'static str| RespCacheable::Uncacheable(NoCacheReason::Custom(why));
+    if resp.status != 200 {
+        return no("status");
+    }
+    if resp.headers.contains_key(SET_COOKIE) {
+        return no("set-cookie");
+    }
+    if resp.headers.get_all(VARY).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii() == b"*")
+    }) {
+        return no("vary-star");
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    if let Some(cc) = &cc {
+        if cc.no_store() || cc.private() || cc.no_cache() {
+            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+        }
+    }
+    if !gateway_auth && req.headers.contains_key(AUTHORIZATION) {
+        let allowed = cc.as_ref().is_some_and(|c| {
+            c.public() || c.must_revalidate() || c.s_maxage().ok().flatten().is_some()
+        });
+        if !allowed {
+            return no("authorization");
+        }
+    }
+    let mut ttl = policy.ttl;
+    if let Some(cc) = &cc {
+        let origin = cc
+            .s_maxage()
+            .ok()
+            .flatten()
+            .or_else(|| cc.max_age().ok().flatten());
+        if let Some(secs) = origin {
+            ttl = ttl.min(Duration::from_secs(secs.into()));
+        }
+    }
+    if ttl.is_zero() {
+        return no("ttl");
+    }
+    let now = SystemTime::now();
+    RespCacheable::Cacheable(CacheMeta::new(now + ttl, now, 0, 0, resp.clone()))
+}
+
+/// The upstream's `Vary`: the listed request headers' values split entries.
+pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+    let names: Vec<String> = meta
+        .response_header()
+        .headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    let mut builder = VarianceBuilder::new();
+    for name in &names {
+        let value = req
+            .headers
+            .get(name.as_str())
+            .map_or(&b""[..], |v| v.as_bytes());
+        builder.add_value(name, value);
+    }
+    builder.finalize()
+}
+
+/// `X-Cache` for a response of a cached route.
+pub fn x_cache(phase: CachePhase) -> &'static str {
+    match phase {
+        CachePhase::Hit | CachePhase::Revalidated => "HIT",
+        CachePhase::Miss | CachePhase::Expired | CachePhase::Stale | CachePhase::StaleUpdating => {
+            "MISS"
+        }
+        _ => "BYPASS",
+    }
+}

@@ -1,0 +1,281 @@
+//! The response cache's storage for pingora-cache: in memory, bounded by
+//! `cache.max_size` (bodies and headers together), evicting the least
+//! recently and least frequently used entries first (quick_cache's
+//! CLOCK-Pro). Entries remember their path so a prefix can be purged.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType, Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::{Error, ErrorType, Result};
+
+struct Entry {
+    meta: (Vec<u8>, Vec<u8>),
+    body: Bytes,
+    /// The request path, for purges by prefix.
+    path: Box<str>,
+}
+
+#[derive(Clone)]
+struct EntrySize;
+
+impl quick_cache::Weighter<HashBinary, Arc<Entry>> for EntrySize {
+    fn weight(&self, _key: &HashBinary, e: &Arc<Entry>) -> u64 {
+        (e.body.len() + e.meta.0.len() + e.meta.1.len() + e.path.len() + 96) as u64
+    }
+}
+
+pub struct MemoryStorage {
+    entries: quick_cache::sync::Cache<HashBinary, Arc<Entry>, EntrySize>,
+    /// The largest single response kept: an eighth of the whole, so one
+    /// response never empties the cache.
+    max_entry: usize,
+}
+
+impl MemoryStorage {
+    pub fn new(max_size: u64) -> Self {
+        MemoryStorage {
+            // quick_cache sizes its tables from an item estimate.
+            entries: quick_cache::sync::Cache::with_weighter(
+                (max_size / 4096).clamp(64, 1 << 20) as usize,
+                max_size,
+                EntrySize,
+            ),
+            max_entry: (max_size / 8) as usize,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn size(&self) -> u64 {
+        self.entries.weight()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drops every entry; returns how many there were.
+    pub fn purge_all(&self) -> usize {
+        let n = self.entries.len();
+        self.entries.clear();
+        n
+    }
+
+    /// Drops the entries whose path is `prefix` or below it (whole
+    /// segments); returns how many.
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        let prefix = prefix.trim_end_matches('/');
+        let before = self.entries.len();
+        self.entries.retain(|_, e| {
+            let p = &*e.path;
+            let under = prefix.is_empty()
+                || (p.starts_with(prefix)
+                    && matches!(p.as_bytes().get(prefix.len()), None | Some(b'/')));
+            !under
+        });
+        before.saturating_sub(self.entries.len())
+    }
+
+    fn get(&self, key: &HashBinary) -> Option<Arc<Entry>> {
+        self.entries.get(key)
+    }
+}
+
+/// The path part of a primary key written by `super::primary_key`.
+fn path_of(key: &CacheKey) -> Box<str> {
+    String::from_utf8_lossy(key.primary_key())
+        .split('\n')
+        .nth(2)
+        .unwrap_or("")
+        .into()
+}
+
+struct Hit {
+    body: Option<Bytes>,
+}
+
+#[async_trait]
+impl HandleHit for Hit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.body.take())
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+struct Miss {
+    storage: &'static MemoryStorage,
+    key: HashBinary,
+    path: Box<str>,
+    meta: (Vec<u8>, Vec<u8>),
+    body: BytesMut,
+    /// Past `max_entry`: finished without being stored.
+    too_big: bool,
+}
+
+#[async_trait]
+impl HandleMiss for Miss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if self.too_big {
+            return Ok(());
+        }
+        if self.body.len() + data.len() > self.storage.max_entry {
+            self.too_big = true;
+            self.body = BytesMut::new();
+            return Ok(());
+        }
+        self.body.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        if self.too_big {
+            return Ok(MissFinishType::Created(0));
+        }
+        let size = self.body.len();
+        let entry = Entry {
+            meta: self.meta,
+            body: self.body.freeze(),
+            path: self.path,
+        };
+        self.storage.entries.insert(self.key, Arc::new(entry));
+        Ok(MissFinishType::Created(size))
+    }
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(entry) = self.get(&key.combined_bin()) else {
+            return Ok(None);
+        };
+        let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1)?;
+        Ok(Some((
+            meta,
+            Box::new(Hit {
+                body: Some(entry.body.clone()),
+            }),
+        )))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        Ok(Box::new(Miss {
+            storage: self,
+            key: key.combined_bin(),
+            path: path_of(key),
+            meta: meta.serialize()?,
+            body: BytesMut::new(),
+            too_big: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key: &CompactCacheKey = target.key();
+        Ok(match self.entries.remove(&key.combined_bin()) {
+            Some(_) => PurgeOutcome::Purged(None),
+            None => PurgeOutcome::NotFound,
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let hash = key.combined_bin();
+        let Some(old) = self.get(&hash) else {
+            return Error::e_explain(ErrorType::InternalError, "no cached entry to update");
+        };
+        let entry = Entry {
+            meta: meta.serialize()?,
+            body: old.body.clone(),
+            path: old.path.clone(),
+        };
+        self.entries.insert(hash, Arc::new(entry));
+        Ok(true)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, size: usize) -> Arc<Entry> {
+        Arc::new(Entry {
+            meta: (vec![], vec![]),
+            body: Bytes::from(vec![0u8; size]),
+            path: path.into(),
+        })
+    }
+
+    #[test]
+    fn purge_by_prefix_takes_whole_segments() {
+        let s = MemoryStorage::new(1 << 20);
+        for (i, p) in ["/v1/users", "/v1/users/7", "/v1/usersx", "/v2/users"]
+            .iter()
+            .enumerate()
+        {
+            s.entries.insert([i as u8; 16], entry(p, 10));
+        }
+        assert_eq!(s.purge_prefix("/v1/users"), 2);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.purge_all(), 2);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn it_stays_within_max_size() {
+        let s = MemoryStorage::new(64 * 1024);
+        for i in 0..200u8 {
+            s.entries.insert([i; 16], entry("/x", 4000));
+        }
+        assert!(s.size() <= 64 * 1024, "{}", s.size());
+        assert!(s.len() < 20);
+    }
+}
