@@ -5,6 +5,7 @@
 //! the request phases.
 
 pub mod admin;
+pub mod aggregate;
 pub mod auth;
 pub mod background;
 pub mod cache;

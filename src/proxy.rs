@@ -15,6 +15,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::aggregate;
 use crate::auth::{self, Claims};
 use crate::cache::{self, Cache};
 use crate::config::ServerSettings;
@@ -22,12 +23,14 @@ use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
+use crate::routing::Params;
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
 use crate::transform::body::Rewrite;
 use crate::transform::headers::strip_hop_by_hop;
 use crate::upstream::{HashKey, InFlight, Pick};
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
+use pingora_core::connectors::http::Connector;
 
 const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
@@ -35,6 +38,8 @@ pub struct Proxy {
     gateway: Arc<Gateway>,
     settings: Arc<ServerSettings>,
     cache: Option<Cache>,
+    /// Pooled connections for aggregate parts.
+    parts: Connector,
 }
 
 impl Proxy {
@@ -43,6 +48,7 @@ impl Proxy {
             gateway,
             settings,
             cache,
+            parts: Connector::new(None),
         }
     }
 }
@@ -67,6 +73,13 @@ pub struct RequestCtx {
     claims: Option<Arc<Claims>>,
     /// The rate limit count, for the `RateLimit-*` headers.
     limit: Option<Decision>,
+    /// Path parameters, for an aggregate route's placeholders.
+    params: Params,
+    /// `X-Cache` of an answer the route built itself (aggregation).
+    x_cache: Option<&'static str>,
+    /// The answer came from the route (aggregation): its response header
+    /// rules apply.
+    answered_by_route: bool,
     /// Bodies held back for a body rule.
     request_rewrite: Option<Rewrite>,
     response_rewrite: Option<Rewrite>,
@@ -82,9 +95,14 @@ impl RequestCtx {
         if let Some(d) = self.route.as_ref().and_then(|r| r.deprecation.as_ref()) {
             d.apply(resp);
         }
-        // Answers the gateway makes itself never come from the cache.
-        if self.route.as_ref().is_some_and(|r| r.cache.is_some()) {
-            let _ = resp.insert_header(X_CACHE, "BYPASS");
+        if let Some(route) = &self.route {
+            if self.answered_by_route {
+                route.response_headers.apply(resp);
+            }
+            // Answers the gateway makes itself never come from the cache.
+            if route.cache.is_some() {
+                let _ = resp.insert_header(X_CACHE, self.x_cache.unwrap_or("BYPASS"));
+            }
         }
         if let Some(limit) = &self.limit {
             limit.headers(resp);
@@ -189,6 +207,9 @@ impl Proxy {
             ctx.upstream_uri = Some(route.rewrite.apply(&path, req.uri.query()));
         }
         ctx.deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
+        if route.aggregate().is_some() {
+            route.matcher.path.matches(&path, Some(&mut ctx.params));
+        }
         ctx.route = Some(route);
         match declared_length(req) {
             Some(len) if len > max_body => {
@@ -255,6 +276,82 @@ impl Proxy {
         match late {
             Some(limit) => ctx.count(limit, headers),
             None => Phase::Continue,
+        }
+    }
+
+    /// Answers an aggregate route: from the cache when it can, else from
+    /// its parts (and caches a complete answer).
+    async fn aggregate(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
+        let Some(route) = ctx.route.clone() else {
+            return Phase::Continue;
+        };
+        let Some(agg) = route.aggregate() else {
+            return Phase::Continue;
+        };
+        let req = session.req_header();
+        let cache_slot = match (&self.cache, &route.cache) {
+            (Some(c), Some(policy)) if cache::request_cacheable(&req.method) => {
+                let path = normalize_path(req.uri.path()).unwrap_or_default();
+                let host = forwarding::request_host(req).unwrap_or("");
+                let primary = cache::primary_key(req, host, &path, policy, ctx.subject());
+                Some((c, policy, cache::entry_key(primary), path.into_owned()))
+            }
+            _ => None,
+        };
+        if let Some((c, _, key, _)) = &cache_slot {
+            if let Some(body) = c.storage.get_fresh(key) {
+                ctx.x_cache = Some("HIT");
+                ctx.answered_by_route = true;
+                return Phase::Respond(
+                    aggregate::Answer {
+                        body,
+                        missing: vec![],
+                    }
+                    .response(),
+                );
+            }
+        }
+        let mut headers = vec![(REQUEST_ID, ctx.request_id.header_value().clone())];
+        for name in [http::header::HOST, http::header::AUTHORIZATION] {
+            if let Some(v) = req.headers.get(&name) {
+                headers.push((name, v.clone()));
+            }
+        }
+        if let (Some(auth), Some(claims)) = (&route.auth, ctx.claims.as_deref()) {
+            for (claim, header) in &auth.provider.forward_claims {
+                if let Some(v) = claims.get(claim).and_then(auth::claim_header_value) {
+                    headers.push((header.clone(), v));
+                }
+            }
+        }
+        let input = aggregate::Input {
+            params: &ctx.params,
+            query: req.uri.query(),
+            claims: ctx.claims.as_deref(),
+            headers,
+        };
+        let outcome = agg.run(&self.parts, &input).await;
+        ctx.answered_by_route = true;
+        match outcome {
+            Ok(answer) => {
+                if let Some((c, policy, key, path)) = cache_slot {
+                    ctx.x_cache = Some("MISS");
+                    // Only a complete answer is worth keeping.
+                    if answer.missing.is_empty() {
+                        let mut head = ResponseHeader::build(200, Some(1)).ok();
+                        if let Some(h) = head.as_mut() {
+                            let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+                        }
+                        if let Some(h) = head {
+                            let now = std::time::SystemTime::now();
+                            let meta = CacheMeta::new(now + policy.ttl, now, 0, 0, h);
+                            c.storage.put(key, &meta, answer.body.clone(), &path);
+                        }
+                    }
+                }
+                Phase::Respond(answer.response())
+            }
+            Err(part) => Phase::Respond(aggregate::failure(&part, ctx.request_id.as_str())),
         }
     }
 
@@ -348,6 +445,11 @@ impl ProxyHttp for Proxy {
         if let Phase::Continue = phase {
             phase = self.guard(session, ctx).await;
         }
+        if let Phase::Continue = phase {
+            if ctx.route.as_ref().is_some_and(|r| r.aggregate().is_some()) {
+                phase = self.aggregate(session, ctx).await;
+            }
+        }
         self.respond(phase, session, ctx).await
     }
 
@@ -359,7 +461,12 @@ impl ProxyHttp for Proxy {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
-        let upstream = &route.upstream;
+        let Some(upstream) = route.upstream() else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "an aggregate route has no upstream",
+            );
+        };
         let left = match ctx.deadline {
             Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
@@ -403,7 +510,10 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let (Some(route), Some(in_flight)) = (&ctx.route, ctx.in_flight.take()) else {
+        let (Some(upstream), Some(in_flight)) = (
+            ctx.route.as_ref().and_then(|r| r.upstream()),
+            ctx.in_flight.take(),
+        ) else {
             return e;
         };
         let failed = in_flight.index();
@@ -411,12 +521,11 @@ impl ProxyHttp for Proxy {
         log::warn!(
             "request {}: connect to {} (upstream {}) failed: {}",
             ctx.request_id.as_str(),
-            route.upstream.targets[failed].label,
-            route.upstream.name,
+            upstream.targets[failed].label,
+            upstream.name,
             e.etype().as_str()
         );
         ctx.tried.push(failed);
-        let upstream = &route.upstream;
         let another =
             (0..upstream.targets.len()).any(|i| !ctx.tried.contains(&i) && upstream.is_healthy(i));
         if ctx.tried.len() <= upstream.retries && another {

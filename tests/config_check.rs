@@ -209,9 +209,9 @@ fn secrets_from_the_environment_are_never_printed() {
 
 #[test]
 fn features_of_later_versions_are_refused_not_ignored() {
-    let e = single_error(&route("    cache: { ttl: 30s }\n"));
+    let e = single_error(&with_listen("access_log: stdout\n"));
     assert!(
-        e.contains("routes[0].cache") && e.contains("not supported"),
+        e.contains("access_log") && e.contains("not supported"),
         "{e}"
     );
 }
@@ -295,4 +295,49 @@ fn auth_and_rate_limit_errors() {
         !stderr.contains("tooshort-but-secret"),
         "a secret was printed:\n{stderr}"
     );
+}
+
+#[test]
+fn cache_body_and_aggregate_errors() {
+    let yaml = [
+        "listen: [127.0.0.1:8080]\ncache: { max_size: 1KiB }\n".to_string(),
+        "upstreams:\n  u:\n    targets: [127.0.0.1:1]\n".to_string(),
+        "routes:\n".to_string(),
+        "  - name: a\n    match: { path: /a }\n    upstream: u\n    cache: { ttl: 0s, vary: [\"bad header\"] }\n".to_string(),
+        "  - name: b\n    match: { path: /b }\n    upstream: u\n    request_body: { xml_to_json: true, remove_fields: [\"a..b\"] }\n".to_string(),
+        "    response_body: { rename_fields: { \"x\": \"y.z\" } }\n".to_string(),
+        "  - name: c\n    match: { path: \"/c/{id}\" }\n    upstream: u\n    aggregate: { parts: [] }\n".to_string(),
+        "  - name: d\n    match: { path: \"/d/{id}\" }\n".to_string(),
+        "    aggregate:\n      parts:\n".to_string(),
+        "        - { key: p, upstream: nope, path: \"/x/{id}\" }\n".to_string(),
+        "        - { key: p, upstream: u, path: \"/y/{name}\" }\n".to_string(),
+        "        - { key: q, upstream: u, path: \"/z/{claim.sub}\" }\n".to_string(),
+    ]
+    .concat();
+    let (code, _, stderr) = check_config(&yaml, &[]);
+    assert_eq!(code, 1);
+    let has = |path: &str, text: &str| {
+        assert!(
+            stderr.lines().any(|e| e.contains(path) && e.contains(text)),
+            "no error at {path} saying {text:?}:\n{stderr}"
+        )
+    };
+    has("cache.max_size", "at least 1MiB");
+    has("routes[0].cache.ttl", "above zero");
+    has("routes[1].request_body.xml_to_json", "response_body only");
+    has(
+        "routes[1].response_body.rename_fields.x",
+        "plain field name",
+    );
+    has("routes[2]", "an upstream or an aggregate, not both");
+    has(
+        "routes[3].aggregate.parts[0].upstream",
+        "unknown upstream \"nope\"",
+    );
+    has("routes[3].aggregate.parts[1].key", "used twice");
+    has(
+        "routes[3].aggregate.parts[1].path",
+        "{name} is not a parameter",
+    );
+    has("routes[3].aggregate.parts[2].path", "needs auth");
 }

@@ -189,3 +189,10 @@ pub fn x_cache(phase: CachePhase) -> &'static str {
         _ => "BYPASS",
     }
 }
+
+/// The storage key of an answer built by the gateway itself (aggregation),
+/// the same as pingora-cache would compute for a proxied response.
+pub fn entry_key(primary: String) -> HashBinary {
+    use pingora_cache::key::CacheHashKey;
+    pingora_cache::CacheKey::new(primary, "").combined_bin()
+}

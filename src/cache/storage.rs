@@ -88,6 +88,32 @@ impl MemoryStorage {
         before.saturating_sub(self.entries.len())
     }
 
+    /// A fresh entry's body, for answers the gateway builds itself
+    /// (aggregation), which do not pass through pingora-cache.
+    pub fn get_fresh(&self, key: &HashBinary) -> Option<Bytes> {
+        let entry = self.get(key)?;
+        let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1).ok()?;
+        meta.is_fresh(std::time::SystemTime::now())
+            .then(|| entry.body.clone())
+    }
+
+    /// Stores such an answer.
+    pub fn put(&self, key: HashBinary, meta: &CacheMeta, body: Bytes, path: &str) {
+        if body.len() > self.max_entry {
+            return;
+        }
+        if let Ok(meta) = meta.serialize() {
+            self.entries.insert(
+                key,
+                Arc::new(Entry {
+                    meta,
+                    body,
+                    path: path.into(),
+                }),
+            );
+        }
+    }
+
     fn get(&self, key: &HashBinary) -> Option<Arc<Entry>> {
         self.entries.get(key)
     }

@@ -18,6 +18,7 @@ use super::error::ConfigErrors;
 use super::raw::*;
 use super::source::{index_path, key_path, Document};
 use super::{AdminSettings, Config, Listener, ServerSettings, TlsFiles};
+use crate::aggregate::{Aggregate, Part as AggregatePart, PathTemplate};
 use crate::auth::jwks::{JwksUrl, RemoteJwks};
 use crate::auth::keys::{self, KeySet};
 use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
@@ -27,7 +28,7 @@ use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
 use crate::routing::ResponseBodyRules;
 use crate::routing::{
-    HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router,
+    HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router, Segment, Target,
 };
 use crate::transform::body::{FieldPath, JsonRules};
 use crate::transform::headers::{Deprecation, HeaderRules};
@@ -767,36 +768,29 @@ impl Compiler<'_> {
     ) -> Option<Route> {
         let upstreams = shared.upstreams;
         let errors_before = self.errors.0.len();
-        for (key, set) in [("aggregate", raw.aggregate.is_some())] {
-            if set {
-                self.error(&key_path(path, key), format!("{key} {NOT_YET}"));
-            }
-        }
         let matcher = self.matcher(&key_path(path, "match"), raw.matcher);
-        let upstream = match raw.upstream.as_deref() {
-            None => {
-                self.error(path, "a route needs an upstream");
+        let target = match (raw.upstream.as_deref(), &raw.aggregate) {
+            (Some(_), Some(_)) => {
+                self.error(path, "a route has an upstream or an aggregate, not both");
                 None
             }
-            Some(name) => match upstreams.get(name) {
-                Some(up) => Some(Arc::clone(up)),
-                // Declared but invalid: its own errors are already reported.
-                None if declared.iter().any(|d| d == name) => None,
-                None => {
-                    let mut known: Vec<&str> = declared.iter().map(String::as_str).collect();
-                    known.sort_unstable();
-                    let known = if known.is_empty() {
-                        "none are defined".to_string()
-                    } else {
-                        format!("known: {}", known.join(", "))
-                    };
-                    self.error(
-                        &key_path(path, "upstream"),
-                        format!("unknown upstream \"{name}\"; {known}"),
-                    );
-                    None
-                }
-            },
+            (None, None) => {
+                self.error(path, "a route needs an upstream (or an aggregate)");
+                None
+            }
+            (Some(name), None) => self
+                .upstream_ref(&key_path(path, "upstream"), name, upstreams, declared)
+                .map(Target::Upstream),
+            (None, Some(agg)) => self
+                .aggregate(
+                    &key_path(path, "aggregate"),
+                    agg,
+                    matcher.as_ref(),
+                    raw.auth.is_some(),
+                    upstreams,
+                    declared,
+                )
+                .map(Target::Aggregate),
         };
         for (key, value) in [
             ("strip_prefix", &raw.strip_prefix),
@@ -875,7 +869,7 @@ impl Compiler<'_> {
         Some(Route {
             name: raw.name.into(),
             matcher: matcher?,
-            upstream: upstream?,
+            target: target?,
             rewrite: PathRewrite {
                 strip_prefix: raw
                     .strip_prefix
@@ -896,6 +890,116 @@ impl Compiler<'_> {
             response_body,
             cache,
         })
+    }
+
+    /// An upstream named by a route or an aggregate part.
+    fn upstream_ref(
+        &mut self,
+        path: &str,
+        name: &str,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+    ) -> Option<Arc<Upstream>> {
+        if let Some(up) = upstreams.get(name) {
+            return Some(Arc::clone(up));
+        }
+        // Declared but invalid: its own errors are already reported.
+        if declared.iter().any(|d| d == name) {
+            return None;
+        }
+        let mut known: Vec<&str> = declared.iter().map(String::as_str).collect();
+        known.sort_unstable();
+        let known = if known.is_empty() {
+            "none are defined".to_string()
+        } else {
+            format!("known: {}", known.join(", "))
+        };
+        self.error(path, format!("unknown upstream \"{name}\"; {known}"));
+        None
+    }
+
+    fn aggregate(
+        &mut self,
+        path: &str,
+        value: &Value,
+        matcher: Option<&RouteMatcher>,
+        has_auth: bool,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+    ) -> Option<Aggregate> {
+        let raw = self.de::<RawAggregate>(path, value)?;
+        let before = self.errors.0.len();
+        let timeout = raw.timeout.map_or(Duration::from_secs(10), |d| d.0);
+        if timeout.is_zero() {
+            self.error(&key_path(path, "timeout"), "timeout must be above zero");
+        }
+        if raw.parts.is_empty() {
+            self.error(
+                &key_path(path, "parts"),
+                "an aggregate needs at least one part",
+            );
+        }
+        // The parameters the route's path binds.
+        let params: Vec<String> = match matcher.map(|m| &m.path) {
+            Some(PathPattern::Exact(segments)) => segments
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Param(n) => Some(n.clone()),
+                    Segment::Literal(_) => None,
+                })
+                .collect(),
+            Some(PathPattern::Regex(re)) => {
+                re.capture_names().flatten().map(str::to_string).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut parts = Vec::new();
+        let mut keys = HashSet::new();
+        for (i, part) in raw.parts.into_iter().enumerate() {
+            let ppath = index_path(&key_path(path, "parts"), i);
+            if part.key.is_empty() || !keys.insert(part.key.clone()) {
+                self.error(
+                    &key_path(&ppath, "key"),
+                    format!("part key \"{}\" is empty or used twice", part.key),
+                );
+            }
+            let template = match PathTemplate::parse(&part.path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error(&key_path(&ppath, "path"), e);
+                    continue;
+                }
+            };
+            for p in template.params() {
+                if !params.iter().any(|n| n == p) {
+                    self.error(
+                        &key_path(&ppath, "path"),
+                        format!("{{{p}}} is not a parameter of the route's path"),
+                    );
+                }
+            }
+            if template.needs_claims() && !has_auth {
+                self.error(
+                    &key_path(&ppath, "path"),
+                    "{claim.NAME} needs auth on the route",
+                );
+            }
+            let Some(upstream) = self.upstream_ref(
+                &key_path(&ppath, "upstream"),
+                &part.upstream,
+                upstreams,
+                declared,
+            ) else {
+                continue;
+            };
+            parts.push(AggregatePart {
+                key: part.key,
+                upstream,
+                path: template,
+                required: part.required.unwrap_or(true),
+            });
+        }
+        (self.errors.0.len() == before).then_some(Aggregate { timeout, parts })
     }
 
     fn route_cache(&mut self, path: &str, value: &Value) -> Option<CachePolicy> {
@@ -1567,9 +1671,9 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_refused_not_ignored() {
-        let yaml = format!("{BASE}routes:\n  - name: r\n    match: {{ path: /a }}\n    upstream: users\n    cache: {{ ttl: 30s }}\n");
+        let yaml = format!("{BASE}access_log: stdout\n");
         let e = errors(&yaml);
-        assert_eq!(e.0[0].path, "routes[0].cache");
+        assert_eq!(e.0[0].path, "access_log");
         assert!(e.0[0].message.contains("not supported"));
     }
 }

@@ -255,3 +255,20 @@ pub struct RawRouteCache {
     #[serde(default)]
     pub vary: Vec<String>,
 }
+
+/// A route's `aggregate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAggregate {
+    pub timeout: Option<ConfDuration>,
+    pub parts: Vec<RawAggregatePart>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAggregatePart {
+    pub key: String,
+    pub upstream: String,
+    pub path: String,
+    pub required: Option<bool>,
+}

@@ -13,6 +13,7 @@ use http::{HeaderMap, Method};
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
 pub use normalize::{normalize_path, PathError};
 
+use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;
 use crate::ratelimit::RateLimit;
@@ -27,7 +28,7 @@ pub struct Route {
     /// Unique; the label in metrics and logs.
     pub name: Arc<str>,
     pub matcher: RouteMatcher,
-    pub upstream: Arc<Upstream>,
+    pub target: Target,
     pub rewrite: PathRewrite,
     /// Deadline for the whole upstream exchange; overrides the upstream's
     /// `read_timeout`.
@@ -52,6 +53,29 @@ pub struct Route {
 pub struct ResponseBodyRules {
     pub json: JsonRules,
     pub xml_to_json: bool,
+}
+
+/// Where a route's requests go.
+#[derive(Debug)]
+pub enum Target {
+    Upstream(Arc<Upstream>),
+    Aggregate(Aggregate),
+}
+
+impl Route {
+    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
+        match &self.target {
+            Target::Upstream(u) => Some(u),
+            Target::Aggregate(_) => None,
+        }
+    }
+
+    pub fn aggregate(&self) -> Option<&Aggregate> {
+        match &self.target {
+            Target::Aggregate(a) => Some(a),
+            Target::Upstream(_) => None,
+        }
+    }
 }
 
 /// `strip_prefix` then `add_prefix`, applied to the normalized path.

@@ -1,0 +1,368 @@
+//! Aggregation: one client request answered from several upstream calls made
+//! concurrently. Joins `request_filter`, after routing, authentication and
+//! rate limits: the route answers there and never proxies.
+//!
+//! Each part picks a healthy target of its upstream like a proxied request
+//! (retrying another one after a failed connect) and reuses pooled
+//! connections. The answer is a JSON object with the part keys in the order
+//! written; a failed optional part is `null` and named in
+//! `X-Aggregate-Missing`, a failed required part makes the answer `502`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::StatusCode;
+use pingora_core::connectors::http::Connector;
+use pingora_http::RequestHeader;
+use serde_json::{Map, Value};
+
+use crate::auth::Claims;
+use crate::respond::Response;
+use crate::routing::Params;
+use crate::upstream::{Pick, Upstream};
+
+/// The largest part body read.
+const MAX_PART_BODY: usize = 8 << 20;
+
+pub const X_AGGREGATE_MISSING: HeaderName = HeaderName::from_static("x-aggregate-missing");
+
+/// A piece of a part's path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    /// `{name}`: a path parameter of the route.
+    Param(String),
+    /// `{query.NAME}`.
+    Query(String),
+    /// `{claim.NAME}`.
+    Claim(String),
+}
+
+/// `/users/{id}?x={query.x}`, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate(pub Vec<Piece>);
+
+impl PathTemplate {
+    pub fn parse(template: &str) -> Result<Self, String> {
+        if !template.starts_with('/') {
+            return Err(format!("path \"{template}\" must start with /"));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| format!("path \"{template}\": an unclosed {{"))?;
+            let name = &rest[open + 1..close];
+            let valid = |n: &str| {
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            };
+            let piece = if let Some(q) = name.strip_prefix("query.") {
+                valid(q).then(|| Piece::Query(q.to_string()))
+            } else if let Some(c) = name.strip_prefix("claim.") {
+                valid(c).then(|| Piece::Claim(c.to_string()))
+            } else {
+                valid(name).then(|| Piece::Param(name.to_string()))
+            };
+            pieces.push(piece.ok_or_else(|| {
+                format!("path \"{template}\": \"{{{name}}}\" is not a placeholder ({{name}}, {{query.NAME}} or {{claim.NAME}})")
+            })?);
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("path \"{template}\": a stray }}"));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        Ok(PathTemplate(pieces))
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            Piece::Param(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    pub fn needs_claims(&self) -> bool {
+        self.0.iter().any(|p| matches!(p, Piece::Claim(_)))
+    }
+
+    /// The path with its placeholders filled, or the name of the first
+    /// one that has no value. Path and query values are inserted as the
+    /// client sent them (already URI-safe); claims are percent-encoded.
+    fn fill(&self, input: &Input<'_>) -> Result<String, String> {
+        let mut out = String::new();
+        for piece in &self.0 {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Param(n) => {
+                    let v = input
+                        .params
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .ok_or_else(|| n.clone())?;
+                    out.push_str(&v.1);
+                }
+                Piece::Query(n) => {
+                    let v = input
+                        .query
+                        .and_then(|q| {
+                            q.split('&')
+                                .filter_map(|p| p.split_once('='))
+                                .find(|(k, _)| k == n)
+                        })
+                        .ok_or_else(|| format!("query.{n}"))?;
+                    out.push_str(v.1);
+                }
+                Piece::Claim(n) => {
+                    let v = input
+                        .claims
+                        .and_then(|c| c.get(n))
+                        .ok_or_else(|| format!("claim.{n}"))?;
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    out.extend(percent_encoding::utf8_percent_encode(
+                        &text,
+                        percent_encoding::NON_ALPHANUMERIC,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One `parts` entry.
+#[derive(Debug)]
+pub struct Part {
+    pub key: String,
+    pub upstream: Arc<Upstream>,
+    pub path: PathTemplate,
+    pub required: bool,
+}
+
+/// A route's `aggregate`.
+#[derive(Debug)]
+pub struct Aggregate {
+    pub timeout: Duration,
+    pub parts: Vec<Part>,
+}
+
+/// What a fan-out takes from the client's request.
+pub struct Input<'a> {
+    pub params: &'a Params,
+    pub query: Option<&'a str>,
+    pub claims: Option<&'a Claims>,
+    /// `Host`, `Authorization`, `X-Request-Id` and the verified claim
+    /// headers, sent with every part.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The merged answer: body, and the keys of the failed optional parts.
+pub struct Answer {
+    pub body: Bytes,
+    pub missing: Vec<String>,
+}
+
+impl Answer {
+    pub fn response(&self) -> Response {
+        let mut r = Response {
+            status: StatusCode::OK,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body: self.body.clone(),
+        };
+        if !self.missing.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&self.missing.join(", ")) {
+                r.headers.push((X_AGGREGATE_MISSING, v));
+            }
+        }
+        r
+    }
+}
+
+/// The answer when a required part failed.
+pub fn failure(part: &str, request_id: &str) -> Response {
+    Response::problem(
+        StatusCode::BAD_GATEWAY,
+        &format!("the required part \"{part}\" failed"),
+        request_id,
+    )
+}
+
+impl Aggregate {
+    /// Calls every part concurrently, all within `timeout`. `Err` names the
+    /// required part that failed.
+    pub async fn run(&self, connector: &Connector, input: &Input<'_>) -> Result<Answer, String> {
+        let deadline = Instant::now() + self.timeout;
+        let calls = self.parts.iter().map(|part| async move {
+            let outcome =
+                tokio::time::timeout_at(deadline.into(), call(connector, part, input, deadline))
+                    .await;
+            match outcome {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(why)) => Err(why),
+                Err(_) => Err("timed out".to_string()),
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut body = Map::new();
+        let mut missing = Vec::new();
+        for (part, result) in self.parts.iter().zip(results) {
+            match result {
+                Ok(value) => {
+                    body.insert(part.key.clone(), value);
+                }
+                Err(why) if part.required => {
+                    log::warn!("aggregate part {} failed: {why}", part.key);
+                    return Err(part.key.clone());
+                }
+                Err(why) => {
+                    log::info!("aggregate part {} missing: {why}", part.key);
+                    body.insert(part.key.clone(), Value::Null);
+                    missing.push(part.key.clone());
+                }
+            }
+        }
+        let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+        Ok(Answer {
+            body: Bytes::from(body),
+            missing,
+        })
+    }
+}
+
+/// One part: a GET to a healthy target, retried on another after a failed
+/// connect. Fails on a connect error, a non-2xx status, or a body that is
+/// not JSON. The error text stays in the logs, never in the answer.
+async fn call(
+    connector: &Connector,
+    part: &Part,
+    input: &Input<'_>,
+    deadline: Instant,
+) -> Result<Value, String> {
+    let path = part
+        .path
+        .fill(input)
+        .map_err(|p| format!("no value for {{{p}}}"))?;
+    let upstream = &part.upstream;
+    let mut tried = Vec::new();
+    loop {
+        let index = match upstream.pick(&[], &tried) {
+            Pick::Target(i) => i,
+            Pick::NoneHealthy => return Err("no healthy target".into()),
+            Pick::Exhausted => return Err("every target failed to connect".into()),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let peer = upstream.peer(index, Some(left));
+        let _in_flight = upstream.begin(index);
+        let (mut session, _) = match connector.get_http_session(&*peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                tried.push(index);
+                if tried.len() > upstream.retries {
+                    return Err(format!("connect failed: {e}"));
+                }
+                continue;
+            }
+        };
+        session.set_read_timeout(peer.options.read_timeout);
+        session.set_write_timeout(peer.options.write_timeout);
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 1))
+            .map_err(|e| e.to_string())?;
+        for (name, value) in &input.headers {
+            req.insert_header(name, value.clone())
+                .map_err(|e| e.to_string())?;
+        }
+        req.insert_header(http::header::ACCEPT, "application/json")
+            .map_err(|e| e.to_string())?;
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if body.len() + chunk.len() > MAX_PART_BODY {
+                return Err("body over 8 MiB".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        connector
+            .release_http_session(session, &*peer, peer.options.idle_timeout)
+            .await;
+        if !(200..300).contains(&status) {
+            return Err(format!("status {status}"));
+        }
+        return serde_json::from_slice(&body).map_err(|_| "body is not JSON".to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates() {
+        let t = PathTemplate::parse("/orders?user={id}&page={query.page}&by={claim.sub}").unwrap();
+        assert_eq!(
+            t.0,
+            vec![
+                Piece::Text("/orders?user=".into()),
+                Piece::Param("id".into()),
+                Piece::Text("&page=".into()),
+                Piece::Query("page".into()),
+                Piece::Text("&by=".into()),
+                Piece::Claim("sub".into()),
+            ]
+        );
+        assert!(PathTemplate::parse("/x/{id").is_err());
+        assert!(PathTemplate::parse("/x/{}").is_err());
+        assert!(PathTemplate::parse("/x/{claim.}").is_err());
+        assert!(PathTemplate::parse("x/{id}").is_err());
+        let mut claims = Claims::new();
+        claims.insert("sub".into(), Value::from("ann/../x"));
+        let params = vec![("id".to_string(), "7".to_string())];
+        let input = Input {
+            params: &params,
+            query: Some("page=2&z=1"),
+            claims: Some(&claims),
+            headers: vec![],
+        };
+        assert_eq!(
+            t.fill(&input).unwrap(),
+            "/orders?user=7&page=2&by=ann%2F%2E%2E%2Fx"
+        );
+        let no_query = Input {
+            query: None,
+            ..input
+        };
+        assert_eq!(t.fill(&no_query).unwrap_err(), "query.page");
+    }
+}
