@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-auth}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -113,6 +113,7 @@ TARGET_DEFS=(
     "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH|-"
     "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
     "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
+    "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
 )
 
 declare -A T_SERVER=() T_URL=() T_AUTH=()
@@ -230,6 +231,7 @@ server:
   upstream_keepalive_pool_size: 1024
 listen: [127.0.0.1:$GH_PORT]
 admin: { listen: 127.0.0.1:$GH_ADMIN_PORT }
+cache: { max_size: 64MiB }
 upstreams:
   app:
     targets: [127.0.0.1:$UP_PORT]
@@ -246,6 +248,14 @@ routes:
     strip_prefix: /auth
     auth: bench
     rate_limit: { requests: 1000000000, per: 1s, key: ip }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+  # Served from the cache after the first request: the upstream never sees the rest.
+  - name: cached
+    match: { path_prefix: /cached }
+    upstream: app
+    strip_prefix: /cached
+    cache: { ttl: 1h }
     request_headers: { set: { X-Gateway: gatehouse } }
     response_headers: { remove: [Server] }
   - name: plain
