@@ -1,5 +1,7 @@
-//! The admin listener (`admin.listen`), never served on a public listener.
-//! For now it answers `GET /healthz`; everything else is a problem+json 404.
+//! The admin listener (`admin.listen`), never served on a public listener:
+//! `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /reload` and the
+//! cache purges `DELETE /cache[?prefix=/path]`. Anything else is a
+//! problem+json 404.
 
 use std::sync::Arc;
 
@@ -10,16 +12,88 @@ use pingora_core::protocols::http::ServerSession;
 
 use crate::cache::Cache;
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
 
 pub struct AdminApp {
-    #[allow(dead_code)]
     gateway: Arc<Gateway>,
     cache: Option<Cache>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
 }
 
 impl AdminApp {
-    pub fn new(gateway: Arc<Gateway>, cache: Option<Cache>) -> Self {
-        AdminApp { gateway, cache }
+    pub fn new(
+        gateway: Arc<Gateway>,
+        cache: Option<Cache>,
+        metrics: Arc<Metrics>,
+        reloader: Arc<Reloader>,
+    ) -> Self {
+        AdminApp {
+            gateway,
+            cache,
+            metrics,
+            reloader,
+        }
+    }
+
+    /// 200 while every upstream has a healthy target, else 503 naming each
+    /// upstream without one.
+    fn ready(&self) -> Response<Vec<u8>> {
+        let runtime = self.gateway.current();
+        let reasons: Vec<String> = runtime
+            .upstreams
+            .values()
+            .filter(|u| !u.has_healthy_target())
+            .map(|u| format!("upstream {} has no healthy target", u.name))
+            .collect();
+        if reasons.is_empty() {
+            return reply(
+                StatusCode::OK,
+                "application/json",
+                br#"{"status":"ready"}"#.to_vec(),
+            );
+        }
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": reasons.join("; "),
+            "reasons": reasons,
+        });
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/problem+json",
+            body.to_string().into_bytes(),
+        )
+    }
+
+    async fn reload(&self) -> Response<Vec<u8>> {
+        match self.reloader.reload().await {
+            Ok(summary) => {
+                let body = serde_json::json!({ "status": "reloaded", "summary": summary });
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+            }
+            Err(errors) => {
+                let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                let body = serde_json::json!({
+                    "type": "about:blank",
+                    "title": "Bad Request",
+                    "status": 400,
+                    "detail": "the configuration file has errors; nothing was changed",
+                    "errors": list,
+                });
+                reply(
+                    StatusCode::BAD_REQUEST,
+                    "application/problem+json",
+                    body.to_string().into_bytes(),
+                )
+            }
+        }
     }
 
     /// `DELETE /cache` empties the cache; `?prefix=/v1/users` drops only
@@ -89,6 +163,15 @@ impl ServeHttp for AdminApp {
                 br#"{"status":"ok"}"#.to_vec(),
             ),
             (_, "/healthz") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            (Method::GET | Method::HEAD, "/readyz") => self.ready(),
+            (Method::GET | Method::HEAD, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            (Method::POST, "/reload") => self.reload().await,
+            (_, "/readyz" | "/metrics") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            (_, "/reload") => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
             (Method::DELETE, "/cache") => self.purge(req.uri.query()),
             (_, "/cache") => problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE"),
             _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint"),

@@ -11,15 +11,35 @@ use pingora_core::services::background::BackgroundService;
 
 use crate::auth::jwks::RemoteJwks;
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
 use crate::upstream::{health, Upstream};
 
 pub struct ConfigFollower {
     gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
 }
 
 impl ConfigFollower {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        ConfigFollower { gateway }
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>) -> Self {
+        ConfigFollower { gateway, metrics }
+    }
+}
+
+/// `gatehouse_upstream_healthy` for every target of the live configuration.
+async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>) {
+    loop {
+        let runtime = gateway.current();
+        metrics.upstream_healthy.reset();
+        for up in runtime.upstreams.values() {
+            for (i, t) in up.targets.iter().enumerate() {
+                metrics
+                    .upstream_healthy
+                    .with_label_values(&[&up.name, &t.label])
+                    .set(i64::from(up.is_healthy(i)));
+            }
+        }
+        drop(runtime);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 
@@ -57,6 +77,10 @@ impl BackgroundService for ConfigFollower {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.gateway.subscribe();
         let mut started = Started::default();
+        tokio::spawn(publish_health(
+            Arc::clone(&self.gateway),
+            Arc::clone(&self.metrics),
+        ));
         loop {
             let runtime = self.gateway.current();
             for upstream in runtime.upstreams.values() {

@@ -4,6 +4,7 @@
 //! other modules; `server` assembles the Pingora services; `proxy` sequences
 //! the request phases.
 
+pub mod access_log;
 pub mod admin;
 pub mod aggregate;
 pub mod auth;
@@ -13,8 +14,10 @@ pub mod config;
 pub mod forwarding;
 pub mod gateway;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod respond;
 pub mod routing;
 pub mod server;

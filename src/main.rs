@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use gatehouse::config::{self, LoadError};
 use gatehouse::server::{self, RunOptions};
@@ -16,6 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "gatehouse", version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The configuration file.
     #[arg(short = 'c', long = "conf", default_value = "conf/gatehouse.yaml")]
     conf: PathBuf,
@@ -31,6 +33,24 @@ struct Cli {
     daemon: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Explain, without serving, which route a request takes and why, where
+    /// it goes and which policies apply. Exits 1 when no route matches.
+    Route {
+        /// The configuration file.
+        #[arg(short = 'c', long = "conf", default_value = "conf/gatehouse.yaml")]
+        conf: PathBuf,
+        /// The request method, like GET.
+        method: String,
+        /// `http://host/path?query`, or just `/path?query`.
+        url: String,
+        /// A request header, `Name: value`; may be repeated.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -44,6 +64,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(Command::Route {
+        conf,
+        method,
+        url,
+        headers,
+    }) = &cli.command
+    {
+        return route(conf, method, url, headers);
+    }
     let loaded = config::load(&cli.conf);
     if cli.test {
         return Ok(match loaded {
@@ -69,10 +98,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         &RunOptions {
             upgrade: cli.upgrade,
             daemon: cli.daemon,
+            conf: cli.conf.clone(),
         },
     )
     .context("cannot start")?;
     server.run_forever();
+}
+
+/// `gatehouse route -c FILE METHOD URL [-H 'Name: value']...`
+fn route(
+    conf: &std::path::Path,
+    method: &str,
+    url: &str,
+    headers: &[String],
+) -> anyhow::Result<ExitCode> {
+    let config = match config::load(conf) {
+        Ok(c) => c,
+        Err(e) => {
+            report(conf, &e);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let method = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .with_context(|| format!("\"{method}\" is not an HTTP method"))?;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("\"{url}\" is not a URL or path"))?;
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("header \"{h}\" must be written Name: value"))?;
+        map.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes()).context("bad header name")?,
+            http::HeaderValue::from_str(value.trim()).context("bad header value")?,
+        );
+    }
+    let host_header = map
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let host = uri
+        .host()
+        .map(str::to_string)
+        .or(host_header.map(|h| h.rsplit_once(':').map_or(h.clone(), |(a, _)| a.to_string())));
+    let request = gatehouse::routing::RouteRequest {
+        method: &method,
+        path: uri.path(),
+        host: host.as_deref(),
+        headers: &map,
+    };
+    let (text, matched) =
+        gatehouse::routing::explain(&config.runtime.router, &request, uri.query());
+    print!("{text}");
+    Ok(if matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn report(path: &std::path::Path, e: &LoadError) {

@@ -15,12 +15,14 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log::{self, AccessLog};
 use crate::aggregate;
 use crate::auth::{self, Claims};
 use crate::cache::{self, Cache};
 use crate::config::ServerSettings;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
+use crate::metrics::{self, Metrics};
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::Params;
@@ -38,16 +40,26 @@ pub struct Proxy {
     gateway: Arc<Gateway>,
     settings: Arc<ServerSettings>,
     cache: Option<Cache>,
+    metrics: Arc<Metrics>,
+    log: AccessLog,
     /// Pooled connections for aggregate parts.
     parts: Connector,
 }
 
 impl Proxy {
-    pub fn new(gateway: Arc<Gateway>, settings: Arc<ServerSettings>, cache: Option<Cache>) -> Self {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        settings: Arc<ServerSettings>,
+        cache: Option<Cache>,
+        metrics: Arc<Metrics>,
+        log: AccessLog,
+    ) -> Self {
         Proxy {
             gateway,
             settings,
             cache,
+            metrics,
+            log,
             parts: Connector::new(None),
         }
     }
@@ -80,6 +92,7 @@ pub struct RequestCtx {
     /// The answer came from the route (aggregation): its response header
     /// rules apply.
     answered_by_route: bool,
+    start: Option<Instant>,
     /// Bodies held back for a body rule.
     request_rewrite: Option<Rewrite>,
     response_rewrite: Option<Rewrite>,
@@ -101,7 +114,8 @@ impl RequestCtx {
             }
             // Answers the gateway makes itself never come from the cache.
             if route.cache.is_some() {
-                let _ = resp.insert_header(X_CACHE, self.x_cache.unwrap_or("BYPASS"));
+                let x = self.x_cache.unwrap_or("BYPASS");
+                let _ = resp.insert_header(X_CACHE, x);
             }
         }
         if let Some(limit) = &self.limit {
@@ -109,13 +123,18 @@ impl RequestCtx {
         }
     }
 
-    fn count(&mut self, limit: &RateLimit, headers: &http::HeaderMap) -> Phase {
+    fn count(&mut self, limit: &RateLimit, headers: &http::HeaderMap, metrics: &Metrics) -> Phase {
         let decision = limit.admit(&Subject {
             client_ip: self.client_ip,
             headers,
             claims: self.claims.as_deref(),
         });
         self.limit = Some(decision);
+        if !decision.allowed {
+            if let Some(route) = &self.route {
+                metrics.rate_limited.with_label_values(&[&route.name]).inc();
+            }
+        }
         if decision.allowed {
             Phase::Continue
         } else {
@@ -254,7 +273,7 @@ impl Proxy {
             other => (other.as_ref(), None),
         };
         if let Some(limit) = early {
-            if let Phase::Respond(r) = ctx.count(limit, headers) {
+            if let Phase::Respond(r) = ctx.count(limit, headers, &self.metrics) {
                 return Phase::Respond(r);
             }
         }
@@ -262,10 +281,14 @@ impl Proxy {
             match auth.authorize(session.req_header()).await {
                 Ok(claims) => ctx.claims = Some(claims),
                 Err(e) => {
+                    self.metrics
+                        .auth_failures
+                        .with_label_values(&[&route.name, e.reason()])
+                        .inc();
                     // Refused tokens still spend the client's budget (by IP),
                     // so a flood of them is limited too.
                     if let Some(limit) = late {
-                        if let Phase::Respond(r) = ctx.count(limit, headers) {
+                        if let Phase::Respond(r) = ctx.count(limit, headers, &self.metrics) {
                             return Phase::Respond(r);
                         }
                     }
@@ -274,9 +297,79 @@ impl Proxy {
             }
         }
         match late {
-            Some(limit) => ctx.count(limit, headers),
+            Some(limit) => ctx.count(limit, headers, &self.metrics),
             None => Phase::Continue,
         }
+    }
+
+    /// Metrics and the access log line, once the response is done.
+    fn record(&self, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+        let req = session.req_header();
+        let route = ctx.route.as_ref().map_or("-", |r| &*r.name);
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let mut buf = [0u8; 3];
+        let status_text = metrics::status_label(status, &mut buf);
+        let elapsed = ctx.start.map_or(std::time::Duration::ZERO, |s| s.elapsed());
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[route, metrics::method_label(&req.method), status_text])
+            .inc();
+        m.duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        if let Some(f) = &ctx.in_flight {
+            let outcome = match e {
+                None => "success",
+                Some(e) if e.esource() != &ErrorSource::Upstream => "aborted",
+                Some(e) => match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+                    _ => "error",
+                },
+            };
+            m.upstream_requests
+                .with_label_values(&[f.upstream(), f.target(), outcome])
+                .inc();
+        }
+        // X-Cache as sent; a cached route's own answers are BYPASS.
+        let cache = ctx
+            .route
+            .as_ref()
+            .filter(|r| r.cache.is_some())
+            .map(|_| ctx.x_cache.unwrap_or("BYPASS"));
+        if let Some(x) = cache {
+            let result = match x {
+                "HIT" => "hit",
+                "MISS" => "miss",
+                _ => "bypass",
+            };
+            m.cache_requests.with_label_values(&[route, result]).inc();
+        }
+        if !self.log.enabled() {
+            return;
+        }
+        let body_note = ctx
+            .request_rewrite
+            .as_ref()
+            .and_then(|r| r.untouched)
+            .or_else(|| ctx.response_rewrite.as_ref().and_then(|r| r.untouched));
+        let error = e.map(|e| e.etype().as_str());
+        self.log.write(&access_log::Entry {
+            ts: access_log::timestamp(),
+            request_id: ctx.request_id.as_str(),
+            client: ctx.client_ip.map(|ip| ip.to_string()),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            route,
+            upstream: ctx.in_flight.as_ref().map(|f| f.upstream()),
+            target: ctx.in_flight.as_ref().map(|f| f.target()),
+            status,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            bytes_sent: session.body_bytes_sent(),
+            cache,
+            user: ctx.subject(),
+            error,
+            body: body_note,
+        });
     }
 
     /// Answers an aggregate route: from the cache when it can, else from
@@ -434,7 +527,10 @@ impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            start: Some(Instant::now()),
+            ..RequestCtx::default()
+        }
     }
 
     // No compression module: responses pass through as the upstream sent them.
@@ -654,7 +750,9 @@ impl ProxyHttp for Proxy {
         }
         ctx.decorate(upstream_response);
         if ctx.route.as_ref().is_some_and(|r| r.cache.is_some()) {
-            upstream_response.insert_header(X_CACHE, cache::x_cache(session.cache.phase()))?;
+            let x = cache::x_cache(session.cache.phase());
+            ctx.x_cache = Some(x);
+            upstream_response.insert_header(X_CACHE, x)?;
         }
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
         Ok(())
@@ -768,7 +866,8 @@ impl ProxyHttp for Proxy {
         Some(Box::new(crate::listener::Reused))
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.record(session, e, ctx);
         ctx.in_flight = None;
     }
 }

@@ -12,13 +12,16 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
 use crate::background::ConfigFollower;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{HeadGuard, HeadLimits};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::{Reloader, SighupService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,6 +33,8 @@ pub enum StartError {
 pub struct RunOptions {
     pub upgrade: bool,
     pub daemon: bool,
+    /// The configuration file, read again on a reload.
+    pub conf: std::path::PathBuf,
 }
 
 fn seconds_ceil(d: std::time::Duration) -> u64 {
@@ -66,9 +71,28 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     let settings = Arc::new(config.server.clone());
     let gateway = Arc::new(Gateway::new(config.runtime));
     let cache = config.cache_max_size.map(Cache::new);
+    let metrics = Arc::new(Metrics::new());
+    let (log, log_writer) = AccessLog::new(config.access_log.clone(), Arc::clone(&metrics));
+    let reloader = Arc::new(Reloader::new(
+        options.conf.clone(),
+        Arc::clone(&gateway),
+        Arc::clone(&metrics),
+        config.server.clone(),
+        config
+            .listeners
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect(),
+    ));
 
     let mut proxy = HttpProxy::new(
-        Proxy::new(Arc::clone(&gateway), Arc::clone(&settings), cache),
+        Proxy::new(
+            Arc::clone(&gateway),
+            Arc::clone(&settings),
+            cache,
+            Arc::clone(&metrics),
+            log,
+        ),
         conf,
     );
     proxy.handle_init_modules();
@@ -110,7 +134,12 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     if let Some(admin) = &config.admin {
         let mut service = Service::new(
             "gatehouse admin".to_string(),
-            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway), cache)),
+            HttpServer::new_app(AdminApp::new(
+                Arc::clone(&gateway),
+                cache,
+                Arc::clone(&metrics),
+                Arc::clone(&reloader),
+            )),
         );
         service.add_tcp(&admin.listen.to_string());
         service.threads = Some(1);
@@ -119,7 +148,14 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
 
     server.add_service(background_service(
         "health checks and key refreshes",
-        ConfigFollower::new(Arc::clone(&gateway)),
+        ConfigFollower::new(Arc::clone(&gateway), Arc::clone(&metrics)),
     ));
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        SighupService::new(reloader),
+    ));
+    if let Some(writer) = log_writer {
+        server.add_service(background_service("access log", writer));
+    }
     Ok(server)
 }

@@ -208,15 +208,6 @@ fn secrets_from_the_environment_are_never_printed() {
 }
 
 #[test]
-fn features_of_later_versions_are_refused_not_ignored() {
-    let e = single_error(&with_listen("access_log: stdout\n"));
-    assert!(
-        e.contains("access_log") && e.contains("not supported"),
-        "{e}"
-    );
-}
-
-#[test]
 fn a_missing_file_is_an_error() {
     let out = std::process::Command::new(BIN)
         .args(["-t", "-c", "/nonexistent/gatehouse.yaml"])

@@ -135,6 +135,8 @@ pub struct Provider {
     pub token_from: TokenSource,
     /// Claim -> header sent upstream.
     pub forward_claims: Vec<(String, HeaderName)>,
+    /// Its configuration as written: equal on a reload means unchanged.
+    pub fingerprint: String,
     cache: TokenCache,
 }
 
@@ -212,6 +214,7 @@ impl Provider {
             leeway,
             token_from,
             forward_claims,
+            fingerprint: String::new(),
             cache: TokenCache::new(TOKEN_CACHE_BYTES),
         }
     }

@@ -18,6 +18,7 @@ use super::error::ConfigErrors;
 use super::raw::*;
 use super::source::{index_path, key_path, Document};
 use super::{AdminSettings, Config, Listener, ServerSettings, TlsFiles};
+use crate::access_log::Sink;
 use crate::aggregate::{Aggregate, Part as AggregatePart, PathTemplate};
 use crate::auth::jwks::{JwksUrl, RemoteJwks};
 use crate::auth::keys::{self, KeySet};
@@ -48,15 +49,15 @@ const SECTIONS: &[&str] = &[
     "routes",
 ];
 
-/// Features named by the contract that this build does not have yet. They
-/// are refused rather than ignored: ignoring `auth` would serve a protected
-/// route to anyone.
-const NOT_YET: &str = "is not supported by this version of gatehouse yet; remove it";
-
-pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigErrors> {
+pub(super) fn compile(
+    doc: &Document,
+    base: &Path,
+    previous: Option<&Runtime>,
+) -> Result<Config, ConfigErrors> {
     let mut cx = Compiler {
         doc,
         base,
+        previous,
         errors: ConfigErrors::default(),
     };
     let empty = serde_json::Map::new();
@@ -79,12 +80,8 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
             );
         }
     }
-    for section in ["access_log"] {
-        if root.get(section).is_some_and(|v| !v.is_null()) {
-            cx.error(section, format!("{section} {NOT_YET}"));
-        }
-    }
     let server = cx.server(root.get("server"));
+    let access_log = cx.access_log(root.get("access_log"));
     let listeners = cx.listeners(root.get("listen"));
     let admin = cx.admin(root.get("admin"), &listeners);
     let upstreams = cx.upstreams(root.get("upstreams"));
@@ -121,6 +118,7 @@ pub(super) fn compile(doc: &Document, base: &Path) -> Result<Config, ConfigError
     }
     Ok(Config {
         server,
+        access_log,
         cache_max_size,
         listeners,
         admin,
@@ -144,6 +142,9 @@ struct Shared<'a> {
 struct Compiler<'d> {
     doc: &'d Document,
     base: &'d Path,
+    /// The running configuration, on a reload: what did not change is
+    /// carried over with its state.
+    previous: Option<&'d Runtime>,
     errors: ConfigErrors,
 }
 
@@ -183,6 +184,21 @@ impl Compiler<'_> {
                 }
                 self.errors.push(self.doc.error(full, message));
                 None
+            }
+        }
+    }
+
+    /// `access_log: stdout | off | PATH` (default stdout).
+    fn access_log(&mut self, value: Option<&Value>) -> Sink {
+        match value {
+            None | Some(Value::Null) => Sink::Stdout,
+            Some(Value::String(s)) if s == "stdout" => Sink::Stdout,
+            Some(Value::String(s)) if s == "off" => Sink::Off,
+            Some(Value::Bool(false)) => Sink::Off,
+            Some(Value::String(s)) if !s.is_empty() => Sink::File(self.resolve_file(s)),
+            Some(_) => {
+                self.error("access_log", "access_log is stdout, off, or a file path");
+                Sink::Off
             }
         }
     }
@@ -441,12 +457,22 @@ impl Compiler<'_> {
                 );
                 continue;
             }
+            let fingerprint = item.to_string();
+            let unchanged = self
+                .previous
+                .and_then(|p| p.upstreams.get(name))
+                .filter(|old| old.fingerprint == fingerprint);
+            if let Some(old) = unchanged {
+                out.insert(name.clone(), Arc::clone(old));
+                continue;
+            }
             let Some(raw) = self.de::<RawUpstream>(&path, item) else {
                 continue;
             };
             if let Some(spec) = self.upstream_spec(&path, name, raw) {
                 match Upstream::new(spec) {
-                    Ok(up) => {
+                    Ok(mut up) => {
+                        up.fingerprint = fingerprint;
                         out.insert(name.clone(), Arc::new(up));
                     }
                     Err(e) => self.error(&path, e),
@@ -854,10 +880,27 @@ impl Compiler<'_> {
             .auth
             .as_ref()
             .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared));
-        let rate_limit = raw
-            .rate_limit
-            .as_ref()
-            .and_then(|r| self.rate_limit(&key_path(path, "rate_limit"), r));
+        let rate_limit = raw.rate_limit.as_ref().and_then(|r| {
+            // Budgets of a route whose limit did not change survive a reload.
+            let fingerprint = format!("{}\n{r}", raw.name);
+            let unchanged = self.previous.and_then(|p| {
+                p.router
+                    .routes()
+                    .iter()
+                    .filter_map(|route| route.rate_limit.as_ref())
+                    .find(|l| l.fingerprint == fingerprint)
+                    .cloned()
+            });
+            unchanged.or_else(|| {
+                self.rate_limit(&key_path(path, "rate_limit"), r)
+                    .map(|mut l| {
+                        if let Some(limit) = Arc::get_mut(&mut l) {
+                            limit.fingerprint = fingerprint;
+                        }
+                        l
+                    })
+            })
+        });
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
                 self.error(&key_path(path, "timeout"), "timeout must be above zero");
@@ -1195,10 +1238,22 @@ impl Compiler<'_> {
                 );
                 continue;
             }
+            // A provider fetching its keys keeps them (and its verified
+            // tokens) while its configuration does not change.
+            let fingerprint = item.to_string();
+            let unchanged = self
+                .previous
+                .and_then(|p| p.providers.get(name))
+                .filter(|old| old.remote_jwks().is_some() && old.fingerprint == fingerprint);
+            if let Some(old) = unchanged {
+                out.insert(name.clone(), Arc::clone(old));
+                continue;
+            }
             let Some(raw) = self.de::<RawJwtProvider>(&path, item) else {
                 continue;
             };
-            if let Some(p) = self.provider(&path, name, raw) {
+            if let Some(mut p) = self.provider(&path, name, raw) {
+                p.fingerprint = fingerprint;
                 out.insert(name.clone(), Arc::new(p));
             }
         }
@@ -1670,10 +1725,21 @@ mod tests {
     }
 
     #[test]
-    fn features_not_built_yet_are_refused_not_ignored() {
-        let yaml = format!("{BASE}access_log: stdout\n");
-        let e = errors(&yaml);
-        assert_eq!(e.0[0].path, "access_log");
-        assert!(e.0[0].message.contains("not supported"));
+    fn access_log_targets() {
+        use crate::access_log::Sink;
+        let cfg = |v: &str| {
+            load_str(
+                &format!("{BASE}access_log: {v}\n"),
+                Path::new("/etc/gh"),
+                &env,
+            )
+        };
+        assert_eq!(cfg("stdout").map(|c| c.access_log).ok(), Some(Sink::Stdout));
+        assert_eq!(cfg("off").map(|c| c.access_log).ok(), Some(Sink::Off));
+        assert_eq!(
+            cfg("logs/access.log").map(|c| c.access_log).ok(),
+            Some(Sink::File("/etc/gh/logs/access.log".into()))
+        );
+        assert!(cfg("[1, 2]").is_err());
     }
 }

@@ -22,6 +22,7 @@ use crate::gateway::Runtime;
 /// A fully validated configuration.
 pub struct Config {
     pub server: ServerSettings,
+    pub access_log: crate::access_log::Sink,
     /// `cache.max_size`, when any route caches.
     pub cache_max_size: Option<u64>,
     pub listeners: Vec<Listener>,
@@ -96,6 +97,12 @@ pub struct AdminSettings {
 /// Reads and compiles the file at `path`, with `${NAME}` from the process
 /// environment.
 pub fn load(path: &Path) -> Result<Config, LoadError> {
+    load_after(path, None)
+}
+
+/// As [`load`], on a reload: what did not change in `previous` carries
+/// over with its state.
+pub fn load_after(path: &Path, previous: Option<&Runtime>) -> Result<Config, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.display().to_string(),
         source,
@@ -104,7 +111,9 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    load_str(&text, &base, &|name| std::env::var(name).ok()).map_err(LoadError::Invalid)
+    let doc = source::Document::parse(&text, &|name| std::env::var(name).ok())
+        .map_err(|e| LoadError::Invalid(ConfigErrors(e)))?;
+    compile::compile(&doc, &base, previous).map_err(LoadError::Invalid)
 }
 
 /// Compiles configuration text; relative file paths are taken from `base`.
@@ -114,5 +123,5 @@ pub fn load_str(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
     let doc = source::Document::parse(text, env).map_err(ConfigErrors)?;
-    compile::compile(&doc, base)
+    compile::compile(&doc, base, None)
 }

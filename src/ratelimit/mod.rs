@@ -80,6 +80,8 @@ struct SubWindow {
 
 /// One route's `rate_limit`.
 pub struct RateLimit {
+    /// Route and configuration as written: equal on a reload means unchanged.
+    pub fingerprint: String,
     pub requests: u64,
     pub per: Duration,
     pub key: LimitKey,
@@ -110,6 +112,7 @@ impl RateLimit {
             })
             .collect();
         RateLimit {
+            fingerprint: String::new(),
             requests,
             per,
             key,

@@ -2,8 +2,11 @@
 //! the path rewrite sent upstream. Joins the `request_filter` phase (choose
 //! the route, or answer 400/404/405) and `upstream_request_filter` (rewrite).
 
+mod explain;
 mod matcher;
 mod normalize;
+
+pub use explain::explain;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -102,6 +102,8 @@ pub struct UpstreamTls {
 
 pub struct Upstream {
     pub name: Arc<str>,
+    /// Its configuration as written: equal on a reload means unchanged.
+    pub fingerprint: String,
     pub targets: Vec<Target>,
     balancer: Balancer,
     pub hash_key: HashKey,
@@ -199,6 +201,7 @@ impl Upstream {
         }
         Ok(Upstream {
             name: spec.name.into(),
+            fingerprint: String::new(),
             targets,
             balancer,
             hash_key: spec.hash_key,
@@ -341,6 +344,14 @@ pub struct InFlight {
 impl InFlight {
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    pub fn upstream(&self) -> &str {
+        &self.upstream.name
+    }
+
+    pub fn target(&self) -> &str {
+        &self.upstream.targets[self.index].label
     }
 }
 

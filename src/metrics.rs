@@ -1,0 +1,197 @@
+//! Prometheus metrics, served on the admin listener at `GET /metrics`.
+//! Labels are route and upstream names (never raw paths), `-` for a request
+//! that matched no route. Recorded in the `logging` phase (requests,
+//! upstreams, cache) and where a module decides (auth, limits, reloads).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub rate_limited: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub cache_requests: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub access_log_dropped: IntCounter,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_request_duration_seconds",
+                "Time from the request head to the end of the response.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["route"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("metric names are unique");
+        let upstream_healthy = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_upstream_healthy",
+                "1 while a target is healthy, 0 while its health checks fail.",
+            ),
+            &["upstream", "target"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(upstream_healthy.clone()))
+            .expect("metric names are unique");
+        let access_log_dropped = IntCounter::new(
+            "gatehouse_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind.",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(access_log_dropped.clone()))
+            .expect("metric names are unique");
+        Metrics {
+            requests: counter(
+                &registry,
+                "gatehouse_requests_total",
+                "Requests answered, by route, method and status.",
+                &["route", "method", "status"],
+            ),
+            duration,
+            upstream_requests: counter(
+                &registry,
+                "gatehouse_upstream_requests_total",
+                "Requests sent to upstream targets, by outcome.",
+                &["upstream", "target", "outcome"],
+            ),
+            upstream_healthy,
+            rate_limited: counter(
+                &registry,
+                "gatehouse_rate_limited_total",
+                "Requests refused by a rate limit.",
+                &["route"],
+            ),
+            auth_failures: counter(
+                &registry,
+                "gatehouse_auth_failures_total",
+                "Requests refused by authentication, by reason.",
+                &["route", "reason"],
+            ),
+            cache_requests: counter(
+                &registry,
+                "gatehouse_cache_requests_total",
+                "Requests of cached routes, by result (hit, miss, bypass).",
+                &["route", "result"],
+            ),
+            reloads: counter(
+                &registry,
+                "gatehouse_config_reloads_total",
+                "Configuration reloads, by result (success, failure).",
+                &["result"],
+            ),
+            access_log_dropped,
+            registry,
+        }
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The method as a bounded label: the standard methods, else `OTHER`.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// A status as a label, written into `buf` (no allocation).
+pub fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
+    if !(100..=999).contains(&status) {
+        return "000";
+    }
+    buf[0] = b'0' + (status / 100) as u8;
+    buf[1] = b'0' + (status / 10 % 10) as u8;
+    buf[2] = b'0' + (status % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let mut b = [0u8; 3];
+        assert_eq!(status_label(200, &mut b), "200");
+        assert_eq!(status_label(599, &mut b), "599");
+        assert_eq!(status_label(0, &mut b), "000");
+        assert_eq!(
+            method_label(&http::Method::from_bytes(b"PURGE").unwrap()),
+            "OTHER"
+        );
+    }
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["r", "GET", "200"]).inc();
+        m.duration.with_label_values(&["r"]).observe(0.01);
+        m.upstream_requests
+            .with_label_values(&["u", "127.0.0.1:1", "success"])
+            .inc();
+        m.upstream_healthy
+            .with_label_values(&["u", "127.0.0.1:1"])
+            .set(1);
+        m.rate_limited.with_label_values(&["r"]).inc();
+        m.auth_failures.with_label_values(&["r", "expired"]).inc();
+        m.cache_requests.with_label_values(&["r", "hit"]).inc();
+        m.reloads.with_label_values(&["success"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        for family in [
+            "gatehouse_requests_total{method=\"GET\",route=\"r\",status=\"200\"} 1",
+            "gatehouse_request_duration_seconds_bucket",
+            "gatehouse_upstream_requests_total{outcome=\"success\"",
+            "gatehouse_upstream_healthy{",
+            "gatehouse_rate_limited_total{route=\"r\"} 1",
+            "gatehouse_auth_failures_total{reason=\"expired\",route=\"r\"} 1",
+            "gatehouse_cache_requests_total{result=\"hit\",route=\"r\"} 1",
+            "gatehouse_config_reloads_total{result=\"success\"} 1",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Hot reload: `SIGHUP` or `POST /reload` on the admin listener reads the
+//! file again and swaps routes, upstreams, auth and limits in one pointer
+//! swap. Requests in flight finish on the configuration they started with.
+//! A file that fails validation changes nothing; its errors are logged and
+//! returned. What did not change carries over: an upstream keeps its health
+//! state and connection pool, a provider its keys and verified tokens, a
+//! route its rate-limit budgets (and the cache keeps its entries).
+//! Listeners and `server` keys change only by an upgrade.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::Serialize;
+
+use crate::config::{self, ConfigErrors, LoadError, ServerSettings};
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+/// What a successful reload loaded.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub routes: usize,
+    pub upstreams: usize,
+    pub providers: usize,
+    /// Changes that need an upgrade to take effect.
+    pub ignored: Vec<String>,
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    started: ServerSettings,
+    started_listeners: Vec<String>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        started: ServerSettings,
+        started_listeners: Vec<String>,
+    ) -> Self {
+        Reloader {
+            path,
+            gateway,
+            metrics,
+            started,
+            started_listeners,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub async fn reload(&self) -> Result<Summary, ConfigErrors> {
+        let _one_at_a_time = self.busy.lock().await;
+        let path = self.path.clone();
+        let previous = self.gateway.current();
+        // Reading files and resolving names blocks: not on a worker thread.
+        let loaded =
+            tokio::task::spawn_blocking(move || config::load_after(&path, Some(&previous)))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(LoadError::Read {
+                        path: self.path.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                });
+        let config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["failure"]).inc();
+                let errors = match e {
+                    LoadError::Invalid(errors) => errors,
+                    LoadError::Read { .. } => ConfigErrors(vec![config::ConfigError {
+                        path: String::new(),
+                        position: None,
+                        message: e.to_string(),
+                    }]),
+                };
+                for error in errors.iter() {
+                    log::error!("reload refused: {error}");
+                }
+                return Err(errors);
+            }
+        };
+        let mut ignored = Vec::new();
+        let listeners: Vec<String> = config
+            .listeners
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect();
+        if listeners != self.started_listeners {
+            ignored.push("listen: listeners change only by an upgrade".to_string());
+        }
+        if format!("{:?}", config.server) != format!("{:?}", self.started) {
+            ignored.push("server: server keys change only by an upgrade".to_string());
+        }
+        for note in &ignored {
+            log::warn!("reload: {note}");
+        }
+        let summary = Summary {
+            routes: config.runtime.router.routes().len(),
+            upstreams: config.runtime.upstreams.len(),
+            providers: config.runtime.providers.len(),
+            ignored,
+        };
+        self.gateway.swap(config.runtime);
+        self.metrics.reloads.with_label_values(&["success"]).inc();
+        log::info!(
+            "configuration reloaded: {} routes, {} upstreams",
+            summary.routes,
+            summary.upstreams
+        );
+        Ok(summary)
+    }
+}
+
+/// Reloads on `SIGHUP`.
+pub struct SighupService {
+    reloader: Arc<Reloader>,
+}
+
+impl SighupService {
+    pub fn new(reloader: Arc<Reloader>) -> Self {
+        SighupService { reloader }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for SighupService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    log::info!("SIGHUP: reloading the configuration");
+                    let _ = self.reloader.reload().await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `gatehouse route`: which route a request would take and why, without
+//! serving anything.
+
+use std::fmt::Write;
+
+use super::{
+    normalize_path, HostPattern, PathPattern, Route, RouteRequest, Router, Segment, Target,
+};
+
+fn describe_path(p: &PathPattern) -> String {
+    match p {
+        PathPattern::Exact(segments) => {
+            let mut s = String::new();
+            for seg in segments {
+                s.push('/');
+                match seg {
+                    Segment::Literal(l) => s.push_str(l),
+                    Segment::Param(n) => {
+                        let _ = write!(s, "{{{n}}}");
+                    }
+                }
+            }
+            if s.is_empty() {
+                s.push('/');
+            }
+            format!("path {s}")
+        }
+        PathPattern::Regex(re) => format!("path_regex {}", re.as_str()),
+        PathPattern::Prefix(p) => format!("path_prefix {}", if p.is_empty() { "/" } else { p }),
+    }
+}
+
+/// Each condition of `route` against `req`: (description, holds).
+fn checks(route: &Route, req: &RouteRequest<'_>) -> Vec<(String, bool)> {
+    let m = &route.matcher;
+    let mut out = vec![(describe_path(&m.path), m.path.matches(req.path, None))];
+    if let Some(methods) = &m.methods {
+        let list: Vec<&str> = methods.iter().map(|x| x.as_str()).collect();
+        out.push((
+            format!("methods {}", list.join(", ")),
+            methods.contains(req.method),
+        ));
+    }
+    if let Some(host) = &m.host {
+        let text = match host {
+            HostPattern::Exact(h) => h.clone(),
+            HostPattern::Wildcard(s) => format!("*{s}"),
+        };
+        let ok = req.host.is_some_and(|h| host.matches(h));
+        out.push((format!("host {text}"), ok));
+    }
+    for (name, value) in &m.headers {
+        let ok = req.headers.get_all(name).iter().any(|v| v == value);
+        out.push((
+            format!(
+                "header {}: {}",
+                name,
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+            ok,
+        ));
+    }
+    out
+}
+
+fn failed(checks: &[(String, bool)]) -> String {
+    checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(what, _)| what.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The explanation, and whether a route matched.
+pub fn explain(router: &Router, req: &RouteRequest<'_>, query: Option<&str>) -> (String, bool) {
+    let mut out = String::new();
+    let path = match normalize_path(req.path) {
+        Ok(p) => p.into_owned(),
+        Err(e) => {
+            let _ = writeln!(out, "{} {}: refused with 400: {e}", req.method, req.path);
+            return (out, false);
+        }
+    };
+    let req = RouteRequest {
+        path: &path,
+        ..*req
+    };
+    let _ = writeln!(
+        out,
+        "{} {} (host {})",
+        req.method,
+        path,
+        req.host.unwrap_or("-")
+    );
+    let mut before = Vec::new();
+    for route in router.routes() {
+        let c = checks(route, &req);
+        if c.iter().all(|(_, ok)| *ok) {
+            let _ = writeln!(out, "route: {}", route.name);
+            for (what, _) in &c {
+                let _ = writeln!(out, "  matches {what}");
+            }
+            if !before.is_empty() {
+                let _ = writeln!(out, "more specific routes considered first:");
+                for (name, why) in &before {
+                    let _ = writeln!(out, "  {name}: {why} does not match");
+                }
+            }
+            describe_route(&mut out, route, &path, query);
+            return (out, true);
+        }
+        before.push((route.name.to_string(), failed(&c)));
+    }
+    let _ = writeln!(out, "no route matches");
+    // Nearest: the path matched but something else did not; else the
+    // routes whose path shares the most with the request's.
+    let mut near: Vec<(usize, String)> = router
+        .routes()
+        .iter()
+        .map(|r| {
+            let c = checks(r, &req);
+            let score = if c[0].1 {
+                10_000 - c.iter().filter(|(_, ok)| !ok).count()
+            } else {
+                let pattern = describe_path(&r.matcher.path);
+                let literal = pattern.split_once(' ').map_or("", |(_, p)| p);
+                common_prefix(literal, &path)
+            };
+            (
+                score,
+                format!("  {}: {} does not match", r.name, failed(&c)),
+            )
+        })
+        .collect();
+    near.sort_by(|a, b| b.0.cmp(&a.0));
+    if !near.is_empty() {
+        let _ = writeln!(out, "nearest routes:");
+        for (_, line) in near.iter().take(3) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    (out, false)
+}
+
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
+}
+
+fn describe_route(out: &mut String, route: &Route, path: &str, query: Option<&str>) {
+    match &route.target {
+        Target::Upstream(up) => {
+            let targets: Vec<String> = up
+                .targets
+                .iter()
+                .map(|t| {
+                    if t.weight == 1 {
+                        t.label.to_string()
+                    } else {
+                        format!("{} (weight {})", t.label, t.weight)
+                    }
+                })
+                .collect();
+            let _ = writeln!(out, "upstream: {} -> {}", up.name, targets.join(", "));
+            let _ = writeln!(out, "forwarded as: {}", route.rewrite.apply(path, query));
+        }
+        Target::Aggregate(agg) => {
+            let _ = writeln!(out, "aggregate (timeout {:?}):", agg.timeout);
+            for part in &agg.parts {
+                let _ = writeln!(
+                    out,
+                    "  {}: upstream {}{}",
+                    part.key,
+                    part.upstream.name,
+                    if part.required { "" } else { " (optional)" }
+                );
+            }
+        }
+    }
+    match &route.auth {
+        None => {
+            let _ = writeln!(out, "auth: none");
+        }
+        Some(a) => {
+            let mut line = format!("auth: jwt {}", a.provider.name);
+            if !a.require_claims.is_empty() {
+                let claims: Vec<String> = a
+                    .require_claims
+                    .iter()
+                    .map(|(c, v)| format!("{c} in {}", serde_json::Value::from(v.clone())))
+                    .collect();
+                let _ = write!(line, "; require_claims {}", claims.join(", "));
+            }
+            if !a.require_scopes.is_empty() {
+                let _ = write!(line, "; require_scopes {}", a.require_scopes.join(" "));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    match &route.rate_limit {
+        None => {
+            let _ = writeln!(out, "rate limit: none");
+        }
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "rate limit: {} per {:?} by {:?}",
+                l.requests, l.per, l.key
+            );
+        }
+    }
+    match &route.cache {
+        None => {
+            let _ = writeln!(out, "cache: none");
+        }
+        Some(c) => {
+            let vary: Vec<&str> = c.vary.iter().map(|h| h.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "cache: ttl {:?}{}",
+                c.ttl,
+                if vary.is_empty() {
+                    String::new()
+                } else {
+                    format!(", vary {}", vary.join(", "))
+                }
+            );
+        }
+    }
+    if let Some(t) = route.timeout {
+        let _ = writeln!(out, "timeout: {t:?}");
+    }
+}
