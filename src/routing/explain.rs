@@ -133,7 +133,7 @@ pub fn explain(router: &Router, req: &RouteRequest<'_>, query: Option<&str>) -> 
             )
         })
         .collect();
-    near.sort_by(|a, b| b.0.cmp(&a.0));
+    near.sort_by_key(|n| std::cmp::Reverse(n.0));
     if !near.is_empty() {
         let _ = writeln!(out, "nearest routes:");
         for (_, line) in near.iter().take(3) {
