@@ -399,16 +399,29 @@ impl Proxy {
                     aggregate::Answer {
                         body,
                         missing: vec![],
+                        cacheable_for: None,
                     }
                     .response(),
                 );
             }
         }
         let mut headers = vec![(REQUEST_ID, ctx.request_id.header_value().clone())];
-        for name in [http::header::HOST, http::header::AUTHORIZATION] {
-            if let Some(v) = req.headers.get(&name) {
-                headers.push((name, v.clone()));
-            }
+        if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
+            headers.push((http::header::AUTHORIZATION, v.clone()));
+        }
+        if let Some(ip) = ctx
+            .client_ip
+            .and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+        {
+            headers.push((forwarding::X_FORWARDED_FOR, ip));
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        headers.push((
+            forwarding::X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        ));
+        if let Some(h) = forwarding::raw_host(req).and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.push((forwarding::X_FORWARDED_HOST, h));
         }
         if let (Some(auth), Some(claims)) = (&route.auth, ctx.claims.as_deref()) {
             for (claim, header) in &auth.provider.forward_claims {
@@ -429,15 +442,23 @@ impl Proxy {
             Ok(answer) => {
                 if let Some((c, policy, key, path)) = cache_slot {
                     ctx.x_cache = Some("MISS");
-                    // Only a complete answer is worth keeping.
-                    if answer.missing.is_empty() {
+                    // Only a complete answer the parts allow to be kept, and
+                    // never a credentialed one shared across users.
+                    let shared_credentials = route.auth.is_none()
+                        && req.headers.contains_key(http::header::AUTHORIZATION);
+                    let ttl = answer.cacheable_for.map(|t| t.min(policy.ttl));
+                    if let (true, false, Some(ttl)) = (
+                        answer.missing.is_empty(),
+                        shared_credentials,
+                        ttl.filter(|t| !t.is_zero()),
+                    ) {
                         let mut head = ResponseHeader::build(200, Some(1)).ok();
                         if let Some(h) = head.as_mut() {
                             let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
                         }
                         if let Some(h) = head {
                             let now = std::time::SystemTime::now();
-                            let meta = CacheMeta::new(now + policy.ttl, now, 0, 0, h);
+                            let meta = CacheMeta::new(now + ttl, now, 0, 0, h);
                             c.storage.put(key, &meta, answer.body.clone(), &path);
                         }
                     }
@@ -665,6 +686,10 @@ impl ProxyHttp for Proxy {
                 upstream_request,
             );
             route.request_headers.apply(upstream_request);
+            // Response rules read bodies: ask for them uncompressed.
+            if route.response_body.is_some() {
+                upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+            }
             ctx.request_rewrite = Rewrite::for_request(
                 route.request_body.as_ref(),
                 session.req_header(),
@@ -711,7 +736,8 @@ impl ProxyHttp for Proxy {
         if let Some(route) = &ctx.route {
             ctx.response_rewrite = Rewrite::for_response(
                 route.response_body.as_ref(),
-                session.req_header().method == http::Method::HEAD,
+                // A cached HEAD miss is fetched upstream as a GET.
+                session.req_header().method == http::Method::HEAD && !session.cache.enabled(),
                 upstream_response,
                 self.settings.max_transform_size,
             );

@@ -123,6 +123,32 @@ fn parts_in_order_with_placeholders_and_forwarded_headers() {
     assert_eq!(v["recs"], json!({"for": "ann"}));
     for up in [&s.users, &s.orders, &s.recs] {
         let seen = up.last();
+        // Each part is addressed to its own target, told who asked.
+        assert_eq!(
+            seen.header("host"),
+            Some(up.addr.to_string().as_str()),
+            "{}",
+            up.name()
+        );
+        assert!(
+            seen.header("x-forwarded-host")
+                .unwrap()
+                .starts_with("127.0.0.1:"),
+            "{}",
+            up.name()
+        );
+        assert_eq!(
+            seen.header("x-forwarded-for"),
+            Some("127.0.0.1"),
+            "{}",
+            up.name()
+        );
+        assert_eq!(
+            seen.header("x-forwarded-proto"),
+            Some("http"),
+            "{}",
+            up.name()
+        );
         assert_eq!(seen.header("x-request-id"), Some("agg-1"), "{}", up.name());
         assert_eq!(seen.header("x-user-id"), Some("ann"), "{}", up.name());
         assert!(
@@ -210,4 +236,45 @@ fn auth_limits_and_cache_apply() {
     assert_eq!(second.headers()["x-cache"], "HIT");
     assert_eq!(second.text().unwrap(), first);
     assert_eq!(s.users.count(), 1);
+}
+
+#[test]
+fn placeholder_values_cannot_walk_the_parts_upstream() {
+    let s = setup();
+    let r = client()
+        .get(s.gw.url("/profile/42?page=..%2F..%2Fadmin%26role%3Dadmin"))
+        .bearer_auth(token("ann"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The value arrives as one encoded query value, not as a path.
+    assert_eq!(
+        s.orders.last().target,
+        "/orders?user=42&page=..%2F..%2Fadmin%26role%3Dadmin"
+    );
+    let r = client()
+        .get(s.gw.url("/profile/42?page=.."))
+        .bearer_auth(token("ann"))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-aggregate-missing"], "orders");
+}
+
+#[test]
+fn credentialed_answers_of_an_unauthenticated_route_are_not_shared() {
+    let s = setup();
+    let c = client();
+    let first = c
+        .get(s.gw.url("/cached/5"))
+        .header("Authorization", "Bearer someone")
+        .send()
+        .unwrap();
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let again = c.get(s.gw.url("/cached/5")).send().unwrap();
+    assert_eq!(
+        again.headers()["x-cache"],
+        "MISS",
+        "an answer fetched with credentials was shared"
+    );
+    assert_eq!(s.users.count(), 2);
 }

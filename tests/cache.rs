@@ -302,3 +302,19 @@ fn transformed_bodies_are_cached_transformed() {
     assert_eq!(r.headers()["x-cache"], "HIT");
     assert_eq!(up.count(), 2);
 }
+
+#[test]
+fn routes_never_share_entries() {
+    let up = numbered(plain);
+    let body = format!(
+        "upstreams:\n  app:\n    targets: [{}]\ncache:\n  max_size: 1MiB\nroutes:\n  - name: beta\n    match: {{ path_prefix: /, headers: {{ X-Beta: \"1\" }} }}\n    upstream: app\n    cache: {{ ttl: 1h }}\n  - name: main\n    match: {{ path_prefix: / }}\n    upstream: app\n    cache: {{ ttl: 1h }}\n",
+        up.addr
+    );
+    let gw = gateway(&body).start();
+    let beta = fetch(&gw, "/doc", &[("X-Beta", "1")]);
+    let main = fetch(&gw, "/doc", &[]);
+    assert_eq!((beta.0.as_str(), main.0.as_str()), ("MISS", "MISS"));
+    assert_ne!(beta.1, main.1);
+    assert_eq!(fetch(&gw, "/doc", &[("X-Beta", "1")]).1, beta.1);
+    assert_eq!(fetch(&gw, "/doc", &[]).1, main.1);
+}

@@ -226,3 +226,30 @@ fn bodies_over_the_cap_or_compressed_pass_untouched() {
         .unwrap();
     assert_eq!(up.last().body, big_request.as_bytes());
 }
+
+#[test]
+fn upstreams_are_asked_for_uncompressed_bodies_when_rules_apply() {
+    let (up, gw) = setup(
+        |r| {
+            // An upstream that compresses whenever it may.
+            let gzip = r
+                .header("accept-encoding")
+                .is_some_and(|v| v.contains("gzip"));
+            let body = json!({"password": "x", "ok": true}).to_string();
+            let mut rep = reply("application/json", &body);
+            if gzip {
+                rep.headers.push(("content-encoding".into(), "gzip".into()));
+            }
+            rep
+        },
+        None,
+    );
+    let r = client()
+        .get(gw.url("/secret"))
+        .header("Accept-Encoding", "gzip, br")
+        .send()
+        .unwrap();
+    assert_eq!(up.last().header("accept-encoding"), Some("identity"));
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(r.json::<Value>().unwrap(), json!({"ok": true}));
+}

@@ -23,6 +23,12 @@ use crate::respond::Response;
 use crate::routing::Params;
 use crate::upstream::{Pick, Upstream};
 
+/// Everything but the unreserved characters is encoded in a placeholder.
+const UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 /// The largest part body read.
 const MAX_PART_BODY: usize = 8 << 20;
 
@@ -97,21 +103,25 @@ impl PathTemplate {
         self.0.iter().any(|p| matches!(p, Piece::Claim(_)))
     }
 
-    /// The path with its placeholders filled, or the name of the first
-    /// one that has no value. Path and query values are inserted as the
-    /// client sent them (already URI-safe); claims are percent-encoded.
+    /// The path with its placeholders filled, or why not. Every value is
+    /// percent-encoded as one opaque piece (decoded first where the client
+    /// encoded it), so a value can neither add path segments nor query
+    /// parameters; `.` and `..` are refused.
     fn fill(&self, input: &Input<'_>) -> Result<String, String> {
         let mut out = String::new();
         for piece in &self.0 {
-            match piece {
-                Piece::Text(t) => out.push_str(t),
+            let value: std::borrow::Cow<'_, str> = match piece {
+                Piece::Text(t) => {
+                    out.push_str(t);
+                    continue;
+                }
                 Piece::Param(n) => {
                     let v = input
                         .params
                         .iter()
                         .find(|(k, _)| k == n)
-                        .ok_or_else(|| n.clone())?;
-                    out.push_str(&v.1);
+                        .ok_or_else(|| format!("no value for {{{n}}}"))?;
+                    percent_encoding::percent_decode_str(&v.1).decode_utf8_lossy()
                 }
                 Piece::Query(n) => {
                     let v = input
@@ -121,29 +131,28 @@ impl PathTemplate {
                                 .filter_map(|p| p.split_once('='))
                                 .find(|(k, _)| k == n)
                         })
-                        .ok_or_else(|| format!("query.{n}"))?;
-                    out.push_str(v.1);
+                        .ok_or_else(|| format!("no value for {{query.{n}}}"))?;
+                    percent_encoding::percent_decode_str(v.1).decode_utf8_lossy()
                 }
                 Piece::Claim(n) => {
                     let v = input
                         .claims
                         .and_then(|c| c.get(n))
-                        .ok_or_else(|| format!("claim.{n}"))?;
-                    let text = match v {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    out.extend(percent_encoding::utf8_percent_encode(
-                        &text,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    ));
+                        .ok_or_else(|| format!("no value for {{claim.{n}}}"))?;
+                    match v {
+                        Value::String(s) => s.as_str().into(),
+                        other => other.to_string().into(),
+                    }
                 }
+            };
+            if value == "." || value == ".." {
+                return Err("a placeholder value is a dot segment".into());
             }
+            out.extend(percent_encoding::utf8_percent_encode(&value, UNSAFE));
         }
         Ok(out)
     }
 }
-
 /// One `parts` entry.
 #[derive(Debug)]
 pub struct Part {
@@ -165,17 +174,25 @@ pub struct Input<'a> {
     pub params: &'a Params,
     pub query: Option<&'a str>,
     pub claims: Option<&'a Claims>,
-    /// `Host`, `Authorization`, `X-Request-Id` and the verified claim
-    /// headers, sent with every part.
+    /// `Authorization`, `X-Request-Id`, `X-Forwarded-*` and the verified
+    /// claim headers, sent with every part (each part gets its own `Host`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// The merged answer: body, and the keys of the failed optional parts.
+/// The merged answer: body, the keys of the failed optional parts, and how
+/// long the parts allow it to be cached (`None`: not at all).
 pub struct Answer {
     pub body: Bytes,
     pub missing: Vec<String>,
+    pub cacheable_for: Option<Duration>,
 }
 
+/// One part's JSON and what its `Cache-Control` allows.
+struct Fetched {
+    value: Value,
+    /// `None`: `no-store`, `private` or `no-cache`; else the `max-age`, if any.
+    cache: Option<Option<Duration>>,
+}
 impl Answer {
     pub fn response(&self) -> Response {
         let mut r = Response {
@@ -206,33 +223,55 @@ pub fn failure(part: &str, request_id: &str) -> Response {
 
 impl Aggregate {
     /// Calls every part concurrently, all within `timeout`. `Err` names the
-    /// required part that failed.
+    /// required part that failed: the answer is given up at once, without
+    /// waiting for the others.
     pub async fn run(&self, connector: &Connector, input: &Input<'_>) -> Result<Answer, String> {
+        use futures::StreamExt;
         let deadline = Instant::now() + self.timeout;
-        let calls = self.parts.iter().map(|part| async move {
-            let outcome =
-                tokio::time::timeout_at(deadline.into(), call(connector, part, input, deadline))
-                    .await;
-            match outcome {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(why)) => Err(why),
-                Err(_) => Err("timed out".to_string()),
-            }
-        });
-        let results = futures::future::join_all(calls).await;
-        let mut body = Map::new();
-        let mut missing = Vec::new();
-        for (part, result) in self.parts.iter().zip(results) {
-            match result {
-                Ok(value) => {
-                    body.insert(part.key.clone(), value);
-                }
-                Err(why) if part.required => {
+        let mut pending: futures::stream::FuturesUnordered<_> = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| async move {
+                let outcome = tokio::time::timeout_at(
+                    deadline.into(),
+                    call(connector, part, input, deadline),
+                )
+                .await;
+                let result = match outcome {
+                    Ok(r) => r,
+                    Err(_) => Err("timed out".to_string()),
+                };
+                (i, result)
+            })
+            .collect();
+        let mut results: Vec<Option<Result<Fetched, String>>> =
+            self.parts.iter().map(|_| None).collect();
+        while let Some((i, result)) = pending.next().await {
+            if let Err(why) = &result {
+                let part = &self.parts[i];
+                if part.required {
                     log::warn!("aggregate part {} failed: {why}", part.key);
                     return Err(part.key.clone());
                 }
-                Err(why) => {
-                    log::info!("aggregate part {} missing: {why}", part.key);
+                log::info!("aggregate part {} missing: {why}", part.key);
+            }
+            results[i] = Some(result);
+        }
+        let mut body = Map::new();
+        let mut missing = Vec::new();
+        let mut cacheable_for = Some(Duration::MAX);
+        for (part, result) in self.parts.iter().zip(results) {
+            match result {
+                Some(Ok(fetched)) => {
+                    cacheable_for = match (cacheable_for, fetched.cache) {
+                        (Some(t), Some(Some(max_age))) => Some(t.min(max_age)),
+                        (Some(t), Some(None)) => Some(t),
+                        _ => None,
+                    };
+                    body.insert(part.key.clone(), fetched.value);
+                }
+                _ => {
                     body.insert(part.key.clone(), Value::Null);
                     missing.push(part.key.clone());
                 }
@@ -242,25 +281,24 @@ impl Aggregate {
         Ok(Answer {
             body: Bytes::from(body),
             missing,
+            cacheable_for,
         })
     }
 }
-
 /// One part: a GET to a healthy target, retried on another after a failed
-/// connect. Fails on a connect error, a non-2xx status, or a body that is
-/// not JSON. The error text stays in the logs, never in the answer.
+/// connect (and once more when a pooled connection turns out closed).
+/// Fails on a connect error, a non-2xx status, or a body that is not JSON.
+/// The error text stays in the logs, never in the answer.
 async fn call(
     connector: &Connector,
     part: &Part,
     input: &Input<'_>,
     deadline: Instant,
-) -> Result<Value, String> {
-    let path = part
-        .path
-        .fill(input)
-        .map_err(|p| format!("no value for {{{p}}}"))?;
+) -> Result<Fetched, String> {
+    let path = part.path.fill(input)?;
     let upstream = &part.upstream;
     let mut tried = Vec::new();
+    let mut stale_retry = true;
     loop {
         let index = match upstream.pick(&[], &tried) {
             Pick::Target(i) => i,
@@ -270,7 +308,7 @@ async fn call(
         let left = deadline.saturating_duration_since(Instant::now());
         let peer = upstream.peer(index, Some(left));
         let _in_flight = upstream.begin(index);
-        let (mut session, _) = match connector.get_http_session(&*peer).await {
+        let (mut session, reused) = match connector.get_http_session(&*peer).await {
             Ok(s) => s,
             Err(e) => {
                 tried.push(index);
@@ -282,27 +320,49 @@ async fn call(
         };
         session.set_read_timeout(peer.options.read_timeout);
         session.set_write_timeout(peer.options.write_timeout);
-        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 1))
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 2))
             .map_err(|e| e.to_string())?;
         for (name, value) in &input.headers {
             req.insert_header(name, value.clone())
                 .map_err(|e| e.to_string())?;
         }
+        // The part's own host: its TLS name, else its address.
+        let host = if peer.sni.is_empty() {
+            upstream.targets[index].label.to_string()
+        } else {
+            peer.sni.clone()
+        };
+        req.insert_header(http::header::HOST, host)
+            .map_err(|e| e.to_string())?;
         req.insert_header(http::header::ACCEPT, "application/json")
             .map_err(|e| e.to_string())?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| e.to_string())?;
+        let sent = async {
+            session.write_request_header(Box::new(req)).await?;
+            session.finish_request_body().await?;
+            session.read_response_header().await
+        };
+        if let Err(e) = sent.await {
+            // The upstream may have closed a pooled connection meanwhile.
+            if reused && stale_retry {
+                stale_retry = false;
+                continue;
+            }
+            return Err(e.to_string());
+        }
         let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        let cache = session.response_header().map_or(Some(None), |r| {
+            use pingora_cache::cache_control::CacheControl;
+            match CacheControl::from_resp_headers(r) {
+                Some(cc) if cc.no_store() || cc.private() || cc.no_cache() => None,
+                Some(cc) => Some(
+                    cc.max_age()
+                        .ok()
+                        .flatten()
+                        .map(|s| Duration::from_secs(s.into())),
+                ),
+                None => Some(None),
+            }
+        });
         let mut body = BytesMut::new();
         while let Some(chunk) = session
             .read_response_body()
@@ -320,7 +380,8 @@ async fn call(
         if !(200..300).contains(&status) {
             return Err(format!("status {status}"));
         }
-        return serde_json::from_slice(&body).map_err(|_| "body is not JSON".to_string());
+        let value = serde_json::from_slice(&body).map_err(|_| "body is not JSON".to_string())?;
+        return Ok(Fetched { value, cache });
     }
 }
 
@@ -357,12 +418,29 @@ mod tests {
         };
         assert_eq!(
             t.fill(&input).unwrap(),
-            "/orders?user=7&page=2&by=ann%2F%2E%2E%2Fx"
+            "/orders?user=7&page=2&by=ann%2F..%2Fx"
         );
+        // Values cannot add segments or parameters, nor be dot segments.
+        let sneaky = vec![("id".to_string(), "7&role=admin".to_string())];
+        let q = Input {
+            params: &sneaky,
+            query: Some("page=..%2F..%2Fadmin"),
+            claims: Some(&claims),
+            headers: vec![],
+        };
+        assert_eq!(
+            t.fill(&q).unwrap(),
+            "/orders?user=7%26role%3Dadmin&page=..%2F..%2Fadmin&by=ann%2F..%2Fx"
+        );
+        let dots = Input {
+            query: Some("page=.."),
+            ..q
+        };
+        assert!(t.fill(&dots).is_err());
         let no_query = Input {
             query: None,
-            ..input
+            ..dots
         };
-        assert_eq!(t.fill(&no_query).unwrap_err(), "query.page");
+        assert!(t.fill(&no_query).unwrap_err().contains("query.page"));
     }
 }

@@ -29,6 +29,11 @@ pub struct CachePolicy {
     pub ttl: Duration,
     /// Request headers whose values are part of the key.
     pub vary: Vec<HeaderName>,
+    /// The route's name and a hash of its configuration: part of every key,
+    /// so routes never share entries, and a route whose configuration
+    /// changes (body rules, say) starts afresh on a reload while unchanged
+    /// routes keep theirs.
+    pub scope: String,
 }
 
 /// The process-wide cache: one storage and one lock table, created at start
@@ -54,6 +59,11 @@ impl Cache {
         session
             .cache
             .enable(self.storage, None, None, Some(self.lock), None);
+        // A declared length over the limit is not cached (and waiters on the
+        // lock are let go at once); a longer body stops being stored.
+        session
+            .cache
+            .set_max_file_size_bytes(self.storage.max_entry());
     }
 }
 
@@ -92,6 +102,8 @@ pub fn primary_key(
     }
     key.push_str("\nsub=");
     key.push_str(subject.unwrap_or(""));
+    key.push_str("\nroute=");
+    key.push_str(&policy.scope);
     key
 }
 
@@ -143,7 +155,14 @@ pub fn cacheability(
             .flatten()
             .or_else(|| cc.max_age().ok().flatten());
         if let Some(secs) = origin {
-            ttl = ttl.min(Duration::from_secs(secs.into()));
+            // What the upstream says it already spent in caches counts.
+            let age: u64 = resp
+                .headers
+                .get(http::header::AGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            ttl = ttl.min(Duration::from_secs(u64::from(secs).saturating_sub(age)));
         }
     }
     if ttl.is_zero() {

@@ -42,15 +42,33 @@ pub struct MemoryStorage {
 
 impl MemoryStorage {
     pub fn new(max_size: u64) -> Self {
-        MemoryStorage {
-            // quick_cache sizes its tables from an item estimate.
-            entries: quick_cache::sync::Cache::with_weighter(
-                (max_size / 4096).clamp(64, 1 << 20) as usize,
-                max_size,
+        // A few shards: each holds an equal share of `max_size` and refuses
+        // an entry heavier than about that share, so the shard count bounds
+        // the largest response (and quick_cache's recency is per shard).
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(4)
+            .estimated_items_capacity((max_size / 4096).clamp(128, 1 << 20) as usize)
+            .weight_capacity(max_size)
+            .build();
+        let entries = match options {
+            Ok(o) => quick_cache::sync::Cache::with_options(
+                o,
                 EntrySize,
+                Default::default(),
+                Default::default(),
             ),
-            max_entry: (max_size / 8) as usize,
+            Err(_) => quick_cache::sync::Cache::with_weighter(1024, max_size, EntrySize),
+        };
+        let shard = entries.shard_capacity();
+        MemoryStorage {
+            max_entry: ((max_size / 8).min(shard * 9 / 10)) as usize,
+            entries,
         }
+    }
+
+    /// The largest response kept.
+    pub fn max_entry(&self) -> usize {
+        self.max_entry
     }
 
     /// Bytes held now.

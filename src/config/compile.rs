@@ -777,7 +777,14 @@ impl Compiler<'_> {
                     format!("route name \"{}\" is used by an earlier route", raw.name),
                 );
             }
-            if let Some(route) = self.route(&path, raw, shared, declared, server) {
+            let scope = {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                let hash =
+                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                        .hash_one(item.to_string());
+                format!("{}#{hash:016x}", raw.name)
+            };
+            if let Some(route) = self.route(&path, raw, shared, declared, server, &scope) {
                 out.push(route);
             }
         }
@@ -791,6 +798,7 @@ impl Compiler<'_> {
         shared: &Shared<'_>,
         declared: &[String],
         server: &ServerSettings,
+        scope: &str,
     ) -> Option<Route> {
         let upstreams = shared.upstreams;
         let errors_before = self.errors.0.len();
@@ -875,7 +883,7 @@ impl Compiler<'_> {
         let cache = raw
             .cache
             .as_ref()
-            .and_then(|c| self.route_cache(&key_path(path, "cache"), c));
+            .and_then(|c| self.route_cache(&key_path(path, "cache"), c, scope));
         let auth = raw
             .auth
             .as_ref()
@@ -1045,7 +1053,7 @@ impl Compiler<'_> {
         (self.errors.0.len() == before).then_some(Aggregate { timeout, parts })
     }
 
-    fn route_cache(&mut self, path: &str, value: &Value) -> Option<CachePolicy> {
+    fn route_cache(&mut self, path: &str, value: &Value, scope: &str) -> Option<CachePolicy> {
         let raw = self.de::<RawRouteCache>(path, value)?;
         if raw.ttl.0.is_zero() {
             self.error(&key_path(path, "ttl"), "ttl must be above zero");
@@ -1064,6 +1072,7 @@ impl Compiler<'_> {
         Some(CachePolicy {
             ttl: raw.ttl.0,
             vary,
+            scope: scope.to_string(),
         })
     }
 

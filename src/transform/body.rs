@@ -89,15 +89,21 @@ impl JsonRules {
     }
 
     pub fn apply(&self, value: &mut Value) {
+        // Fields keep their order: a client or upstream may care.
         for path in &self.remove {
             path.visit(value, &mut |map, field| {
-                map.remove(field);
+                map.shift_remove(field);
             });
         }
         for (path, to) in &self.rename {
             path.visit(value, &mut |map, field| {
-                if let Some(v) = map.remove(field) {
-                    map.insert(to.clone(), v);
+                let Some(at) = map.keys().position(|k| k == field) else {
+                    return;
+                };
+                if let Some(v) = map.shift_remove(field) {
+                    map.shift_remove(to.as_str());
+                    let at = at.min(map.len());
+                    map.shift_insert(at, to.clone(), v);
                 }
             });
         }
@@ -135,6 +141,9 @@ pub fn body_kind(content_type: Option<&[u8]>) -> BodyKind {
 
 /// Applies `rules` to a JSON body; `None` when it is not valid JSON.
 pub fn rewrite_json(body: &[u8], rules: &JsonRules) -> Option<Bytes> {
+    // A UTF-8 byte order mark is allowed before JSON text (RFC 8259 8.1 says
+    // a parser may ignore it); serde does not take one.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut value: Value = serde_json::from_slice(body).ok()?;
     rules.apply(&mut value);
     serde_json::to_vec(&value).ok().map(Bytes::from)
@@ -154,6 +163,9 @@ pub fn xml_to_json(body: &[u8]) -> Option<Value> {
     let mut root: Option<(String, Value)> = None;
     loop {
         match reader.read_event().ok()? {
+            // Deeper documents are refused: the JSON would be written and
+            // dropped by recursion.
+            Event::Start(_) if stack.len() >= MAX_XML_DEPTH => return None,
             Event::Start(e) => {
                 let name = String::from_utf8(e.name().as_ref().to_vec()).ok()?;
                 stack.push((name, attributes(&e)?, String::new()));
@@ -247,6 +259,8 @@ fn place(
         None => false,
     }
 }
+
+const MAX_XML_DEPTH: usize = 128;
 
 /// A body being held back for a rule, up to `cap` bytes.
 #[derive(Debug)]
@@ -346,6 +360,16 @@ mod tests {
     }
 
     #[test]
+    fn order_is_kept_and_a_bom_is_read() {
+        let out = rewrite_json(
+            b"\xEF\xBB\xBF{\"a\":1,\"drop\":2,\"b\":3,\"old\":4,\"c\":5}",
+            &rules(&["drop"], &[("old", "new")]),
+        )
+        .unwrap();
+        assert_eq!(out, Bytes::from_static(br#"{"a":1,"b":3,"new":4,"c":5}"#));
+    }
+
+    #[test]
     fn malformed_json_is_left_alone() {
         assert_eq!(rewrite_json(b"{not json", &rules(&["a"], &[])), None);
         assert_eq!(
@@ -377,6 +401,10 @@ mod tests {
         assert_eq!(xml_to_json(b"<a><b></a>"), None);
         assert_eq!(xml_to_json(b"<a/><b/>"), None);
         assert_eq!(xml_to_json(b"not xml at all"), None);
+        let deep = format!("{}{}", "<a>".repeat(200), "</a>".repeat(200));
+        assert_eq!(xml_to_json(deep.as_bytes()), None);
+        let ok = format!("{}{}", "<a>".repeat(100), "</a>".repeat(100));
+        assert!(xml_to_json(ok.as_bytes()).is_some());
     }
 
     #[test]
@@ -491,6 +519,16 @@ impl Rewrite {
         }
         resp.remove_header(&http::header::CONTENT_LENGTH);
         let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        // The bytes change: a strong validator would claim otherwise.
+        if let Some(etag) = resp.headers.get(http::header::ETAG).cloned() {
+            if !etag.as_bytes().starts_with(b"W/") {
+                let mut weak = b"W/".to_vec();
+                weak.extend_from_slice(etag.as_bytes());
+                if let Ok(v) = http::HeaderValue::from_bytes(&weak) {
+                    let _ = resp.insert_header(http::header::ETAG, v);
+                }
+            }
+        }
         if kind == BodyKind::Xml {
             let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
         }
