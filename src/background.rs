@@ -25,21 +25,28 @@ impl ConfigFollower {
     }
 }
 
-/// `gatehouse_upstream_healthy` for every target of the live configuration.
+/// `gatehouse_upstream_healthy` for every target of the live configuration;
+/// targets gone after a reload are dropped from it.
 async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>) {
+    let mut published: Vec<(String, String)> = Vec::new();
     loop {
         let runtime = gateway.current();
-        metrics.upstream_healthy.reset();
+        let mut now = Vec::new();
         for up in runtime.upstreams.values() {
             for (i, t) in up.targets.iter().enumerate() {
                 metrics
                     .upstream_healthy
                     .with_label_values(&[&up.name, &t.label])
                     .set(i64::from(up.is_healthy(i)));
+                now.push((up.name.to_string(), t.label.to_string()));
             }
         }
         drop(runtime);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        for (u, t) in published.iter().filter(|p| !now.contains(p)) {
+            let _ = metrics.upstream_healthy.remove_label_values(&[u, t]);
+        }
+        published = now;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
 

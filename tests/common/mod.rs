@@ -594,3 +594,156 @@ pub fn send_raw(
     RawResponse::parse(&text)
         .unwrap_or_else(|| panic!("no HTTP response to {method} {target}: {text:?}"))
 }
+
+/// Sends `signal` (like "HUP", "QUIT", "TERM") to a process.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// An admin request: (status, body).
+pub fn admin(gw: &Gateway, method: &str, target: &str) -> (u16, String) {
+    let text = raw_request(
+        gw.admin,
+        format!("{method} {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    let r = RawResponse::parse(&text).unwrap_or_else(|| panic!("no admin answer: {text:?}"));
+    (r.status, r.body)
+}
+
+/// Continuous load from several threads until stopped: returns the
+/// number of requests that succeeded and the failures seen.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    /// `fresh` threads open a new connection per request; `kept` threads
+    /// keep one connection alive, reopening it (and resending, as HTTP
+    /// clients do for idempotent requests) only when the server closed it
+    /// before answering.
+    pub fn start(addr: SocketAddr, path: &str, fresh: usize, kept: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..fresh + kept {
+            let stop = Arc::clone(&stop);
+            let path = path.to_string();
+            let keep = i >= fresh;
+            threads.push(std::thread::spawn(move || {
+                let mut ok = 0;
+                let mut failures = Vec::new();
+                let mut conn: Option<TcpStream> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    match one_request(addr, &path, keep, &mut conn) {
+                        Ok(200) => ok += 1,
+                        Ok(status) => failures.push(format!("status {status}")),
+                        Err(e) => failures.push(e),
+                    }
+                }
+                (ok, failures)
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    pub fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut ok = 0;
+        let mut failures = Vec::new();
+        for t in self.threads {
+            let (o, f) = t.join().unwrap();
+            ok += o;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}
+
+fn read_one(s: &mut TcpStream) -> Result<(u16, bool), String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(0) => {
+                return Err(if head.is_empty() {
+                    "closed".into()
+                } else {
+                    "truncated head".into()
+                })
+            }
+            Ok(_) => head.push(byte[0]),
+            Err(e) => {
+                return Err(if head.is_empty() {
+                    "closed".into()
+                } else {
+                    e.to_string()
+                })
+            }
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    Ok((status, head.contains("connection: close")))
+}
+
+fn one_request(
+    addr: SocketAddr,
+    path: &str,
+    keep: bool,
+    conn: &mut Option<TcpStream>,
+) -> Result<u16, String> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: load\r\n{}\r\n",
+        if keep { "" } else { "Connection: close\r\n" }
+    );
+    for attempt in 0..2 {
+        let reused = conn.is_some();
+        if conn.is_none() {
+            let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            *conn = Some(s);
+        }
+        let s = conn.as_mut().unwrap();
+        let result = s
+            .write_all(request.as_bytes())
+            .map_err(|_| "closed".to_string())
+            .and_then(|_| read_one(s));
+        match result {
+            Ok((status, close)) => {
+                if close || !keep {
+                    *conn = None;
+                }
+                return Ok(status);
+            }
+            // A kept-alive connection the server closed before answering:
+            // reopen and resend once.
+            Err(e) if reused && attempt == 0 && e == "closed" => {
+                *conn = None;
+            }
+            Err(e) => {
+                *conn = None;
+                return Err(e);
+            }
+        }
+    }
+    Err("closed twice".into())
+}
