@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -54,7 +54,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
 mkdir -p "$WORK/tmp" "$WORK/wrk"
 RESULTS=$WORK/results.tsv
 declare -A SERVER_PID=()        # server name -> pid of the process we started
-declare -A STOP_SIGNAL=([gatehouse]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
+declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
 STATUS=1
 
 cleanup() {
@@ -92,18 +92,20 @@ NOFILE=$(ulimit -n)
 [[ $NOFILE =~ ^[0-9]+$ ]] && (( NOFILE <= 65536 )) || NOFILE=65536
 (( NOFILE >= 2 * CONNS + 64 )) || note "warning: open-file limit $NOFILE is low for CONNS=$CONNS"
 
-read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT < <(python3 -c '
+read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(4)]
+ss = [socket.socket() for _ in range(6)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 ') || true
-[[ -n ${GH_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
+[[ -n ${GHQ_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
 # One line per target: "name|server|url|auth". `server` is the process whose CPU and
-# RSS are measured (upstream, nginx or gatehouse; "-" = measure nothing). The
+# RSS are measured (upstream, nginx, gatehouse or gatehouse-quiet; "-" = measure
+# nothing). gatehouse-quiet is a second gatehouse with the same routes but no
+# metrics and no access log, to price them against gatehouse. The
 # upstream always runs; the other servers start only if a selected target needs
 # them. `auth` = bearer sends one RS256 token (minted below) with every request.
 # A further gatehouse scenario is one more line here plus its route in
@@ -112,6 +114,7 @@ TARGET_DEFS=(
     "upstream|-|http://127.0.0.1:$UP_PORT$REQ_PATH|-"
     "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH|-"
     "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
+    "gatehouse-quiet|gatehouse-quiet|http://127.0.0.1:$GHQ_PORT$REQ_PATH|-"
     "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
     "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
 )
@@ -139,11 +142,12 @@ need_server() {
     for n in "${SELECTED[@]}"; do [[ ${T_SERVER[$n]} == "$1" ]] && return 0; done
     return 1
 }
+need_gatehouse() { need_server gatehouse || need_server gatehouse-quiet; }
 
-if need_server gatehouse && [[ $GATEHOUSE_BIN == */debug/* ]]; then
+if need_gatehouse && [[ $GATEHOUSE_BIN == */debug/* ]]; then
     note "WARNING: $GATEHOUSE_BIN looks like a debug build; its numbers mean nothing (use target/release/gatehouse)"
 fi
-if need_server gatehouse && [[ ! -x $GATEHOUSE_BIN ]]; then
+if need_gatehouse && [[ ! -x $GATEHOUSE_BIN ]]; then
     die "gatehouse binary not found at $GATEHOUSE_BIN
   Build it first:   (cd $ROOT && cargo build --release)
   or point GATEHOUSE_BIN at a binary, or leave it out: TARGETS=upstream,nginx $0"
@@ -483,7 +487,7 @@ NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
 NGINX_VER=$({ "$NGINX_BIN" -v 2>&1 || true; } | sed -n 's|.*nginx/||p')
 WRK_VER=$({ "$WRK_BIN" -v 2>&1 || true; } | awk 'NR == 1 { v = $2; sub(/^debian\//, "", v); print v }')
 GH_VER=-
-if need_server gatehouse; then
+if need_gatehouse; then
     GH_VER=$("$GATEHOUSE_BIN" --version 2>/dev/null | awk '{ print $NF }' || true)
     rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)
     if [[ -n $rev ]]; then

@@ -307,42 +307,45 @@ impl Proxy {
         let req = session.req_header();
         let route = ctx.route.as_ref().map_or("-", |r| &*r.name);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let mut buf = [0u8; 3];
-        let status_text = metrics::status_label(status, &mut buf);
         let elapsed = ctx.start.map_or(std::time::Duration::ZERO, |s| s.elapsed());
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[route, metrics::method_label(&req.method), status_text])
-            .inc();
-        m.duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        if let Some(f) = &ctx.in_flight {
-            let outcome = match e {
-                None => "success",
-                Some(e) if e.esource() != &ErrorSource::Upstream => "aborted",
-                Some(e) => match e.etype() {
-                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-                    _ => "error",
-                },
-            };
-            m.upstream_requests
-                .with_label_values(&[f.upstream(), f.target(), outcome])
-                .inc();
-        }
         // X-Cache as sent; a cached route's own answers are BYPASS.
         let cache = ctx
             .route
             .as_ref()
             .filter(|r| r.cache.is_some())
             .map(|_| ctx.x_cache.unwrap_or("BYPASS"));
-        if let Some(x) = cache {
-            let result = match x {
-                "HIT" => "hit",
-                "MISS" => "miss",
-                _ => "bypass",
-            };
-            m.cache_requests.with_label_values(&[route, result]).inc();
+        if self.settings.metrics {
+            let mut buf = [0u8; 3];
+            let m = &self.metrics;
+            m.requests
+                .with_label_values(&[
+                    route,
+                    metrics::method_label(&req.method),
+                    metrics::status_label(status, &mut buf),
+                ])
+                .inc();
+            m.duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+            if let Some(f) = &ctx.in_flight {
+                let outcome = match e {
+                    None => "success",
+                    Some(e) if e.esource() != &ErrorSource::Upstream => "aborted",
+                    Some(e) => match e.etype() {
+                        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+                        _ => "error",
+                    },
+                };
+                m.upstream_requests
+                    .with_label_values(&[f.upstream(), f.target(), outcome])
+                    .inc();
+            }
+            if let Some(x) = cache {
+                let result = match x {
+                    "HIT" => "hit",
+                    "MISS" => "miss",
+                    _ => "bypass",
+                };
+                m.cache_requests.with_label_values(&[route, result]).inc();
+            }
         }
         if !self.log.enabled() {
             return;
@@ -642,6 +645,12 @@ impl ProxyHttp for Proxy {
             upstream.name,
             e.etype().as_str()
         );
+        if self.settings.metrics {
+            self.metrics
+                .upstream_requests
+                .with_label_values(&[&upstream.name, &upstream.targets[failed].label, "connect_error"])
+                .inc();
+        }
         ctx.tried.push(failed);
         let another =
             (0..upstream.targets.len()).any(|i| !ctx.tried.contains(&i) && upstream.is_healthy(i));

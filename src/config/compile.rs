@@ -289,6 +289,9 @@ impl Compiler<'_> {
         if let Some(w) = raw.work_stealing {
             s.work_stealing = w;
         }
+        if let Some(m) = raw.metrics {
+            s.metrics = m;
+        }
         if let Some(m) = raw.max_transform_size {
             if m.0 > 64 << 20 {
                 self.error(

@@ -31,6 +31,8 @@ pub struct RawServer {
     pub upstream_keepalive_pool_size: Option<usize>,
     /// Pingora's work-stealing scheduler; off by default (better tail latency).
     pub work_stealing: Option<bool>,
+    /// Record Prometheus metrics (default true).
+    pub metrics: Option<bool>,
     /// Largest body held back for a body rule; larger ones pass untouched.
     pub max_transform_size: Option<ConfSize>,
     /// Where the daemon writes its own log when started with `-d`.
