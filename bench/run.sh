@@ -227,14 +227,23 @@ mint_token() {
 }
 TOKEN=$(mint_token) || die "cannot mint the bench token (openssl?)"
 
-cat >"$WORK/gatehouse.yaml" <<EOF
+# gatehouse_yaml NAME PORT ADMIN_PORT SERVER_LINES TOP_LINES: prints a gatehouse
+# config. The two instances share everything (upstreams, auth, routes) except
+# ports, pid/upgrade-socket paths ($WORK/NAME.*) and the observability settings
+# passed in: SERVER_LINES are extra keys under `server:` (indent two spaces),
+# TOP_LINES extra top-level keys.
+gatehouse_yaml() {
+    local name=$1 port=$2 admin=$3 server_lines=$4 top_lines=$5
+    cat <<EOF
 server:
   threads: 1
-  pid_file: $WORK/gatehouse.pid
-  upgrade_sock: $WORK/gatehouse-upgrade.sock
+  pid_file: $WORK/$name.pid
+  upgrade_sock: $WORK/$name-upgrade.sock
   upstream_keepalive_pool_size: 1024
-listen: [127.0.0.1:$GH_PORT]
-admin: { listen: 127.0.0.1:$GH_ADMIN_PORT }
+$server_lines
+listen: [127.0.0.1:$port]
+admin: { listen: 127.0.0.1:$admin }
+$top_lines
 cache: { max_size: 64MiB }
 upstreams:
   app:
@@ -269,6 +278,14 @@ routes:
     response_headers: { remove: [Server] }
 $GATEHOUSE_EXTRA_ROUTES
 EOF
+}
+# gatehouse: metrics on (the default) and a JSON access log written to a file.
+gatehouse_yaml gatehouse "$GH_PORT" "$GH_ADMIN_PORT" "" \
+    "access_log: $WORK/access.log" >"$WORK/gatehouse.yaml"
+# gatehouse-quiet: the same gateway with neither, so gatehouse vs gatehouse-quiet
+# is the price of metrics + access logging.
+gatehouse_yaml gatehouse-quiet "$GHQ_PORT" "$GHQ_ADMIN_PORT" "  metrics: false" \
+    "access_log: off" >"$WORK/gatehouse-quiet.yaml"
 
 # --------------------------------------------------------------- helpers ----
 show_log() {   # $1 = log file
@@ -456,7 +473,7 @@ busy_check() {
 
 # --------------------------------------------------------------- start ------
 busy_check
-note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT)"
+note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT)"
 
 "$NGINX_BIN" -t -q -p "$WORK" -e "$WORK/upstream-error.log" -c "$WORK/upstream.conf" 2>"$WORK/upstream.log" \
     || { show_log "$WORK/upstream.log"; die "upstream nginx config rejected"; }
@@ -470,11 +487,21 @@ if need_server nginx; then
     wait_http nginx "http://127.0.0.1:$NGX_PORT$REQ_PATH" "$WORK/nginx-error.log"
 fi
 
+# start_gatehouse NAME ADMIN_PORT [HINT]: check $WORK/NAME.yaml with -t, start it
+# pinned to SERVER_CPU and wait for its admin /healthz.
+start_gatehouse() {
+    local name=$1 admin=$2 hint=${3:-}
+    "$GATEHOUSE_BIN" -t -c "$WORK/$name.yaml" >"$WORK/$name-check.log" 2>&1 \
+        || { show_log "$WORK/$name-check.log"; die "gatehouse rejected the generated config $WORK/$name.yaml$hint"; }
+    start_server "$name" "$SERVER_CPU" "$GATEHOUSE_BIN" -c "$WORK/$name.yaml"
+    wait_http "$name" "http://127.0.0.1:$admin/healthz" "$WORK/$name.log"
+}
 if need_server gatehouse; then
-    "$GATEHOUSE_BIN" -t -c "$WORK/gatehouse.yaml" >"$WORK/gatehouse-check.log" 2>&1 \
-        || { show_log "$WORK/gatehouse-check.log"; die "gatehouse rejected the generated config $WORK/gatehouse.yaml"; }
-    start_server gatehouse "$SERVER_CPU" "$GATEHOUSE_BIN" -c "$WORK/gatehouse.yaml"
-    wait_http gatehouse "http://127.0.0.1:$GH_ADMIN_PORT/healthz" "$WORK/gatehouse.log"
+    start_gatehouse gatehouse "$GH_ADMIN_PORT"
+fi
+if need_server gatehouse-quiet; then
+    start_gatehouse gatehouse-quiet "$GHQ_ADMIN_PORT" \
+        " (it sets server.metrics: false; a binary older than that option refuses it: rebuild, or leave gatehouse-quiet out of TARGETS)"
 fi
 
 for name in "${SELECTED[@]}"; do check_target "$name"; done
@@ -517,6 +544,21 @@ for ((r = 1; r <= ROUNDS; r++)); do
         sleep "$PAUSE"
     done
 done
+
+# gatehouse must really have logged every request: lines in the file and none
+# dropped (a writer that falls behind drops lines, making logging look cheaper).
+if need_server gatehouse; then
+    log_lines=0 log_mib=0
+    if [[ -f $WORK/access.log ]]; then
+        log_lines=$(wc -l <"$WORK/access.log")
+        log_mib=$(( $(stat -c %s "$WORK/access.log") / 1048576 ))
+    fi
+    dropped=$(curl -s --max-time 2 "http://127.0.0.1:$GH_ADMIN_PORT/metrics" \
+        | awk '/^gatehouse_access_log_dropped_total/ { print $2 + 0 }' || true)
+    note "gatehouse access log: $log_lines lines, $log_mib MiB, ${dropped:-?} dropped"
+    (( log_lines > 0 )) || note "WARNING: gatehouse wrote nothing to $WORK/access.log; its figures do not include logging"
+    [[ ${dropped:-0} == 0 ]] || note "WARNING: gatehouse dropped $dropped access-log lines (its writer fell behind); the cost of logging is understated"
+fi
 
 # --------------------------------------------------------------- report -----
 MACHINE="machine: $NCPU CPUs (nproc), $CPU_MODEL, $KERNEL; $NOW"
@@ -565,12 +607,26 @@ head = ["target", "rps", "p50 ms", "p99 ms", "CPU µs/req", "peak RSS MiB", "× 
 notes = ("medians over rounds; × nginx = median of per-round rps ratios; "
          "CPU = utime+stime of the server's processes / requests; "
          "peak RSS = VmHWM summed over the server's processes")
+if "gatehouse" in order and "gatehouse-quiet" in order:
+    notes += ("; metrics+log vs quiet = median of per-round rps ratios gatehouse / gatehouse-quiet "
+              "(same routes; gatehouse-quiet has server.metrics: false and access_log: off)")
+
+# Price of metrics + access log: median of the per-round rps ratios
+# gatehouse / gatehouse-quiet (both selected only).
+obs = None
+if "gatehouse" in order and "gatehouse-quiet" in order:
+    q = [rps_round[k]["gatehouse"] / rps_round[k]["gatehouse-quiet"] for k in rps_round
+         if "gatehouse" in rps_round[k] and "gatehouse-quiet" in rps_round[k]]
+    if q:
+        obs = f"gatehouse with metrics+log vs quiet: {st.median(q):.2f}× rps"
 
 w = [max(len(str(row[i])) for row in [head] + table) for i in range(len(head))]
 print()
 print("  ".join(h.ljust(w[i]) if i == 0 else h.rjust(w[i]) for i, h in enumerate(head)))
 for row in table:
     print("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)))
+if obs:
+    print(obs)
 print(machine)
 print(setup)
 if errors:
@@ -588,6 +644,9 @@ print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
 for row in table:
     print("| " + " | ".join(c if c != "-" else "–" for c in row) + " |")
 print()
+if obs:
+    print(obs)   # its own paragraph: a line right under a table would become a row
+    print()
 cap = lambda x: x[:1].upper() + x[1:]
 print(cap(machine) + "  ")
 print(cap(setup) + "  ")

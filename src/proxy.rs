@@ -324,7 +324,9 @@ impl Proxy {
                     metrics::status_label(status, &mut buf),
                 ])
                 .inc();
-            m.duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+            m.duration
+                .with_label_values(&[route])
+                .observe(elapsed.as_secs_f64());
             if let Some(f) = &ctx.in_flight {
                 let outcome = match e {
                     None => "success",
@@ -648,7 +650,11 @@ impl ProxyHttp for Proxy {
         if self.settings.metrics {
             self.metrics
                 .upstream_requests
-                .with_label_values(&[&upstream.name, &upstream.targets[failed].label, "connect_error"])
+                .with_label_values(&[
+                    &upstream.name,
+                    &upstream.targets[failed].label,
+                    "connect_error",
+                ])
                 .inc();
         }
         ctx.tried.push(failed);

@@ -441,7 +441,7 @@ fn route_explains_the_choice() {
         "upstream: users -> 127.0.0.1:9001, 127.0.0.1:9002 (weight 2)",
         "forwarded as: /api/users/7?x=1",
         "auth: jwt main; require_scopes users:read",
-        "rate limit: 100 per 60s by ClientIp",
+        "rate limit: 100 per 60s by ip",
         "cache: ttl 30s, vary accept-language",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");

@@ -198,7 +198,10 @@ fn a_target_killed_between_checks_costs_the_client_nothing() {
     // The failed connects are counted against the dead target.
     let (_, metrics) = admin(&gw, "GET", "/metrics");
     let dead = format!("gatehouse_upstream_requests_total{{outcome=\"connect_error\",target=\"{}\",upstream=\"pool\"}}", a.addr);
-    assert!(metrics.lines().any(|l| l.starts_with(&dead)), "{dead}\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&dead)),
+        "{dead}\n{metrics}"
+    );
     // POST is retried too: nothing was sent on a connection that failed.
     let r = client().post(gw.url("/x")).body("payload").send().unwrap();
     assert_eq!(r.status(), 200);

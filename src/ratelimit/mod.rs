@@ -34,6 +34,17 @@ pub enum LimitKey {
     Route,
 }
 
+impl std::fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitKey::ClientIp => f.write_str("ip"),
+            LimitKey::Header(h) => write!(f, "header:{h}"),
+            LimitKey::Claim(c) => write!(f, "claim:{c}"),
+            LimitKey::Route => f.write_str("route"),
+        }
+    }
+}
+
 impl LimitKey {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {

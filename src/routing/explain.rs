@@ -204,7 +204,7 @@ fn describe_route(out: &mut String, route: &Route, path: &str, query: Option<&st
         Some(l) => {
             let _ = writeln!(
                 out,
-                "rate limit: {} per {:?} by {:?}",
+                "rate limit: {} per {:?} by {}",
                 l.requests, l.per, l.key
             );
         }
