@@ -20,6 +20,8 @@ use serde::Serialize;
 use crate::metrics::Metrics;
 
 const QUEUE: usize = 64 * 1024;
+/// How often queued lines are written.
+const BATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,14 +106,29 @@ pub struct Writer {
     rx: Mutex<Option<Receiver<String>>>,
 }
 
+/// Writes what has queued up every `BATCH_EVERY`. Waking on each line
+/// would cost a thread wake-up per request; sleeping between batches
+/// costs none, and a batch is one write.
 fn drain(rx: Receiver<String>, mut out: Box<dyn Write + Send>) {
-    while let Ok(line) = rx.recv() {
-        let _ = writeln!(out, "{line}");
-        // Write whatever else is queued, then flush once.
-        while let Ok(more) = rx.try_recv() {
-            let _ = writeln!(out, "{more}");
+    loop {
+        std::thread::sleep(BATCH_EVERY);
+        let mut wrote = false;
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    let _ = writeln!(out, "{line}");
+                    wrote = true;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
         }
-        let _ = out.flush();
+        if wrote {
+            let _ = out.flush();
+        }
     }
 }
 
