@@ -396,7 +396,12 @@ impl Proxy {
             }
             _ => None,
         };
+        // Concurrent misses for one key wait for the first to fill it.
+        let mut _filling = None;
         if let Some((c, _, key, _)) = &cache_slot {
+            if c.storage.get_fresh(key).is_none() {
+                _filling = c.fill(*key).await;
+            }
             if let Some(body) = c.storage.get_fresh(key) {
                 ctx.x_cache = Some("HIT");
                 ctx.answered_by_route = true;

@@ -278,3 +278,18 @@ fn credentialed_answers_of_an_unauthenticated_route_are_not_shared() {
     );
     assert_eq!(s.users.count(), 2);
 }
+
+#[test]
+fn concurrent_misses_of_a_cached_aggregate_make_one_fan_out() {
+    let s = setup();
+    let url = s.gw.url("/cached/slow");
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || client().get(url).send().unwrap().text().unwrap())
+        })
+        .collect();
+    let bodies: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(bodies.iter().all(|b| b == &bodies[0]), "{bodies:?}");
+    assert_eq!(s.users.count(), 1);
+}

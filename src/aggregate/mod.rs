@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora_core::connectors::http::Connector;
@@ -363,17 +363,8 @@ async fn call(
                 None => Some(None),
             }
         });
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session
-            .read_response_body()
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            if body.len() + chunk.len() > MAX_PART_BODY {
-                return Err("body over 8 MiB".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body =
+            crate::upstream::fetch::read_body(&mut session, MAX_PART_BODY, "the body").await?;
         connector
             .release_http_session(session, &*peer, peer.options.idle_timeout)
             .await;

@@ -243,18 +243,7 @@ impl RemoteJwks {
         if status != 200 {
             return Err(format!("status {status}"));
         }
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session
-            .read_response_body()
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_SIZE {
-                return Err("the JWK set is larger than 1 MiB".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        crate::upstream::fetch::read_body(&mut session, MAX_JWKS_SIZE, "the JWK set").await
     }
 }
 

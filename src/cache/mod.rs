@@ -42,6 +42,36 @@ pub struct CachePolicy {
 pub struct Cache {
     pub storage: &'static MemoryStorage,
     lock: &'static CacheKeyLockImpl,
+    /// Answers the gateway builds itself (aggregation) being filled now.
+    fills: &'static Fills,
+}
+
+/// One lock per key being filled outside pingora-cache, so concurrent
+/// misses for one key make one fan-out.
+#[derive(Default)]
+pub struct Fills(
+    std::sync::Mutex<std::collections::HashMap<HashBinary, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+);
+
+/// Held while filling one key.
+pub struct FillGuard {
+    fills: &'static Fills,
+    key: HashBinary,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        let mut map = self.fills.0.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and the one our guard still holds: nobody
+        // else waits.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| std::sync::Arc::strong_count(m) <= 2)
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Cache {
@@ -50,7 +80,25 @@ impl Cache {
         Cache {
             storage: Box::leak(Box::new(MemoryStorage::new(max_size))),
             lock: Box::leak(lock),
+            fills: Box::leak(Box::default()),
         }
+    }
+
+    /// Waits until no other request is filling `key` (at most the lock
+    /// timeout), then holds it; check the storage again after this.
+    pub async fn fill(&self, key: HashBinary) -> Option<FillGuard> {
+        let lock = {
+            let mut map = self.fills.0.lock().unwrap_or_else(|p| p.into_inner());
+            std::sync::Arc::clone(map.entry(key).or_default())
+        };
+        let held = tokio::time::timeout(LOCK_TIMEOUT, lock.lock_owned())
+            .await
+            .ok()?;
+        Some(FillGuard {
+            fills: self.fills,
+            key,
+            _held: held,
+        })
     }
 
     /// Turns the cache on for this request. Concurrent misses for one key

@@ -203,6 +203,18 @@ impl Compiler<'_> {
         }
     }
 
+    /// Names label metrics and logs: letters, digits, `-`, `_` and `.`.
+    fn check_name(&mut self, path: &str, kind: &str, name: &str) -> bool {
+        if valid_name(name) {
+            return true;
+        }
+        self.error(
+            path,
+            format!("{kind} name \"{name}\" may hold only letters, digits, '-', '_' and '.'"),
+        );
+        false
+    }
+
     fn resolve_file(&self, file: &str) -> PathBuf {
         let p = Path::new(file);
         if p.is_absolute() {
@@ -451,13 +463,7 @@ impl Compiler<'_> {
         };
         for (name, item) in map {
             let path = key_path("upstreams", name);
-            if !valid_name(name) {
-                self.error(
-                    &path,
-                    format!(
-                        "upstream name \"{name}\" may hold only letters, digits, '-', '_' and '.'"
-                    ),
-                );
+            if !self.check_name(&path, "upstream", name) {
                 continue;
             }
             let fingerprint = item.to_string();
@@ -766,17 +772,10 @@ impl Compiler<'_> {
             let Some(raw) = self.de::<RawRoute>(&path, item) else {
                 continue;
             };
-            if !valid_name(&raw.name) {
+            let npath = key_path(&path, "name");
+            if self.check_name(&npath, "route", &raw.name) && !names.insert(raw.name.clone()) {
                 self.error(
-                    &key_path(&path, "name"),
-                    format!(
-                        "route name \"{}\" may hold only letters, digits, '-', '_' and '.'",
-                        raw.name
-                    ),
-                );
-            } else if !names.insert(raw.name.clone()) {
-                self.error(
-                    &key_path(&path, "name"),
+                    &npath,
                     format!("route name \"{}\" is used by an earlier route", raw.name),
                 );
             }
@@ -1241,13 +1240,7 @@ impl Compiler<'_> {
         };
         for (name, item) in &raw.jwt {
             let path = key_path("auth.jwt", name);
-            if !valid_name(name) {
-                self.error(
-                    &path,
-                    format!(
-                        "provider name \"{name}\" may hold only letters, digits, '-', '_' and '.'"
-                    ),
-                );
+            if !self.check_name(&path, "provider", name) {
                 continue;
             }
             // A provider fetching its keys keeps them (and its verified

@@ -3,6 +3,7 @@
 //! `upstream_peer` phase (pick a target, retrying on another one after a
 //! failed connect) and runs health checks in the background (`health`).
 
+pub mod fetch;
 pub mod health;
 
 use std::net::SocketAddr;
