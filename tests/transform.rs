@@ -23,7 +23,7 @@ fn setup(
     let body = [
         format!("upstreams:\n  app:\n    targets: [{}]\nroutes:\n", up.addr),
         "  - name: rules\n    match: { path_prefix: / }\n    upstream: app\n".to_string(),
-        "    request_body: { remove_fields: [debug, \"meta.internal\"], rename_fields: { userName: user_name } }\n".to_string(),
+        "    request_body: { remove_fields: [debug, \"meta.internal\", \"lines[].cost\"], rename_fields: { userName: user_name, \"lines[].sku\": item } }\n".to_string(),
         "    response_body:\n      remove_fields: [password, \"user.password\", \"items[].ssn\"]\n".to_string(),
         "      rename_fields: { \"items[].id\": item_id, \"user.userName\": user_name }\n      xml_to_json: true\n".to_string(),
     ]
@@ -86,7 +86,7 @@ fn json_responses_lose_and_rename_fields() {
 #[test]
 fn json_requests_are_rewritten_before_the_upstream_sees_them() {
     let (up, gw) = setup(|_| reply("text/plain", "ok"), None);
-    let sent = json!({"userName": "ann", "debug": true, "meta": {"internal": 1, "public": 2}});
+    let sent = json!({"userName": "ann", "debug": true, "meta": {"internal": 1, "public": 2}, "lines": [{"sku": "a", "cost": 1}, {"sku": "b", "cost": 2}]});
     let r = client()
         .post(gw.url("/users"))
         .header("content-type", "application/json")
@@ -96,7 +96,10 @@ fn json_requests_are_rewritten_before_the_upstream_sees_them() {
     assert_eq!(r.status(), 200);
     let seen = up.last();
     let v: Value = serde_json::from_slice(&seen.body).unwrap();
-    assert_eq!(v, json!({"user_name": "ann", "meta": {"public": 2}}));
+    assert_eq!(
+        v,
+        json!({"user_name": "ann", "meta": {"public": 2}, "lines": [{"item": "a"}, {"item": "b"}]})
+    );
     // The upstream got a correctly framed body: a length that matches, or chunked.
     match seen.header("content-length") {
         Some(n) => assert_eq!(n.parse::<usize>().unwrap(), seen.body.len()),
@@ -111,7 +114,10 @@ fn json_requests_are_rewritten_before_the_upstream_sees_them() {
         .send()
         .unwrap();
     let v: Value = serde_json::from_slice(&up.last().body).unwrap();
-    assert_eq!(v, json!({"user_name": "ann", "meta": {"public": 2}}));
+    assert_eq!(
+        v,
+        json!({"user_name": "ann", "meta": {"public": 2}, "lines": [{"item": "a"}, {"item": "b"}]})
+    );
 }
 
 #[test]
