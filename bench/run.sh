@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -24,6 +24,8 @@ GATEHOUSE_EXTRA_ROUTES=${GATEHOUSE_EXTRA_ROUTES:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GATEHOUSE_BIN=${GATEHOUSE_BIN:-$ROOT/target/release/gatehouse}
+# Pingora with nothing on top (examples/bare_proxy.rs): the floor gatehouse builds on.
+BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 WRK_BIN=${WRK_BIN:-$(command -v wrk || echo /usr/bin/wrk)}
 
@@ -54,7 +56,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
 mkdir -p "$WORK/tmp" "$WORK/wrk"
 RESULTS=$WORK/results.tsv
 declare -A SERVER_PID=()        # server name -> pid of the process we started
-declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
+declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT [pingora-bare]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
 STATUS=1
 
 cleanup() {
@@ -92,19 +94,21 @@ NOFILE=$(ulimit -n)
 [[ $NOFILE =~ ^[0-9]+$ ]] && (( NOFILE <= 65536 )) || NOFILE=65536
 (( NOFILE >= 2 * CONNS + 64 )) || note "warning: open-file limit $NOFILE is low for CONNS=$CONNS"
 
-read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT < <(python3 -c '
+read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(6)]
+ss = [socket.socket() for _ in range(7)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 ') || true
-[[ -n ${GHQ_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
+[[ -n ${BARE_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
 # One line per target: "name|server|url|auth". `server` is the process whose CPU and
-# RSS are measured (upstream, nginx, gatehouse or gatehouse-quiet; "-" = measure
-# nothing). gatehouse-quiet is a second gatehouse with the same routes but no
+# RSS are measured (upstream, nginx, pingora-bare, gatehouse or gatehouse-quiet;
+# "-" = measure nothing). pingora-bare is examples/bare_proxy.rs: Pingora with
+# gatehouse's allocator, build profile and server options, forwarding to one
+# prebuilt peer and doing nothing else. gatehouse-quiet is a second gatehouse with the same routes but no
 # metrics and no access log, to price them against gatehouse. The
 # upstream always runs; the other servers start only if a selected target needs
 # them. `auth` = bearer sends one RS256 token (minted below) with every request.
@@ -113,6 +117,7 @@ print(" ".join(str(s.getsockname()[1]) for s in ss))
 TARGET_DEFS=(
     "upstream|-|http://127.0.0.1:$UP_PORT$REQ_PATH|-"
     "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH|-"
+    "pingora-bare|pingora-bare|http://127.0.0.1:$BARE_PORT$REQ_PATH|-"
     "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
     "gatehouse-quiet|gatehouse-quiet|http://127.0.0.1:$GHQ_PORT$REQ_PATH|-"
     "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
@@ -146,6 +151,11 @@ need_gatehouse() { need_server gatehouse || need_server gatehouse-quiet; }
 
 if need_gatehouse && [[ $GATEHOUSE_BIN == */debug/* ]]; then
     note "WARNING: $GATEHOUSE_BIN looks like a debug build; its numbers mean nothing (use target/release/gatehouse)"
+fi
+if need_server pingora-bare && [[ ! -x $BARE_BIN ]]; then
+    die "bare Pingora proxy not found at $BARE_BIN
+  Build it first:   (cd $ROOT && cargo build --release --example bare_proxy)
+  or leave it out of TARGETS"
 fi
 if need_gatehouse && [[ ! -x $GATEHOUSE_BIN ]]; then
     die "gatehouse binary not found at $GATEHOUSE_BIN
@@ -473,7 +483,7 @@ busy_check() {
 
 # --------------------------------------------------------------- start ------
 busy_check
-note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT)"
+note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT), pingora-bare $BARE_PORT"
 
 "$NGINX_BIN" -t -q -p "$WORK" -e "$WORK/upstream-error.log" -c "$WORK/upstream.conf" 2>"$WORK/upstream.log" \
     || { show_log "$WORK/upstream.log"; die "upstream nginx config rejected"; }
@@ -498,6 +508,10 @@ start_gatehouse() {
 }
 if need_server gatehouse; then
     start_gatehouse gatehouse "$GH_ADMIN_PORT"
+fi
+if need_server pingora-bare; then
+    start_server pingora-bare "$SERVER_CPU" "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
+    wait_http pingora-bare "http://127.0.0.1:$BARE_PORT$REQ_PATH" "$WORK/pingora-bare.log"
 fi
 if need_server gatehouse-quiet; then
     start_gatehouse gatehouse-quiet "$GHQ_ADMIN_PORT" \
@@ -585,6 +599,7 @@ def fmt(v, spec):
 def rps_str(v):
     return "-" if v is None else (f"{v/1000:.1f}k" if v >= 10000 else f"{v:.0f}")
 
+nginx_cpu = med(r[5] for r in by["nginx"]) if "nginx" in by else None
 table = []
 errors = 0
 for t in order:
@@ -593,19 +608,21 @@ for t in order:
     ratios = [rps_round[k][t] / rps_round[k]["nginx"] for k in rps_round
               if "nginx" in rps_round[k] and t in rps_round[k]]
     hwm = [float(r[6]) for r in rs if r[6] != "-"]
+    cpu = med(r[5] for r in rs)
     table.append([
         t,
         rps_str(med(r[2] for r in rs)),
         fmt(med(r[3] for r in rs), ".3f"),
         fmt(med(r[4] for r in rs), ".3f"),
-        fmt(med(r[5] for r in rs), ".1f"),
+        fmt(cpu, ".1f"),
+        fmt(cpu / nginx_cpu if cpu is not None and nginx_cpu else None, ".2f"),
         fmt(max(hwm) / 1024 if hwm else None, ".1f"),
         fmt(st.median(ratios) if ratios else None, ".2f"),
     ])
 
-head = ["target", "rps", "p50 ms", "p99 ms", "CPU µs/req", "peak RSS MiB", "× nginx"]
+head = ["target", "rps", "p50 ms", "p99 ms", "CPU µs/req", "CPU × nginx", "peak RSS MiB", "× nginx"]
 notes = ("medians over rounds; × nginx = median of per-round rps ratios; "
-         "CPU = utime+stime of the server's processes / requests; "
+         "CPU = utime+stime of the server's processes / requests; CPU × nginx = ratio of the median CPU figures; "
          "peak RSS = VmHWM summed over the server's processes")
 if "gatehouse" in order and "gatehouse-quiet" in order:
     notes += ("; metrics+log vs quiet = median of per-round rps ratios gatehouse / gatehouse-quiet "
@@ -613,20 +630,25 @@ if "gatehouse" in order and "gatehouse-quiet" in order:
 
 # Price of metrics + access log: median of the per-round rps ratios
 # gatehouse / gatehouse-quiet (both selected only).
-obs = None
-if "gatehouse" in order and "gatehouse-quiet" in order:
-    q = [rps_round[k]["gatehouse"] / rps_round[k]["gatehouse-quiet"] for k in rps_round
-         if "gatehouse" in rps_round[k] and "gatehouse-quiet" in rps_round[k]]
-    if q:
-        obs = f"gatehouse with metrics+log vs quiet: {st.median(q):.2f}× rps"
+def round_ratio(a, b):
+    q = [rps_round[k][a] / rps_round[k][b] for k in rps_round
+         if a in rps_round[k] and b in rps_round[k]]
+    return st.median(q) if q else None
+
+obs = []
+if round_ratio("gatehouse", "gatehouse-quiet") is not None:
+    obs.append(f"gatehouse with metrics+log vs quiet: {round_ratio('gatehouse', 'gatehouse-quiet'):.2f}× rps")
+for g in ("gatehouse", "gatehouse-quiet"):
+    if round_ratio(g, "pingora-bare") is not None:
+        obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
 
 w = [max(len(str(row[i])) for row in [head] + table) for i in range(len(head))]
 print()
 print("  ".join(h.ljust(w[i]) if i == 0 else h.rjust(w[i]) for i, h in enumerate(head)))
 for row in table:
     print("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)))
-if obs:
-    print(obs)
+for o in obs:
+    print(o)
 print(machine)
 print(setup)
 if errors:
@@ -644,8 +666,9 @@ print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
 for row in table:
     print("| " + " | ".join(c if c != "-" else "–" for c in row) + " |")
 print()
+for o in obs:
+    print(o + "  ")   # its own paragraph: a line right under a table would become a row
 if obs:
-    print(obs)   # its own paragraph: a line right under a table would become a row
     print()
 cap = lambda x: x[:1].upper() + x[1:]
 print(cap(machine) + "  ")

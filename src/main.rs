@@ -51,6 +51,27 @@ enum Command {
     },
 }
 
+/// mimalloc maps its memory in large aligned regions; where the kernel's
+/// transparent huge pages are `always` on, those regions fault in as 2 MiB
+/// pages and the resident set more than doubles under load (measured at 1000
+/// connections: 128 MiB with huge pages, 63 MiB without, same throughput).
+/// Set `MIMALLOC_ALLOW_THP=1` to keep them.
+///
+/// It runs as an ELF constructor, before the Rust runtime's first
+/// allocation: a huge page faulted in before the switch stays huge.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static DISABLE_TRANSPARENT_HUGE_PAGES: extern "C" fn() = {
+    extern "C" fn disable() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+            // Refused only by kernels older than 3.15; then nothing changes.
+            let _ = nix::sys::prctl::set_thp_disable(true);
+        }
+    }
+    disable
+};
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();

@@ -94,8 +94,9 @@ pub struct RequestCtx {
     answered_by_route: bool,
     start: Option<Instant>,
     /// Bodies held back for a body rule.
-    request_rewrite: Option<Rewrite>,
-    response_rewrite: Option<Rewrite>,
+    /// Boxed: rare, and the context travels inside every request's future.
+    request_rewrite: Option<Box<Rewrite>>,
+    response_rewrite: Option<Box<Rewrite>>,
 }
 
 impl RequestCtx {
@@ -715,7 +716,8 @@ impl ProxyHttp for Proxy {
                 session.req_header(),
                 upstream_request,
                 self.settings.max_transform_size,
-            );
+            )
+            .map(Box::new);
         }
         Ok(())
     }
@@ -760,7 +762,8 @@ impl ProxyHttp for Proxy {
                 session.req_header().method == http::Method::HEAD && !session.cache.enabled(),
                 upstream_response,
                 self.settings.max_transform_size,
-            );
+            )
+            .map(Box::new);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -113,7 +114,12 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     for listener in &config.listeners {
         let addr = listener.addr.to_string();
         match &listener.tls {
-            None => public.add_tcp(&addr),
+            // Plain HTTP/1 reads land straight in Pingora's own head and
+            // body buffers; an L4 read buffer would only add a copy, and
+            // Pingora's default one is 64 KiB, zeroed, per connection.
+            None => public.add_listener(
+                ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)),
+            ),
             Some(files) => {
                 let tls_error = |e: pingora_core::BError| StartError::Tls {
                     addr: addr.clone(),

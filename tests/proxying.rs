@@ -339,6 +339,12 @@ fn oversized_request_heads_get_431() {
     // Within the limits all is well, and the gateway is still serving.
     let r = send_raw(gw.addr, "GET", "/a", &many[..10]);
     assert_eq!(r.status, 200);
+    // A head many times the reader's first buffer, yet within the limit,
+    // reaches the upstream whole.
+    let large = "w".repeat(7000);
+    let r = send_raw(gw.addr, "GET", "/a", &[("X-Large", &large)]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(up.last().header("x-large"), Some(large.as_str()));
 }
 
 #[test]

@@ -85,22 +85,34 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
-    let nominated: Vec<HeaderName> = resp
+    // Per response, so only the fields actually present are removed: each
+    // removal re-hashes both of Pingora's header maps.
+    let nominated = |name: &HeaderName| {
+        resp.headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let doomed: Vec<HeaderName> = resp
         .headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .keys()
+        .filter(|n| {
+            *n == CONNECTION
+                || *n == TE
+                || *n == TRAILER
+                || *n == UPGRADE
+                || *n == PROXY_AUTHENTICATE
+                || n.as_str() == "keep-alive"
+                || n.as_str() == "proxy-connection"
+                || nominated(n)
+        })
+        .cloned()
         .collect();
-    for name in &nominated {
+    for name in &doomed {
         resp.remove_header(name);
     }
-    for name in [CONNECTION, TE, TRAILER, UPGRADE, PROXY_AUTHENTICATE] {
-        resp.remove_header(&name);
-    }
-    resp.remove_header("keep-alive");
-    resp.remove_header("proxy-connection");
 }
 
 /// `deprecation:` on a route: RFC 9745 `Deprecation`, RFC 8594 `Sunset` and
@@ -206,7 +218,25 @@ mod tests {
         resp.insert_header("X-Secret-Hop", "1").unwrap();
         resp.insert_header("Keep-Alive", "timeout=5").unwrap();
         resp.insert_header("X-Kept", "1").unwrap();
+        for name in [
+            "Upgrade",
+            "Trailer",
+            "TE",
+            "Proxy-Connection",
+            "Proxy-Authenticate",
+        ] {
+            resp.insert_header(name, "x").unwrap();
+        }
         strip_hop_by_hop(&mut resp);
+        for name in [
+            "upgrade",
+            "trailer",
+            "te",
+            "proxy-connection",
+            "proxy-authenticate",
+        ] {
+            assert!(resp.headers.get(name).is_none(), "{name} kept");
+        }
         assert!(resp.headers.get("connection").is_none());
         assert!(resp.headers.get("x-secret-hop").is_none());
         assert!(resp.headers.get("keep-alive").is_none());

@@ -242,6 +242,15 @@ impl Upstream {
     /// Chooses a healthy target not in `tried`. `key` feeds consistent
     /// hashing and is ignored by the other algorithms.
     pub fn pick(&self, key: &[u8], tried: &[usize]) -> Pick {
+        // One target (a service VIP, a sidecar): nothing to balance, and the
+        // selectors' walk costs more than the rest of the choice.
+        if self.targets.len() == 1 {
+            return match (self.is_healthy(0), tried.is_empty()) {
+                (false, _) => Pick::NoneHealthy,
+                (true, true) => Pick::Target(0),
+                (true, false) => Pick::Exhausted,
+            };
+        }
         let accept = |b: &Backend, healthy: bool| {
             healthy && self.index_of(b).is_some_and(|i| !tried.contains(&i))
         };
