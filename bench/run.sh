@@ -510,7 +510,8 @@ if need_server gatehouse; then
     start_gatehouse gatehouse "$GH_ADMIN_PORT"
 fi
 if need_server pingora-bare; then
-    start_server pingora-bare "$SERVER_CPU" "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
+    # Transparent huge pages off, as gatehouse sets for itself, so RSS compares.
+    start_server pingora-bare "$SERVER_CPU" env MIMALLOC_ALLOW_THP=0 "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
     wait_http pingora-bare "http://127.0.0.1:$BARE_PORT$REQ_PATH" "$WORK/pingora-bare.log"
 fi
 if need_server gatehouse-quiet; then

@@ -87,14 +87,14 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
     // Per response, so only the fields actually present are removed: each
     // removal re-hashes both of Pingora's header maps.
-    let nominated = |name: &HeaderName| {
-        resp.headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-    };
+    let nominated: Vec<&str> = resp
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
     let doomed: Vec<HeaderName> = resp
         .headers
         .keys()
@@ -106,7 +106,7 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
                 || *n == PROXY_AUTHENTICATE
                 || n.as_str() == "keep-alive"
                 || n.as_str() == "proxy-connection"
-                || nominated(n)
+                || nominated.iter().any(|t| t.eq_ignore_ascii_case(n.as_str()))
         })
         .cloned()
         .collect();
