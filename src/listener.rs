@@ -80,6 +80,8 @@ where
         let user_ctx = v1.take_connection_user_context();
         let reused = user_ctx.is_some();
         let mut stream: Stream = v1.into_inner();
+        // Every open connection holds this while it waits for a request;
+        // most heads fit in 1 KiB, and a longer one grows it.
         let mut buf = BytesMut::with_capacity(1024);
         match self
             .read_head(&mut stream, &mut buf, reused, shutdown)
