@@ -14,6 +14,15 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The names as sent. Pingora keeps a field's case, and takes a `&'static
+/// str` name without the copy it makes of a `HeaderName`'s.
+pub mod sent {
+    pub const X_FORWARDED_FOR: &str = "X-Forwarded-For";
+    pub const X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+    pub const X_FORWARDED_HOST: &str = "X-Forwarded-Host";
+    pub const X_REQUEST_ID: &str = "X-Request-Id";
+}
+
 /// A request's id: the client's `X-Request-Id` when it is sane (1-128
 /// characters of letters, digits and `-_.:`), else a new UUID. Kept as a
 /// header value so that sending it costs no copy.
@@ -111,16 +120,16 @@ impl Forwarded {
                 }
             }
             let _ = write!(chain, "{peer}");
-            let _ = req.insert_header(X_FORWARDED_FOR, chain);
+            let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
         }
         if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
             let proto = if self.tls { "https" } else { "http" };
-            let _ = req.insert_header(X_FORWARDED_PROTO, proto);
+            let _ = req.insert_header(sent::X_FORWARDED_PROTO, proto);
         }
         if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
             match &self.host {
                 Some(h) => {
-                    let _ = req.insert_header(X_FORWARDED_HOST, h.clone());
+                    let _ = req.insert_header(sent::X_FORWARDED_HOST, h.clone());
                 }
                 None => {
                     req.remove_header(&X_FORWARDED_HOST);

@@ -698,7 +698,10 @@ impl ProxyHttp for Proxy {
             host,
         }
         .apply(upstream_request);
-        upstream_request.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
+        upstream_request.insert_header(
+            forwarding::sent::X_REQUEST_ID,
+            ctx.request_id.header_value().clone(),
+        )?;
         if let Some(route) = &ctx.route {
             let auth = route.auth.as_ref().zip(ctx.claims.as_deref());
             auth::forward_identity(
@@ -803,7 +806,10 @@ impl ProxyHttp for Proxy {
             ctx.x_cache = Some(x);
             upstream_response.insert_header(X_CACHE, x)?;
         }
-        upstream_response.insert_header(REQUEST_ID, ctx.request_id.header_value().clone())?;
+        upstream_response.insert_header(
+            forwarding::sent::X_REQUEST_ID,
+            ctx.request_id.header_value().clone(),
+        )?;
         Ok(())
     }
 

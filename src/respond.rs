@@ -75,7 +75,7 @@ impl Response {
         resp.insert_header(CONTENT_LENGTH, self.body.len())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         if let Ok(id) = HeaderValue::from_str(request_id) {
-            resp.insert_header(REQUEST_ID, id)?;
+            resp.insert_header(crate::forwarding::sent::X_REQUEST_ID, id)?;
         }
         Ok(resp)
     }
