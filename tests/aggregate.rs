@@ -6,15 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::jwt::{claims, mint};
 use common::*;
-use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 
 fn json_reply(v: Value) -> Reply {
-    let mut r = Reply::text(200, &v.to_string());
-    r.headers = vec![("content-type".into(), "application/json".into())];
-    r
+    Reply::typed(200, "application/json", &v.to_string())
 }
 
 struct Setup {
@@ -55,16 +51,13 @@ fn setup() -> Setup {
         }
     });
     let dead = free_port();
-    let keys = common::jwt::key_path("");
     let body = [
         format!(
             "upstreams:\n  users: {{ targets: [{}] }}\n  orders: {{ targets: [{}] }}\n  recs: {{ targets: [{}] }}\n  gone: {{ targets: [127.0.0.1:{dead}] }}\n",
             users.addr, orders.addr, recs.addr
         ),
-        format!(
-            "auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n      forward_claims: {{ sub: X-User-Id }}\n",
-            keys.display().to_string().trim_end_matches('/')
-        ),
+        common::jwt::rs256_provider("main"),
+        "      forward_claims: { sub: X-User-Id }\n".to_string(),
         "cache:\n  max_size: 1MiB\n".to_string(),
         "routes:\n".to_string(),
         "  - name: profile\n    match: { path: \"/profile/{id}\", methods: [GET] }\n    auth: main\n".to_string(),
@@ -92,16 +85,12 @@ fn setup() -> Setup {
     }
 }
 
-fn token(sub: &str) -> String {
-    mint(Algorithm::RS256, "rsa1.pem", None, &claims(sub))
-}
-
 #[test]
 fn parts_in_order_with_placeholders_and_forwarded_headers() {
     let s = setup();
     let r = client()
         .get(s.gw.url("/profile/42?page=3"))
-        .bearer_auth(token("ann"))
+        .bearer_auth(jwt::rs256_token("ann"))
         .header("X-Request-Id", "agg-1")
         .send()
         .unwrap();
@@ -165,7 +154,7 @@ fn parts_run_concurrently() {
     let t = Instant::now();
     let r = client()
         .get(s.gw.url("/profile/slow?page=1"))
-        .bearer_auth(token("slow"))
+        .bearer_auth(jwt::rs256_token("slow"))
         .send()
         .unwrap();
     let took = t.elapsed();
@@ -243,7 +232,7 @@ fn placeholder_values_cannot_walk_the_parts_upstream() {
     let s = setup();
     let r = client()
         .get(s.gw.url("/profile/42?page=..%2F..%2Fadmin%26role%3Dadmin"))
-        .bearer_auth(token("ann"))
+        .bearer_auth(jwt::rs256_token("ann"))
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
@@ -254,7 +243,7 @@ fn placeholder_values_cannot_walk_the_parts_upstream() {
     );
     let r = client()
         .get(s.gw.url("/profile/42?page=.."))
-        .bearer_auth(token("ann"))
+        .bearer_auth(jwt::rs256_token("ann"))
         .send()
         .unwrap();
     assert_eq!(r.headers()["x-aggregate-missing"], "orders");

@@ -25,7 +25,7 @@ fn setup() -> Setup {
     let doc = Arc::clone(&jwks_doc);
     let jwks_server = TestUpstream::with_handler("idp", move |_| {
         let (status, body) = doc.lock().unwrap().clone();
-        Reply::text(status, &body).header("content-type", "application/json")
+        Reply::typed(status, "application/json", &body)
     });
     let keys = jwt::key_path("");
     let routes = [
@@ -159,7 +159,7 @@ fn valid_tokens_of_every_algorithm_pass_and_claims_are_forwarded() {
 fn identity_headers_from_clients_never_reach_upstreams() {
     let s = setup();
     // On an auth route, a claim the token lacks is not taken from the client.
-    let token = mint(Algorithm::RS256, "rsa1.pem", None, &claims("user-9"));
+    let token = jwt::rs256_token("user-9");
     let r = client()
         .get(s.gw.url("/rs"))
         .bearer_auth(&token)

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::jwt::{claims, mint};
 use common::*;
-use jsonwebtoken::Algorithm;
 
 /// An upstream that numbers its answers, so a cached one is recognizable.
 fn numbered(extra: fn(&Recorded, Reply) -> Reply) -> TestUpstream {
@@ -26,13 +24,9 @@ fn plain(_: &Recorded, r: Reply) -> Reply {
 }
 
 fn cached(up: &TestUpstream, extra_routes: &str) -> Gateway {
-    let keys = common::jwt::key_path("");
     let body = [
         format!("upstreams:\n  app:\n    targets: [{}]\n", up.addr),
-        format!(
-            "auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n",
-            keys.display().to_string().trim_end_matches('/')
-        ),
+        common::jwt::rs256_provider("main"),
         "cache:\n  max_size: 4MiB\n".to_string(),
         "routes:\n".to_string(),
         "  - name: cached\n    match: { path_prefix: /c }\n    upstream: app\n".to_string(),
@@ -117,14 +111,8 @@ fn query_vary_and_host_separate_entries() {
 fn subjects_never_share_an_entry_and_anonymous_requests_never_see_one() {
     let up = numbered(plain);
     let gw = cached(&up, "");
-    let alice = format!(
-        "Bearer {}",
-        mint(Algorithm::RS256, "rsa1.pem", None, &claims("alice"))
-    );
-    let bob = format!(
-        "Bearer {}",
-        mint(Algorithm::RS256, "rsa1.pem", None, &claims("bob"))
-    );
+    let alice = format!("Bearer {}", jwt::rs256_token("alice"));
+    let bob = format!("Bearer {}", jwt::rs256_token("bob"));
     let a = fetch(&gw, "/me", &[("Authorization", &alice)]);
     assert_eq!(a.0, "MISS");
     assert_eq!(
@@ -204,13 +192,9 @@ fn concurrent_misses_make_one_upstream_request() {
 }
 
 fn admin_delete(gw: &Gateway, target: &str) -> serde_json::Value {
-    let text = raw_request(
-        gw.admin,
-        format!("DELETE {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
-    );
-    let r = RawResponse::parse(&text).unwrap();
-    assert_eq!(r.status, 200, "{text}");
-    serde_json::from_str(&r.body).unwrap()
+    let (status, body) = admin(gw, "DELETE", target);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 #[test]
@@ -273,9 +257,7 @@ fn errors_of_a_cached_route_say_bypass() {
 #[test]
 fn transformed_bodies_are_cached_transformed() {
     let up = TestUpstream::with_handler("app", |_| {
-        let mut r = Reply::text(200, r#"{"id":1,"password":"x"}"#);
-        r.headers = vec![("content-type".into(), "application/json".into())];
-        r
+        Reply::typed(200, "application/json", r#"{"id":1,"password":"x"}"#)
     });
     let body = format!(
         "upstreams:\n  app:\n    targets: [{}]\ncache:\n  max_size: 1MiB\nroutes:\n  - name: c\n    match: {{ path_prefix: / }}\n    upstream: app\n    cache: {{ ttl: 1h }}\n    response_body: {{ remove_fields: [password] }}\n",

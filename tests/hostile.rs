@@ -10,15 +10,12 @@ use common::*;
 
 fn setup() -> (TestUpstream, Gateway) {
     let up = TestUpstream::with_handler("app", |r| Reply::text(200, &r.target));
-    let keys = common::jwt::key_path("");
     let body = [
         format!("upstreams:\n  app:\n    targets: [{}]\n", up.addr),
-        format!(
-            "auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n",
-            keys.display().to_string().trim_end_matches('/')
-        ),
+        common::jwt::rs256_provider("main"),
         "routes:\n".to_string(),
-        "  - name: admin\n    match: { path_prefix: /admin }\n    upstream: app\n    auth: main\n".to_string(),
+        "  - name: admin\n    match: { path_prefix: /admin }\n    upstream: app\n    auth: main\n"
+            .to_string(),
         "  - name: public\n    match: { path_prefix: /public }\n    upstream: app\n".to_string(),
     ]
     .concat();

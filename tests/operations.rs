@@ -7,9 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::jwt::{claims, mint};
 use common::*;
-use jsonwebtoken::Algorithm;
 
 fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines()
@@ -19,13 +17,9 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
 }
 
 fn body_with(up: &TestUpstream, extra_routes: &str) -> String {
-    let keys = common::jwt::key_path("");
     [
         format!("upstreams:\n  app:\n    targets: [{}]\n    health_check: {{ path: /health, interval: 100ms, unhealthy_after: 1 }}\n", up.addr),
-        format!(
-            "auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n",
-            keys.display().to_string().trim_end_matches('/')
-        ),
+        common::jwt::rs256_provider("main"),
         "cache:\n  max_size: 1MiB\n".to_string(),
         "routes:\n".to_string(),
         "  - name: r\n    match: { path_prefix: /r }\n    upstream: app\n".to_string(),
@@ -48,7 +42,7 @@ fn metrics_after_known_traffic() {
     assert_eq!(c.get(gw.url("/limited")).send().unwrap().status(), 200);
     assert_eq!(c.get(gw.url("/limited")).send().unwrap().status(), 429);
     assert_eq!(c.get(gw.url("/private")).send().unwrap().status(), 401);
-    let token = mint(Algorithm::RS256, "rsa1.pem", None, &claims("u"));
+    let token = jwt::rs256_token("u");
     for _ in 0..2 {
         c.get(gw.url("/private"))
             .bearer_auth(&token)
@@ -144,7 +138,7 @@ fn the_access_log_has_a_line_per_request_with_every_field() {
     let log = dir.path().join("access.log");
     let body = format!("access_log: {}\n{}", log.display(), body_with(&up, ""));
     let gw = gateway(&body).start();
-    let token = mint(Algorithm::RS256, "rsa1.pem", None, &claims("ann"));
+    let token = jwt::rs256_token("ann");
     let c = client();
     c.get(gw.url("/r/a?secret=1"))
         .header("X-Request-Id", "log-1")
@@ -265,7 +259,7 @@ fn budgets_and_cache_entries_of_unchanged_routes_survive_a_reload() {
     let up = TestUpstream::named("app");
     let gw = gateway(&body_with(&up, "")).start();
     let c = client();
-    let token = mint(Algorithm::RS256, "rsa1.pem", None, &claims("u"));
+    let token = jwt::rs256_token("u");
     assert_eq!(c.get(gw.url("/limited")).send().unwrap().status(), 200);
     assert_eq!(
         c.get(gw.url("/private"))
@@ -443,11 +437,10 @@ fn route_cli(conf: &std::path::Path, args: &[&str]) -> (i32, String) {
 fn route_explains_the_choice() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("g.yaml");
-    let keys = common::jwt::key_path("");
     let yaml = [
         "listen: [127.0.0.1:8080]\n".to_string(),
         "upstreams:\n  users:\n    targets: [127.0.0.1:9001, { address: 127.0.0.1:9002, weight: 2 }]\n".to_string(),
-        format!("auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n", keys.display().to_string().trim_end_matches('/')),
+        common::jwt::rs256_provider("main"),
         "routes:\n".to_string(),
         "  - name: me\n    match: { path: /v1/users/me }\n    upstream: users\n".to_string(),
         "  - name: users-v2\n    match: { path_prefix: /v1/users, headers: { Api-Version: \"2\" } }\n    upstream: users\n".to_string(),

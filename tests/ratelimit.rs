@@ -7,9 +7,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::jwt::{claims, mint};
 use common::*;
-use jsonwebtoken::Algorithm;
 
 fn from(ip: &str) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
@@ -137,13 +135,9 @@ fn per_header_falls_back_to_the_client_ip() {
 #[test]
 fn per_claim_and_per_route() {
     let up = TestUpstream::named("app");
-    let keys = common::jwt::key_path("");
     let body = [
         format!("upstreams:\n  app:\n    targets: [{}]\n", up.addr),
-        format!(
-            "auth:\n  jwt:\n    main:\n      algorithms: [RS256]\n      public_key_file: {}/rsa1.pub.pem\n",
-            keys.display().to_string().trim_end_matches('/')
-        ),
+        common::jwt::rs256_provider("main"),
         "routes:\n".to_string(),
         "  - name: per-user\n    match: { path_prefix: /user }\n    upstream: app\n    auth: main\n".to_string(),
         "    rate_limit: { requests: 2, per: 1m, key: \"claim:sub\" }\n".to_string(),
@@ -155,8 +149,8 @@ fn per_claim_and_per_route() {
     .concat();
     let gw = gateway(&body).start();
     let c = client();
-    let alice = mint(Algorithm::RS256, "rsa1.pem", None, &claims("alice"));
-    let bob = mint(Algorithm::RS256, "rsa1.pem", None, &claims("bob"));
+    let alice = jwt::rs256_token("alice");
+    let bob = jwt::rs256_token("bob");
     let as_user = |t: &str| c.get(gw.url("/user")).bearer_auth(t).send().unwrap();
     assert_eq!(admitted(&statuses(3, || as_user(&alice))), 2);
     assert_eq!(admitted(&statuses(3, || as_user(&bob))), 2);

@@ -10,9 +10,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn reply(content_type: &str, body: &str) -> Reply {
-    let mut r = Reply::text(200, body);
-    r.headers = vec![("content-type".into(), content_type.into())];
-    r
+    Reply::typed(200, content_type, body)
 }
 
 fn setup(

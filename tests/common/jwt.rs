@@ -15,6 +15,21 @@ pub fn key_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The `auth:` section of a config with one RS256 provider named `name`,
+/// verifying with `rsa1.pub.pem`; more provider keys may follow it.
+pub fn rs256_provider(name: &str) -> String {
+    format!(
+        "auth:\n  jwt:\n    {name}:\n      algorithms: [RS256]\n      public_key_file: {}\n",
+        key_path("rsa1.pub.pem").display()
+    )
+}
+
+/// A valid token (see [`claims`]) for `sub`, signed with `rsa1.pem`: what
+/// the provider of [`rs256_provider`] accepts.
+pub fn rs256_token(sub: &str) -> String {
+    mint(Algorithm::RS256, "rsa1.pem", None, &claims(sub))
+}
+
 fn pem(name: &str) -> Vec<u8> {
     std::fs::read(key_path(name)).unwrap()
 }

@@ -75,6 +75,13 @@ impl Reply {
         }
     }
 
+    /// A reply with this content type and no other.
+    pub fn typed(status: u16, content_type: &str, body: &str) -> Self {
+        let mut r = Reply::text(status, body);
+        r.headers = vec![("content-type".into(), content_type.into())];
+        r
+    }
+
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
