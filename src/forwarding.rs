@@ -98,22 +98,27 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 }
 
 /// What the upstream is told about the original request.
-pub struct Forwarded {
+pub struct Forwarded<'a> {
+    /// The connecting peer, IPv4-mapped addresses made plain.
     pub peer: Option<IpAddr>,
     pub peer_trusted: bool,
     pub tls: bool,
+    /// The client's request headers, whose forwarding fields are extended.
+    pub client: &'a HeaderMap,
     /// The client's host as sent (HTTP/2 authority, or `Host`).
     pub host: Option<HeaderValue>,
 }
 
-impl Forwarded {
-    /// Appends the peer to `X-Forwarded-For` and sets `-Proto` and `-Host`;
-    /// a trusted proxy's own `-Proto` and `-Host` are kept.
+impl Forwarded<'_> {
+    /// Sets `X-Forwarded-For` to the client's chain with the peer appended,
+    /// and `-Proto` and `-Host`; a trusted proxy's own `-Proto` and `-Host`
+    /// are passed on. Works on a copy of the client's request and on a
+    /// request the gateway builds itself (an aggregate part) alike.
     pub fn apply(&self, req: &mut RequestHeader) {
         if let Some(peer) = self.peer {
             use std::fmt::Write;
             let mut chain = String::with_capacity(64);
-            for v in req.headers.get_all(X_FORWARDED_FOR).iter() {
+            for v in self.client.get_all(X_FORWARDED_FOR).iter() {
                 if let Ok(s) = v.to_str() {
                     chain.push_str(s.trim());
                     chain.push_str(", ");
@@ -122,18 +127,19 @@ impl Forwarded {
             let _ = write!(chain, "{peer}");
             let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
         }
-        if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
-            let proto = if self.tls { "https" } else { "http" };
-            let _ = req.insert_header(sent::X_FORWARDED_PROTO, proto);
-        }
-        if !(self.peer_trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
-            match &self.host {
-                Some(h) => {
-                    let _ = req.insert_header(sent::X_FORWARDED_HOST, h.clone());
-                }
-                None => {
-                    req.remove_header(&X_FORWARDED_HOST);
-                }
+        let trusted = |name| self.client.get(name).filter(|_| self.peer_trusted).cloned();
+        let proto = trusted(X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(if self.tls {
+            "https"
+        } else {
+            "http"
+        }));
+        let _ = req.insert_header(sent::X_FORWARDED_PROTO, proto);
+        match trusted(X_FORWARDED_HOST).or_else(|| self.host.clone()) {
+            Some(h) => {
+                let _ = req.insert_header(sent::X_FORWARDED_HOST, h);
+            }
+            None => {
+                req.remove_header(&X_FORWARDED_HOST);
             }
         }
     }
@@ -142,6 +148,14 @@ impl Forwarded {
 /// The request's host as sent, port included: the URI authority of an
 /// HTTP/2 or absolute-form request (which wins, as Pingora sends it
 /// upstream), else the `Host` header.
+pub fn raw_host_value(req: &RequestHeader) -> Option<HeaderValue> {
+    match req.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers.get(http::header::HOST).cloned(),
+    }
+}
+
+/// [`raw_host_value`] as text.
 pub fn raw_host(req: &RequestHeader) -> Option<&str> {
     req.uri.authority().map(|a| a.as_str()).or_else(|| {
         req.headers
@@ -223,19 +237,31 @@ mod tests {
 
     #[test]
     fn forwarding_headers() {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("X-Forwarded-For", "1.1.1.1").unwrap();
-        req.insert_header("X-Forwarded-Proto", "https").unwrap();
-        Forwarded {
+        let mut client = RequestHeader::build("GET", b"/", None).unwrap();
+        client.insert_header("X-Forwarded-For", "1.1.1.1").unwrap();
+        client.insert_header("X-Forwarded-Proto", "https").unwrap();
+        client
+            .insert_header("X-Forwarded-Host", "spoofed.example")
+            .unwrap();
+        let forwarded = |peer_trusted| Forwarded {
             peer: Some("127.0.0.1".parse().unwrap()),
-            peer_trusted: false,
+            peer_trusted,
             tls: false,
+            client: &client.headers,
             host: Some(HeaderValue::from_static("api.example.com")),
-        }
-        .apply(&mut req);
+        };
+        let mut req = client.clone();
+        forwarded(false).apply(&mut req);
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
         assert_eq!(req.headers["x-forwarded-proto"], "http");
         assert_eq!(req.headers["x-forwarded-host"], "api.example.com");
+        // A request built from scratch gets the same, and a trusted proxy's
+        // own fields are passed on.
+        let mut part = RequestHeader::build("GET", b"/part", None).unwrap();
+        forwarded(true).apply(&mut part);
+        assert_eq!(part.headers["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
+        assert_eq!(part.headers["x-forwarded-proto"], "https");
+        assert_eq!(part.headers["x-forwarded-host"], "spoofed.example");
     }
 
     #[test]

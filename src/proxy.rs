@@ -70,6 +70,8 @@ impl Proxy {
 pub struct RequestCtx {
     request_id: RequestId,
     client_ip: Option<IpAddr>,
+    /// The connecting peer, IPv4-mapped addresses made plain.
+    peer: Option<IpAddr>,
     peer_trusted: bool,
     route: Option<Arc<Route>>,
     /// Path and query for the upstream when they differ from the client's.
@@ -154,6 +156,18 @@ impl RequestCtx {
     }
 }
 
+/// The forwarding fields for this request's upstream side.
+fn forwarded<'a>(session: &'a Session, ctx: &RequestCtx) -> Forwarded<'a> {
+    let client = session.req_header();
+    Forwarded {
+        peer: ctx.peer,
+        peer_trusted: ctx.peer_trusted,
+        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        client: &client.headers,
+        host: forwarding::raw_host_value(client),
+    }
+}
+
 fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers
         .get(CONTENT_LENGTH)
@@ -172,6 +186,7 @@ impl Proxy {
             // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
             .map(|a| a.ip().to_canonical())
         {
+            ctx.peer = Some(peer);
             ctx.peer_trusted = forwarding::is_trusted(peer, &self.settings.trusted_proxies);
             ctx.client_ip = Some(forwarding::client_ip(
                 peer,
@@ -420,32 +435,20 @@ impl Proxy {
         if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
             headers.push((http::header::AUTHORIZATION, v.clone()));
         }
-        if let Some(ip) = ctx
-            .client_ip
-            .and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
-        {
-            headers.push((forwarding::X_FORWARDED_FOR, ip));
-        }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        headers.push((
-            forwarding::X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        ));
-        if let Some(h) = forwarding::raw_host(req).and_then(|h| HeaderValue::from_str(h).ok()) {
-            headers.push((forwarding::X_FORWARDED_HOST, h));
-        }
         if let (Some(auth), Some(claims)) = (&route.auth, ctx.claims.as_deref()) {
-            for (claim, header) in &auth.provider.forward_claims {
-                if let Some(v) = claims.get(claim).and_then(auth::claim_header_value) {
-                    headers.push((header.clone(), v));
-                }
-            }
+            headers.extend(
+                auth.provider
+                    .claim_headers(claims)
+                    .map(|(name, value)| (name.clone(), value)),
+            );
         }
+        let forwarded = forwarded(session, ctx);
         let input = aggregate::Input {
             params: &ctx.params,
             query: req.uri.query(),
             claims: ctx.claims.as_deref(),
             headers,
+            forwarded: Some(&forwarded),
         };
         let outcome = agg.run(&self.parts, &input).await;
         ctx.answered_by_route = true;
@@ -681,23 +684,8 @@ impl ProxyHttp for Proxy {
         if let Some(uri) = ctx.upstream_uri.as_deref() {
             upstream_request.set_raw_path(uri.as_bytes())?;
         }
-        let downstream = session.req_header();
-        let host = forwarding::raw_host(downstream).and_then(|h| HeaderValue::from_str(h).ok());
-        if let Some(h) = &host {
-            if !upstream_request.headers.contains_key(http::header::HOST) {
-                upstream_request.insert_header(http::header::HOST, h.clone())?;
-            }
-        }
-        Forwarded {
-            peer: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            peer_trusted: ctx.peer_trusted,
-            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
-            host,
-        }
-        .apply(upstream_request);
+        // Pingora itself gives an HTTP/1 upstream the `Host` of an HTTP/2 client.
+        forwarded(session, ctx).apply(upstream_request);
         upstream_request.insert_header(
             forwarding::sent::X_REQUEST_ID,
             ctx.request_id.header_value().clone(),

@@ -121,6 +121,16 @@ fn forwarding_headers_are_set_by_the_gateway() {
 }
 
 #[test]
+fn a_dual_stack_listener_forwards_ipv4_clients_as_ipv4() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&simple(&up, "")).dual_stack().start();
+    let r = send_raw(gw.addr, "GET", "/a", &[]);
+    assert_eq!(r.status, 200);
+    // Not ::ffff:127.0.0.1, the address the socket reports.
+    assert_eq!(up.last().header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[test]
 fn trusted_proxies_keep_their_forwarding_headers() {
     let up = TestUpstream::named("app");
     let gw = gateway(&simple(&up, ""))

@@ -47,6 +47,11 @@ fn tls_listener_serves_http2_and_http1_by_alpn() {
     let seen = up.last();
     assert_eq!(seen.target, "/hello");
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    // An HTTP/2 request has an authority, not a Host: the HTTP/1 upstream
+    // gets it as both.
+    let authority = format!("gw.test:{}", tls_addr.port());
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
+    assert_eq!(seen.header("x-forwarded-host"), Some(authority.as_str()));
 
     let h1 = https_client(&pem, tls_addr, true).get(&url).send().unwrap();
     assert_eq!(h1.version(), reqwest::Version::HTTP_11);

@@ -19,6 +19,7 @@ use pingora_http::RequestHeader;
 use serde_json::{Map, Value};
 
 use crate::auth::Claims;
+use crate::forwarding::Forwarded;
 use crate::respond::Response;
 use crate::routing::Params;
 use crate::upstream::{Pick, Upstream};
@@ -174,9 +175,11 @@ pub struct Input<'a> {
     pub params: &'a Params,
     pub query: Option<&'a str>,
     pub claims: Option<&'a Claims>,
-    /// `Authorization`, `X-Request-Id`, `X-Forwarded-*` and the verified
-    /// claim headers, sent with every part (each part gets its own `Host`).
+    /// `Authorization`, `X-Request-Id` and the verified claim headers, sent
+    /// with every part (each part gets its own `Host`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The `X-Forwarded-*` fields, as the proxied routes send them.
+    pub forwarded: Option<&'a Forwarded<'a>>,
 }
 
 /// The merged answer: body, the keys of the failed optional parts, and how
@@ -320,11 +323,14 @@ async fn call(
         };
         session.set_read_timeout(peer.options.read_timeout);
         session.set_write_timeout(peer.options.write_timeout);
-        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 2))
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 5))
             .map_err(|e| e.to_string())?;
         for (name, value) in &input.headers {
             req.insert_header(name, value.clone())
                 .map_err(|e| e.to_string())?;
+        }
+        if let Some(forwarded) = input.forwarded {
+            forwarded.apply(&mut req);
         }
         // The part's own host: its TLS name, else its address.
         let host = if peer.sni.is_empty() {
@@ -406,6 +412,7 @@ mod tests {
             query: Some("page=2&z=1"),
             claims: Some(&claims),
             headers: vec![],
+            forwarded: None,
         };
         assert_eq!(
             t.fill(&input).unwrap(),
@@ -418,6 +425,7 @@ mod tests {
             query: Some("page=..%2F..%2Fadmin"),
             claims: Some(&claims),
             headers: vec![],
+            forwarded: None,
         };
         assert_eq!(
             t.fill(&q).unwrap(),

@@ -194,6 +194,19 @@ fn now_secs() -> u64 {
 }
 
 impl Provider {
+    /// The `forward_claims` headers for a verified token's claims.
+    pub fn claim_headers<'a>(
+        &'a self,
+        claims: &'a Claims,
+    ) -> impl Iterator<Item = (&'a HeaderName, HeaderValue)> + 'a {
+        self.forward_claims.iter().filter_map(|(claim, header)| {
+            claims
+                .get(claim)
+                .and_then(claim_header_value)
+                .map(|value| (header, value))
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
@@ -378,10 +391,8 @@ pub fn forward_identity(
         upstream.remove_header(name);
     }
     if let Some((provider, claims)) = auth {
-        for (claim, header) in &provider.forward_claims {
-            if let Some(value) = claims.get(claim).and_then(claim_header_value) {
-                let _ = upstream.insert_header(header, value);
-            }
+        for (header, value) in provider.claim_headers(claims) {
+            let _ = upstream.insert_header(header, value);
         }
     }
 }

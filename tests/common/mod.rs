@@ -313,6 +313,9 @@ pub struct GatewayBuilder {
     server_extra: Vec<String>,
     tls: Option<(PathBuf, PathBuf)>,
     env: Vec<(String, String)>,
+    /// The plain listener's host: `127.0.0.1`, or `[::]` (IPv4 clients
+    /// then arrive as IPv4-mapped IPv6 addresses).
+    listen_host: &'static str,
 }
 
 pub fn gateway(body: &str) -> GatewayBuilder {
@@ -321,6 +324,7 @@ pub fn gateway(body: &str) -> GatewayBuilder {
         server_extra: Vec::new(),
         tls: None,
         env: Vec::new(),
+        listen_host: "127.0.0.1",
     }
 }
 
@@ -334,6 +338,12 @@ impl GatewayBuilder {
     /// Adds a TLS listener with this certificate and key.
     pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
         self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
+    }
+
+    /// Listens on `[::]`; the tests still connect to 127.0.0.1.
+    pub fn dual_stack(mut self) -> Self {
+        self.listen_host = "[::]";
         self
     }
 
@@ -366,7 +376,7 @@ impl GatewayBuilder {
         for line in &self.server_extra {
             yaml.push_str(&format!("  {line}\n"));
         }
-        yaml.push_str(&format!("listen:\n  - 127.0.0.1:{port}\n"));
+        yaml.push_str(&format!("listen:\n  - \"{}:{port}\"\n", self.listen_host));
         if let (Some((cert, key)), Some(p)) = (&self.tls, tls_port) {
             yaml.push_str(&format!(
                 "  - address: 127.0.0.1:{p}\n    tls: {{ cert: {}, key: {} }}\n",
