@@ -169,7 +169,8 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
     raw_host(req).map(strip_port)
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host:port` or `[v6]:port` without the port (and brackets).
+pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);

@@ -155,18 +155,16 @@ fn route(
             http::HeaderValue::from_str(value.trim()).context("bad header value")?,
         );
     }
-    let host_header = map
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // The host as the proxy sees it: the URL's authority wins over `Host`.
     let host = uri
-        .host()
-        .map(str::to_string)
-        .or(host_header.map(|h| h.rsplit_once(':').map_or(h.clone(), |(a, _)| a.to_string())));
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| map.get(http::header::HOST).and_then(|v| v.to_str().ok()))
+        .map(gatehouse::forwarding::strip_port);
     let request = gatehouse::routing::RouteRequest {
         method: &method,
         path: uri.path(),
-        host: host.as_deref(),
+        host,
         headers: &map,
     };
     let (text, matched) =

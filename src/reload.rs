@@ -5,7 +5,8 @@
 //! returned. What did not change carries over: an upstream keeps its health
 //! state and connection pool, a provider its keys and verified tokens, a
 //! route its rate-limit budgets (and the cache keeps its entries).
-//! Listeners and `server` keys change only by an upgrade.
+//! Listeners, `server`, `admin`, `access_log` and the cache's size change
+//! only by an upgrade; a reload that changes them says so.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
 
-use crate::config::{self, ConfigErrors, LoadError, ServerSettings};
+use crate::config::{self, Config, ConfigErrors, LoadError};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
@@ -33,8 +34,8 @@ pub struct Reloader {
     path: PathBuf,
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
-    started: ServerSettings,
-    started_listeners: Vec<String>,
+    /// The parts fixed at start, as [`fixed_parts`] describes them.
+    started: Vec<(&'static str, String)>,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
 }
@@ -44,15 +45,13 @@ impl Reloader {
         path: PathBuf,
         gateway: Arc<Gateway>,
         metrics: Arc<Metrics>,
-        started: ServerSettings,
-        started_listeners: Vec<String>,
+        started: Vec<(&'static str, String)>,
     ) -> Self {
         Reloader {
             path,
             gateway,
             metrics,
             started,
-            started_listeners,
             busy: tokio::sync::Mutex::new(()),
         }
     }
@@ -89,18 +88,12 @@ impl Reloader {
                 return Err(errors);
             }
         };
-        let mut ignored = Vec::new();
-        let listeners: Vec<String> = config
-            .listeners
-            .iter()
-            .map(|l| l.addr.to_string())
+        let ignored: Vec<String> = fixed_parts(&config)
+            .into_iter()
+            .zip(&self.started)
+            .filter(|(now, then)| now.1 != then.1)
+            .map(|((section, _), _)| format!("{section}: changes only by an upgrade"))
             .collect();
-        if listeners != self.started_listeners {
-            ignored.push("listen: listeners change only by an upgrade".to_string());
-        }
-        if format!("{:?}", config.server) != format!("{:?}", self.started) {
-            ignored.push("server: server keys change only by an upgrade".to_string());
-        }
         for note in &ignored {
             log::warn!("reload: {note}");
         }
@@ -119,6 +112,23 @@ impl Reloader {
         );
         Ok(summary)
     }
+}
+
+/// What a reload cannot change (the running process built its listeners,
+/// threads, log writer and cache from them), by section, in a comparable form.
+pub fn fixed_parts(config: &Config) -> Vec<(&'static str, String)> {
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| format!("{} {:?}", l.addr, l.tls))
+        .collect();
+    vec![
+        ("listen", listeners.join(", ")),
+        ("server", format!("{:?}", config.server)),
+        ("admin", format!("{:?}", config.admin)),
+        ("access_log", format!("{:?}", config.access_log)),
+        ("cache.max_size", format!("{:?}", config.cache_max_size)),
+    ]
 }
 
 /// Reloads on `SIGHUP`.

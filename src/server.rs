@@ -70,6 +70,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
     let conf = Arc::clone(&server.configuration);
 
     let settings = Arc::new(config.server.clone());
+    let fixed_at_start = crate::reload::fixed_parts(&config);
     let gateway = Arc::new(Gateway::new(config.runtime));
     let cache = config.cache_max_size.map(Cache::new);
     let metrics = Arc::new(Metrics::new());
@@ -78,12 +79,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
         options.conf.clone(),
         Arc::clone(&gateway),
         Arc::clone(&metrics),
-        config.server.clone(),
-        config
-            .listeners
-            .iter()
-            .map(|l| l.addr.to_string())
-            .collect(),
+        fixed_at_start,
     ));
 
     let mut proxy = HttpProxy::new(

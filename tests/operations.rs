@@ -206,6 +206,28 @@ fn the_access_log_has_a_line_per_request_with_every_field() {
 }
 
 #[test]
+fn a_reload_says_what_only_an_upgrade_changes() {
+    let up = TestUpstream::named("app");
+    let gw = gateway(&body_with(&up, "")).start();
+    let original = std::fs::read_to_string(&gw.conf).unwrap();
+    let resized = format!(
+        "access_log: off\n{}",
+        original.replace("max_size: 1MiB", "max_size: 2MiB")
+    );
+    std::fs::write(&gw.conf, &resized).unwrap();
+    let (status, body) = admin(&gw, "POST", "/reload");
+    assert_eq!(status, 200, "{body}");
+    for section in ["access_log", "cache.max_size"] {
+        let note = format!("{section}: changes only by an upgrade");
+        assert!(body.contains(&note), "{body}");
+    }
+    assert!(
+        !body.contains("listen:") && !body.contains("server:"),
+        "{body}"
+    );
+}
+
+#[test]
 fn reload_by_api_and_sighup_and_a_bad_file_changes_nothing() {
     let up = TestUpstream::named("app");
     let gw = gateway(&body_with(&up, "")).start();
@@ -221,6 +243,7 @@ fn reload_by_api_and_sighup_and_a_bad_file_changes_nothing() {
     let (status, body) = admin(&gw, "POST", "/reload");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"routes\":4"), "{body}");
+    assert!(body.contains("\"ignored\":[]"), "{body}");
     assert_eq!(c.get(gw.url("/added")).send().unwrap().status(), 200);
 
     // A broken file: 400 with the errors; the running config keeps serving.
@@ -473,6 +496,13 @@ fn route_explains_the_choice() {
         out.contains("users: host api.example.com does not match"),
         "{out}"
     );
+    // The host is taken as the proxy takes it, without the port.
+    let (code, out) = route_cli(
+        &conf,
+        &["GET", "/v1/users/7", "-H", "Host: api.example.com:8443"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("route: users\n"), "{out}");
     let (code, out) = route_cli(&conf, &["POST", "http://api.example.com/v1/users/7"]);
     assert_eq!(code, 1, "{out}");
     assert!(
