@@ -115,7 +115,8 @@ impl RequestCtx {
             if self.answered_by_route {
                 route.response_headers.apply(resp);
             }
-            // Answers the gateway makes itself never come from the cache.
+            // Set from the cache phase for proxied answers; the gateway's
+            // own answers (errors, refusals) never come from the cache.
             if route.cache.is_some() {
                 let x = self.x_cache.unwrap_or("BYPASS");
                 let _ = resp.insert_header(X_CACHE, x);
@@ -787,13 +788,11 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         if let Some(route) = &ctx.route {
             route.response_headers.apply(upstream_response);
+            if route.cache.is_some() {
+                ctx.x_cache = Some(cache::x_cache(session.cache.phase()));
+            }
         }
         ctx.decorate(upstream_response);
-        if ctx.route.as_ref().is_some_and(|r| r.cache.is_some()) {
-            let x = cache::x_cache(session.cache.phase());
-            ctx.x_cache = Some(x);
-            upstream_response.insert_header(X_CACHE, x)?;
-        }
         upstream_response.insert_header(
             forwarding::sent::X_REQUEST_ID,
             ctx.request_id.header_value().clone(),

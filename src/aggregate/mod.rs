@@ -356,19 +356,9 @@ async fn call(
             return Err(e.to_string());
         }
         let status = session.response_header().map_or(0, |r| r.status.as_u16());
-        let cache = session.response_header().map_or(Some(None), |r| {
-            use pingora_cache::cache_control::CacheControl;
-            match CacheControl::from_resp_headers(r) {
-                Some(cc) if cc.no_store() || cc.private() || cc.no_cache() => None,
-                Some(cc) => Some(
-                    cc.max_age()
-                        .ok()
-                        .flatten()
-                        .map(|s| Duration::from_secs(s.into())),
-                ),
-                None => Some(None),
-            }
-        });
+        let cache = session
+            .response_header()
+            .map_or(Some(None), crate::cache::origin_lifetime);
         let body =
             crate::upstream::fetch::read_body(&mut session, MAX_PART_BODY, "the body").await?;
         connector

@@ -161,6 +161,33 @@ pub fn primary_key(
 /// request with `Authorization` on a route the gateway does not
 /// authenticate is kept only when marked `public`, `s-maxage` or
 /// `must-revalidate` (RFC 9111 3.5).
+/// How long an upstream's `Cache-Control` lets a shared cache keep its
+/// response: `None` not at all (`no-store`, `private`, `no-cache`),
+/// `Some(None)` no limit given, else `s-maxage` (or `max-age`) less the
+/// `Age` it already spent in caches.
+pub fn origin_lifetime(resp: &ResponseHeader) -> Option<Option<Duration>> {
+    let Some(cc) = CacheControl::from_resp_headers(resp) else {
+        return Some(None);
+    };
+    if cc.no_store() || cc.private() || cc.no_cache() {
+        return None;
+    }
+    let secs = cc
+        .s_maxage()
+        .ok()
+        .flatten()
+        .or_else(|| cc.max_age().ok().flatten());
+    Some(secs.map(|secs| {
+        let age: u64 = resp
+            .headers
+            .get(http::header::AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Duration::from_secs(u64::from(secs).saturating_sub(age))
+    }))
+}
+
 pub fn cacheability(
     policy: &CachePolicy,
     req: &RequestHeader,
@@ -181,38 +208,18 @@ pub fn cacheability(
     }) {
         return no("vary-star");
     }
-    let cc = CacheControl::from_resp_headers(resp);
-    if let Some(cc) = &cc {
-        if cc.no_store() || cc.private() || cc.no_cache() {
-            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
-        }
-    }
+    let Some(origin_limit) = origin_lifetime(resp) else {
+        return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+    };
     if !gateway_auth && req.headers.contains_key(AUTHORIZATION) {
-        let allowed = cc.as_ref().is_some_and(|c| {
+        let allowed = CacheControl::from_resp_headers(resp).is_some_and(|c| {
             c.public() || c.must_revalidate() || c.s_maxage().ok().flatten().is_some()
         });
         if !allowed {
             return no("authorization");
         }
     }
-    let mut ttl = policy.ttl;
-    if let Some(cc) = &cc {
-        let origin = cc
-            .s_maxage()
-            .ok()
-            .flatten()
-            .or_else(|| cc.max_age().ok().flatten());
-        if let Some(secs) = origin {
-            // What the upstream says it already spent in caches counts.
-            let age: u64 = resp
-                .headers
-                .get(http::header::AGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            ttl = ttl.min(Duration::from_secs(u64::from(secs).saturating_sub(age)));
-        }
-    }
+    let ttl = origin_limit.map_or(policy.ttl, |limit| policy.ttl.min(limit));
     if ttl.is_zero() {
         return no("ttl");
     }
@@ -262,4 +269,41 @@ pub fn x_cache(phase: CachePhase) -> &'static str {
 pub fn entry_key(primary: String) -> HashBinary {
     use pingora_cache::key::CacheHashKey;
     pingora_cache::CacheKey::new(primary, "").combined_bin()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(fields: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in fields {
+            resp.append_header(name.to_string(), *value).unwrap();
+        }
+        resp
+    }
+
+    #[test]
+    fn origin_lifetime_reads_cache_control_and_age() {
+        let secs = |s| Some(Some(Duration::from_secs(s)));
+        assert_eq!(origin_lifetime(&response(&[])), Some(None));
+        assert_eq!(
+            origin_lifetime(&response(&[("Cache-Control", "max-age=60")])),
+            secs(60)
+        );
+        assert_eq!(
+            origin_lifetime(&response(&[("Cache-Control", "max-age=60, s-maxage=30")])),
+            secs(30)
+        );
+        assert_eq!(
+            origin_lifetime(&response(&[("Cache-Control", "max-age=60"), ("Age", "50")])),
+            secs(10)
+        );
+        for refusal in ["no-store", "private", "no-cache"] {
+            assert_eq!(
+                origin_lifetime(&response(&[("Cache-Control", refusal)])),
+                None
+            );
+        }
+    }
 }
