@@ -102,16 +102,9 @@ impl AdminApp {
         let Some(cache) = &self.cache else {
             return problem(StatusCode::NOT_FOUND, "no route caches responses");
         };
-        let prefix = query.and_then(|q| {
-            q.split('&')
-                .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| *k == "prefix")
-                .map(|(_, v)| {
-                    percent_encoding::percent_decode_str(v)
-                        .decode_utf8_lossy()
-                        .into_owned()
-                })
-        });
+        let prefix = query
+            .and_then(|q| crate::routing::query_values(q, "prefix").next())
+            .map(|p| p.into_owned());
         let purged = match &prefix {
             Some(p) if !p.starts_with('/') => {
                 return problem(
@@ -144,8 +137,8 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response<Vec<u8>> {
-    let id = uuid::Uuid::new_v4().hyphenated().to_string();
-    let body = crate::respond::Response::problem(status, detail, &id)
+    let id = crate::forwarding::RequestId::generate();
+    let body = crate::respond::Response::problem(status, detail, id.as_str())
         .body
         .to_vec();
     reply(status, "application/problem+json", body)

@@ -57,26 +57,16 @@ struct Started {
     jwks: Vec<Weak<RemoteJwks>>,
 }
 
-impl Started {
-    fn upstream(&mut self, up: &Arc<Upstream>) -> bool {
-        self.upstreams.retain(|w| w.strong_count() > 0);
-        let weak = Arc::downgrade(up);
-        if self.upstreams.iter().any(|w| w.ptr_eq(&weak)) {
-            return false;
-        }
-        self.upstreams.push(weak);
-        true
+/// Whether `item` is new to `seen`, which then remembers it; entries whose
+/// item is gone are dropped on the way.
+fn first_sight<T>(seen: &mut Vec<Weak<T>>, item: &Arc<T>) -> bool {
+    seen.retain(|w| w.strong_count() > 0);
+    let weak = Arc::downgrade(item);
+    if seen.iter().any(|w| w.ptr_eq(&weak)) {
+        return false;
     }
-
-    fn jwks(&mut self, remote: &Arc<RemoteJwks>) -> bool {
-        self.jwks.retain(|w| w.strong_count() > 0);
-        let weak = Arc::downgrade(remote);
-        if self.jwks.iter().any(|w| w.ptr_eq(&weak)) {
-            return false;
-        }
-        self.jwks.push(weak);
-        true
-    }
+    seen.push(weak);
+    true
 }
 
 #[async_trait]
@@ -92,14 +82,14 @@ impl BackgroundService for ConfigFollower {
             let runtime = self.gateway.current();
             for upstream in runtime.upstreams.values() {
                 if let Some(interval) = upstream.health_interval() {
-                    if started.upstream(upstream) {
+                    if first_sight(&mut started.upstreams, upstream) {
                         tokio::spawn(health::check_forever(Arc::downgrade(upstream), interval));
                     }
                 }
             }
             for provider in runtime.providers.values() {
                 if let Some(remote) = provider.remote_jwks() {
-                    if started.jwks(remote) {
+                    if first_sight(&mut started.jwks, remote) {
                         tokio::spawn(Arc::clone(remote).run());
                     }
                 }

@@ -278,8 +278,9 @@ pub const MAX_FIELDS: usize = 250;
 
 /// Answers a head that was refused, then closes the connection.
 async fn reject(mut stream: Stream, status: StatusCode, detail: &str) {
-    let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
-    let problem = Response::problem(status, detail, &request_id);
+    let request_id = crate::forwarding::RequestId::generate();
+    let request_id = request_id.as_str();
+    let problem = Response::problem(status, detail, request_id);
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         status.as_u16(),

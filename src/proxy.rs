@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
+use http::header::{HeaderValue, ALLOW};
 use http::StatusCode;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
@@ -27,7 +27,7 @@ use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::Params;
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
-use crate::transform::body::Rewrite;
+use crate::transform::body::{declared_length, Rewrite};
 use crate::transform::headers::strip_hop_by_hop;
 use crate::upstream::{HashKey, InFlight, Pick};
 use pingora_cache::key::HashBinary;
@@ -169,13 +169,6 @@ fn forwarded<'a>(session: &'a Session, ctx: &RequestCtx) -> Forwarded<'a> {
     }
 }
 
-fn declared_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
 impl Proxy {
     /// Everything decided before going upstream; synchronous on purpose.
     fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
@@ -247,7 +240,7 @@ impl Proxy {
             route.matcher.path.matches(&path, Some(&mut ctx.params));
         }
         ctx.route = Some(route);
-        match declared_length(req) {
+        match declared_length(&req.headers) {
             Some(len) if len > max_body => {
                 return ctx.problem(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -124,17 +124,10 @@ impl PathTemplate {
                         .ok_or_else(|| format!("no value for {{{n}}}"))?;
                     percent_encoding::percent_decode_str(&v.1).decode_utf8_lossy()
                 }
-                Piece::Query(n) => {
-                    let v = input
-                        .query
-                        .and_then(|q| {
-                            q.split('&')
-                                .filter_map(|p| p.split_once('='))
-                                .find(|(k, _)| k == n)
-                        })
-                        .ok_or_else(|| format!("no value for {{query.{n}}}"))?;
-                    percent_encoding::percent_decode_str(v.1).decode_utf8_lossy()
-                }
+                Piece::Query(n) => input
+                    .query
+                    .and_then(|q| crate::routing::query_values(q, n).next())
+                    .ok_or_else(|| format!("no value for {{query.{n}}}"))?,
                 Piece::Claim(n) => {
                     let v = input
                         .claims

@@ -82,7 +82,6 @@ pub struct RemoteJwks {
     fetched: watch::Sender<u64>,
     last_attempt: Mutex<Option<Instant>>,
     wake: Notify,
-    fetch_count: AtomicU64,
     /// Bumped each time a different key set is stored.
     generation: AtomicU64,
     /// What the last good fetch returned, to tell a change from a refresh.
@@ -100,7 +99,6 @@ impl RemoteJwks {
             fetched: watch::Sender::new(0),
             last_attempt: Mutex::new(None),
             wake: Notify::new(),
-            fetch_count: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             last_body: Mutex::new(None),
             // Built once: it loads the CA bundle.
@@ -124,10 +122,6 @@ impl RemoteJwks {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn fetch_count(&self) -> u64 {
-        self.fetch_count.load(Ordering::Relaxed)
     }
 
     /// Asks for an early fetch. Returns a receiver that changes when it is
@@ -180,7 +174,6 @@ impl RemoteJwks {
     }
 
     async fn fetch(&self) -> Result<(KeySet, bytes::Bytes), String> {
-        self.fetch_count.fetch_add(1, Ordering::Relaxed);
         let body = tokio::time::timeout(FETCH_TIMEOUT, self.get())
             .await
             .map_err(|_| "timed out".to_string())??

@@ -95,14 +95,9 @@ impl TokenSource {
                     .filter(|(n, _)| n == name)
                     .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
             ),
-            TokenSource::Query(name) => only_one(
-                req.uri
-                    .query()?
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .filter(|(n, _)| n == name)
-                    .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy()),
-            ),
+            TokenSource::Query(name) => {
+                only_one(crate::routing::query_values(req.uri.query()?, name))
+            }
         }
     }
 }
@@ -176,16 +171,12 @@ impl AuthError {
         }
     }
 
-    pub fn www_authenticate(&self) -> Option<HeaderValue> {
-        match self {
-            AuthError::Missing => Some(HeaderValue::from_static("Bearer")),
-            AuthError::Invalid(_) => {
-                Some(HeaderValue::from_static("Bearer error=\"invalid_token\""))
-            }
-            AuthError::Forbidden(_) => Some(HeaderValue::from_static(
-                "Bearer error=\"insufficient_scope\"",
-            )),
-        }
+    pub fn www_authenticate(&self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            AuthError::Missing => "Bearer",
+            AuthError::Invalid(_) => "Bearer error=\"invalid_token\"",
+            AuthError::Forbidden(_) => "Bearer error=\"insufficient_scope\"",
+        })
     }
 }
 
@@ -355,11 +346,8 @@ impl AuthError {
             AuthError::Invalid(_) => "the token is not valid",
             AuthError::Forbidden(_) => "the token does not grant access to this route",
         };
-        let r = crate::respond::Response::problem(self.status(), detail, request_id);
-        match self.www_authenticate() {
-            Some(v) => r.with_header(http::header::WWW_AUTHENTICATE, v),
-            None => r,
-        }
+        crate::respond::Response::problem(self.status(), detail, request_id)
+            .with_header(http::header::WWW_AUTHENTICATE, self.www_authenticate())
     }
 }
 

@@ -72,6 +72,7 @@ impl MemoryStorage {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn size(&self) -> u64 {
         self.entries.weight()
     }

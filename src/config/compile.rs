@@ -960,13 +960,7 @@ impl Compiler<'_> {
         if declared.iter().any(|d| d == name) {
             return None;
         }
-        let mut known: Vec<&str> = declared.iter().map(String::as_str).collect();
-        known.sort_unstable();
-        let known = if known.is_empty() {
-            "none are defined".to_string()
-        } else {
-            format!("known: {}", known.join(", "))
-        };
+        let known = known_names(declared, "none are defined");
         self.error(path, format!("unknown upstream \"{name}\"; {known}"));
         None
     }
@@ -1153,17 +1147,10 @@ impl Compiler<'_> {
             if shared.declared_providers.contains(&raw.jwt) {
                 return None;
             }
-            let mut known: Vec<&str> = shared
-                .declared_providers
-                .iter()
-                .map(String::as_str)
-                .collect();
-            known.sort_unstable();
-            let known = if known.is_empty() {
-                "none are defined under auth.jwt".to_string()
-            } else {
-                format!("known: {}", known.join(", "))
-            };
+            let known = known_names(
+                shared.declared_providers.iter(),
+                "none are defined under auth.jwt",
+            );
             self.error(
                 &name_path,
                 format!("unknown auth provider \"{}\"; {known}", raw.jwt),
@@ -1608,6 +1595,16 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// "known: a, b" (sorted), or `none` when there are no names.
+fn known_names<'a>(names: impl IntoIterator<Item = &'a String>, none: &str) -> String {
+    let mut known: Vec<&str> = names.into_iter().map(String::as_str).collect();
+    if known.is_empty() {
+        return none.to_string();
+    }
+    known.sort_unstable();
+    format!("known: {}", known.join(", "))
 }
 
 /// The field named by serde's "unknown field `x`, expected ..." message.

@@ -113,9 +113,8 @@ pub fn load_after(path: &Path, previous: Option<&Runtime>) -> Result<Config, Loa
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let doc = source::Document::parse(&text, &|name| std::env::var(name).ok())
-        .map_err(|e| LoadError::Invalid(ConfigErrors(e)))?;
-    compile::compile(&doc, &base, previous).map_err(LoadError::Invalid)
+    compile_text(&text, &base, &|name| std::env::var(name).ok(), previous)
+        .map_err(LoadError::Invalid)
 }
 
 /// Compiles configuration text; relative file paths are taken from `base`.
@@ -124,6 +123,15 @@ pub fn load_str(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
+    compile_text(text, base, env, None)
+}
+
+fn compile_text(
+    text: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Runtime>,
+) -> Result<Config, ConfigErrors> {
     let doc = source::Document::parse(text, env).map_err(ConfigErrors)?;
-    compile::compile(&doc, base, None)
+    compile::compile(&doc, base, previous)
 }

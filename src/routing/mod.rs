@@ -16,6 +16,18 @@ use http::{HeaderMap, Method};
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
 pub use normalize::{normalize_path, PathError};
 
+/// The percent-decoded values of a query parameter, in order.
+pub fn query_values<'q: 'n, 'n>(
+    query: &'q str,
+    name: &'n str,
+) -> impl Iterator<Item = std::borrow::Cow<'q, str>> + 'n {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(move |(n, _)| *n == name)
+        .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy())
+}
+
 use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;

@@ -291,6 +291,7 @@ impl BodyBuffer {
     }
 
     /// Whether the body went past the cap and passed untouched.
+    #[cfg(test)]
     pub fn overflowed(&self) -> bool {
         self.overflowed
     }
@@ -471,11 +472,11 @@ impl Rewrite {
         if body_kind(header(&client.headers, http::header::CONTENT_TYPE)) != BodyKind::Json {
             return None;
         }
-        let declared = declared_len(&client.headers);
+        let declared = declared_length(&client.headers);
         let chunked = client.headers.contains_key(http::header::TRANSFER_ENCODING);
         match declared {
             Some(0) => return None,
-            Some(n) if n > cap => return None,
+            Some(n) if n > cap as u64 => return None,
             None if !chunked => return None,
             _ => {}
         }
@@ -514,7 +515,7 @@ impl Rewrite {
             BodyKind::Xml => rules.xml_to_json,
             BodyKind::Other => false,
         };
-        if !applies || declared_len(&resp.headers).is_some_and(|n| n > cap) {
+        if !applies || declared_length(&resp.headers).is_some_and(|n| n > cap as u64) {
             return None;
         }
         resp.remove_header(&http::header::CONTENT_LENGTH);
@@ -571,7 +572,8 @@ fn header(headers: &http::HeaderMap, name: http::HeaderName) -> Option<&[u8]> {
     headers.get(name).map(|v| v.as_bytes())
 }
 
-fn declared_len(headers: &http::HeaderMap) -> Option<usize> {
+/// The `Content-Length` a message declares, if it is a number.
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
