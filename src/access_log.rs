@@ -36,7 +36,7 @@ pub enum Sink {
 pub struct Entry<'a> {
     pub ts: String,
     pub request_id: &'a str,
-    pub client: Option<String>,
+    pub client: Option<std::net::IpAddr>,
     pub method: &'a str,
     pub path: &'a str,
     pub route: &'a str,

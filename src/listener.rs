@@ -4,7 +4,9 @@
 //! fields) answer `400`. Here the whole head must arrive within
 //! `server.header_timeout` and fit `max_header_size` and `max_headers`, or the
 //! client gets `408` or `431`. The bytes read are handed to Pingora's parser
-//! untouched, so nothing is parsed twice.
+//! untouched, so nothing is read twice; the head is checked with the same
+//! parser Pingora uses (httparse), so a head it would refuse gets a problem
+//! document instead of a bare `400`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -371,7 +371,7 @@ impl Proxy {
         self.log.write(&access_log::Entry {
             ts: access_log::timestamp(),
             request_id: ctx.request_id.as_str(),
-            client: ctx.client_ip.map(|ip| ip.to_string()),
+            client: ctx.client_ip,
             method: req.method.as_str(),
             path: req.uri.path(),
             route,
