@@ -76,6 +76,8 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     /// Path and query for the upstream when they differ from the client's.
     upstream_uri: Option<String>,
+    /// The routed path, when normalization changed the client's.
+    normalized_path: Option<String>,
     deadline: Option<Instant>,
     /// Targets whose connect failed, for retries.
     tried: Vec<usize>,
@@ -149,6 +151,13 @@ impl RequestCtx {
     /// The verified token's `sub`, when it is a string.
     fn subject(&self) -> Option<&str> {
         self.claims.as_ref()?.get("sub")?.as_str()
+    }
+
+    /// The path as routed (normalized once, in `admit`).
+    fn routed_path<'a>(&'a self, req: &'a RequestHeader) -> &'a str {
+        self.normalized_path
+            .as_deref()
+            .unwrap_or_else(|| req.uri.path())
     }
 
     /// Whether the route's deadline has passed.
@@ -238,6 +247,9 @@ impl Proxy {
         ctx.deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
         if route.aggregate().is_some() {
             route.matcher.path.matches(&path, Some(&mut ctx.params));
+        }
+        if let std::borrow::Cow::Owned(p) = path {
+            ctx.normalized_path = Some(p);
         }
         ctx.route = Some(route);
         match declared_length(&req.headers) {
@@ -399,20 +411,23 @@ impl Proxy {
         let req = session.req_header();
         let cache_slot = match (&self.cache, &route.cache) {
             (Some(c), Some(policy)) if cache::request_cacheable(&req.method) => {
-                let path = normalize_path(req.uri.path()).unwrap_or_default();
+                let path = ctx.routed_path(req);
                 let host = forwarding::request_host(req).unwrap_or("");
-                let primary = cache::primary_key(req, host, &path, policy, ctx.subject());
-                Some((c, policy, cache::entry_key(primary), path.into_owned()))
+                let primary = cache::primary_key(req, host, path, policy, ctx.subject());
+                Some((c, policy, cache::entry_key(primary), path.to_owned()))
             }
             _ => None,
         };
         // Concurrent misses for one key wait for the first to fill it.
         let mut _filling = None;
         if let Some((c, _, key, _)) = &cache_slot {
-            if c.storage.get_fresh(key).is_none() {
+            let mut hit = c.storage.get_fresh(key);
+            if hit.is_none() {
                 _filling = c.fill(*key).await;
+                // Filled while we waited?
+                hit = c.storage.get_fresh(key);
             }
-            if let Some(body) = c.storage.get_fresh(key) {
+            if let Some(body) = hit {
                 ctx.x_cache = Some("HIT");
                 ctx.answered_by_route = true;
                 return Phase::Respond(
@@ -856,10 +871,8 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "cache key without a cached route");
         };
         let req = session.req_header();
-        let path = normalize_path(req.uri.path())
-            .map_err(|_| Error::explain(ErrorType::InternalError, "path changed after routing"))?;
         let host = forwarding::request_host(req).unwrap_or("");
-        let primary = cache::primary_key(req, host, &path, policy, ctx.subject());
+        let primary = cache::primary_key(req, host, ctx.routed_path(req), policy, ctx.subject());
         Ok(CacheKey::new(primary, ""))
     }
 
