@@ -901,15 +901,7 @@ impl Compiler<'_> {
                     .find(|l| l.fingerprint == fingerprint)
                     .cloned()
             });
-            unchanged.or_else(|| {
-                self.rate_limit(&key_path(path, "rate_limit"), r)
-                    .map(|mut l| {
-                        if let Some(limit) = Arc::get_mut(&mut l) {
-                            limit.fingerprint = fingerprint;
-                        }
-                        l
-                    })
-            })
+            unchanged.or_else(|| self.rate_limit(&key_path(path, "rate_limit"), r, fingerprint))
         });
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
@@ -1194,7 +1186,12 @@ impl Compiler<'_> {
         })
     }
 
-    fn rate_limit(&mut self, path: &str, value: &Value) -> Option<Arc<RateLimit>> {
+    fn rate_limit(
+        &mut self,
+        path: &str,
+        value: &Value,
+        fingerprint: String,
+    ) -> Option<Arc<RateLimit>> {
         let raw = self.de::<RawRateLimit>(path, value)?;
         if raw.requests == 0 {
             self.error(&key_path(path, "requests"), "requests must be at least 1");
@@ -1214,7 +1211,9 @@ impl Compiler<'_> {
                 }
             },
         };
-        Some(Arc::new(RateLimit::new(raw.requests, raw.per.0, key)))
+        let mut limit = RateLimit::new(raw.requests, raw.per.0, key);
+        limit.fingerprint = fingerprint;
+        Some(Arc::new(limit))
     }
 
     fn providers(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Provider>> {
