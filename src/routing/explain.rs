@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use super::matcher::header_matches;
 use super::{
     normalize_path, HostPattern, PathPattern, Route, RouteRequest, Router, Segment, Target,
 };
@@ -50,7 +51,7 @@ fn checks(route: &Route, req: &RouteRequest<'_>) -> Vec<(String, bool)> {
         out.push((format!("host {text}"), ok));
     }
     for (name, value) in &m.headers {
-        let ok = req.headers.get_all(name).iter().any(|v| v == value);
+        let ok = header_matches(req.headers, name, value);
         out.push((
             format!(
                 "header {}: {}",

@@ -227,6 +227,11 @@ pub struct RouteMatcher {
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+/// Whether any of the request's `name` fields is exactly `value`.
+pub fn header_matches(headers: &HeaderMap, name: &HeaderName, value: &HeaderValue) -> bool {
+    headers.get_all(name).iter().any(|v| v == value)
+}
+
 impl RouteMatcher {
     /// How many conditions beyond the path: more is more specific.
     pub fn condition_count(&self) -> usize {
@@ -243,7 +248,7 @@ impl RouteMatcher {
         }
         self.headers
             .iter()
-            .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+            .all(|(name, value)| header_matches(headers, name, value))
     }
 
     pub fn matches_method(&self, method: &Method) -> bool {
