@@ -127,12 +127,14 @@ impl Forwarded<'_> {
             let _ = write!(chain, "{peer}");
             let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
         }
-        let trusted = |name| self.client.get(name).filter(|_| self.peer_trusted).cloned();
-        let proto = trusted(X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(if self.tls {
-            "https"
-        } else {
-            "http"
-        }));
+        // Looked up only for a trusted peer: the common case costs nothing.
+        let trusted = |name| {
+            self.peer_trusted
+                .then(|| self.client.get(name).cloned())
+                .flatten()
+        };
+        let proto = trusted(X_FORWARDED_PROTO)
+            .unwrap_or_else(|| HeaderValue::from_static(if self.tls { "https" } else { "http" }));
         let _ = req.insert_header(sent::X_FORWARDED_PROTO, proto);
         match trusted(X_FORWARDED_HOST).or_else(|| self.host.clone()) {
             Some(h) => {
