@@ -28,7 +28,7 @@ use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::Params;
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
 use crate::transform::body::{declared_length, Rewrite};
-use crate::transform::headers::strip_hop_by_hop;
+use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
 use crate::upstream::{HashKey, InFlight, Pick};
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
@@ -690,6 +690,7 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        strip_request_hop_by_hop(upstream_request);
         if let Some(uri) = ctx.upstream_uri.as_deref() {
             upstream_request.set_raw_path(uri.as_bytes())?;
         }

@@ -165,7 +165,7 @@ fn hop_by_hop_fields_do_not_cross() {
     });
     let gw = gateway(&simple(&up, "")).start();
     let mut s = TcpStream::connect(gw.addr).unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=9\r\nProxy-Connection: keep-alive\r\n\r\n").unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=9\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-Sum\r\nProxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 4096];
     let n = s.read(&mut buf).unwrap();
@@ -177,6 +177,16 @@ fn hop_by_hop_fields_do_not_cross() {
     assert_eq!(seen.header("x-hop"), None);
     assert_eq!(seen.header("keep-alive"), None);
     assert_eq!(seen.header("proxy-connection"), None);
+    for field in [
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "upgrade",
+        "http2-settings",
+    ] {
+        assert_eq!(seen.header(field), None, "{field} crossed: {seen:?}");
+    }
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
 }
 
 #[test]

@@ -116,6 +116,35 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
+/// A request's own framing and proxy fields, which describe the client's hop
+/// only. Pingora is told not to remove these itself (`strip_hop_by_hop: false`
+/// on every peer): it would do so with ten hashed removals of names that are
+/// almost never present, the largest per-request cost it adds to a plain
+/// request. It still drops the fields a `Connection` header nominates, and
+/// `Connection`, `Upgrade` and `HTTP2-Settings` unless the request is a
+/// WebSocket handshake, so those are left to it. With `Transfer-Encoding`
+/// gone, Pingora frames a request body again after the filters run.
+pub fn strip_request_hop_by_hop(req: &mut RequestHeader) {
+    use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING};
+    let doomed: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| {
+            *n == TRANSFER_ENCODING
+                || *n == TE
+                || *n == TRAILER
+                || *n == PROXY_AUTHORIZATION
+                || *n == PROXY_AUTHENTICATE
+                || n.as_str() == "keep-alive"
+                || n.as_str() == "proxy-connection"
+        })
+        .cloned()
+        .collect();
+    for name in &doomed {
+        req.remove_header(name);
+    }
+}
+
 /// `deprecation:` on a route: RFC 9745 `Deprecation`, RFC 8594 `Sunset` and
 /// a `Link` with `rel="deprecation"` on every response.
 #[derive(Debug)]

@@ -165,6 +165,9 @@ impl Upstream {
             peer.options.read_timeout = Some(spec.read_timeout);
             peer.options.write_timeout = Some(spec.write_timeout);
             peer.options.idle_timeout = spec.idle_timeout;
+            // The proxy strips these itself, in one pass; see
+            // `strip_request_hop_by_hop`.
+            peer.options.http_upstream_request_policy.strip_hop_by_hop = false;
             if let Some(t) = &spec.tls {
                 peer.options.verify_cert = t.verify;
                 peer.options.verify_hostname = t.verify;
