@@ -116,7 +116,6 @@ impl Forwarded<'_> {
     /// request the gateway builds itself (an aggregate part) alike.
     pub fn apply(&self, req: &mut RequestHeader) {
         if let Some(peer) = self.peer {
-            use std::fmt::Write;
             let mut chain = String::with_capacity(64);
             for v in self.client.get_all(X_FORWARDED_FOR).iter() {
                 if let Ok(s) = v.to_str() {
@@ -124,7 +123,7 @@ impl Forwarded<'_> {
                     chain.push_str(", ");
                 }
             }
-            let _ = write!(chain, "{peer}");
+            push_ip(&mut chain, peer);
             let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
         }
         // Looked up only for a trusted peer: the common case costs nothing.
@@ -143,6 +142,26 @@ impl Forwarded<'_> {
             None => {
                 req.remove_header(&X_FORWARDED_HOST);
             }
+        }
+    }
+}
+
+/// `ip` in its usual text form. IPv4, the common case, skips the formatting
+/// machinery, which costs about a tenth of the header it feeds.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -193,6 +212,15 @@ mod tests {
             h.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn ip_text_matches_the_standard_form() {
+        for text in ["0.0.0.0", "127.0.0.1", "10.20.255.9", "::1", "2001:db8::7"] {
+            let mut out = String::from("x, ");
+            push_ip(&mut out, text.parse().unwrap());
+            assert_eq!(out, format!("x, {text}"));
+        }
     }
 
     #[test]
