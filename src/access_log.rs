@@ -56,7 +56,7 @@ pub struct Entry<'a> {
 /// The request side: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Vec<u8>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -87,9 +87,12 @@ impl AccessLog {
         let Some(tx) = &self.tx else {
             return;
         };
-        let Ok(line) = serde_json::to_string(entry) else {
+        // Sized for a typical line, so serializing never reallocates.
+        let mut line = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut line, entry).is_err() {
             return;
-        };
+        }
+        line.push(b'\n');
         match tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -103,20 +106,20 @@ impl AccessLog {
 /// daemon has forked).
 pub struct Writer {
     sink: Sink,
-    rx: Mutex<Option<Receiver<String>>>,
+    rx: Mutex<Option<Receiver<Vec<u8>>>>,
 }
 
 /// Writes what has queued up every `BATCH_EVERY`. Waking on each line
 /// would cost a thread wake-up per request; sleeping between batches
 /// costs none, and a batch is one write.
-fn drain(rx: Receiver<String>, mut out: Box<dyn Write + Send>) {
+fn drain(rx: Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>) {
     loop {
         std::thread::sleep(BATCH_EVERY);
         let mut wrote = false;
         loop {
             match rx.try_recv() {
                 Ok(line) => {
-                    let _ = writeln!(out, "{line}");
+                    let _ = out.write_all(&line);
                     wrote = true;
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
