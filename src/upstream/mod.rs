@@ -7,7 +7,7 @@ pub mod fetch;
 pub mod health;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub struct Target {
     /// cheaper than per request.
     peer: HttpPeer,
     inflight: AtomicUsize,
+    /// The load balancer's verdict after the last health-check pass. Its own
+    /// lookup hashes the backend twice, more than the rest of a
+    /// single-target pick; this copy is read per request instead.
+    healthy: AtomicBool,
 }
 
 impl std::fmt::Debug for Target {
@@ -180,6 +184,8 @@ impl Upstream {
                 backend,
                 peer,
                 inflight: AtomicUsize::new(0),
+                // As Pingora has it: healthy until a check fails.
+                healthy: AtomicBool::new(true),
             });
         }
         let backends: Vec<Backend> = targets.iter().map(|t| t.backend.clone()).collect();
@@ -225,7 +231,7 @@ impl Upstream {
     }
 
     pub fn is_healthy(&self, index: usize) -> bool {
-        self.backends().ready(&self.targets[index].backend)
+        self.targets[index].healthy.load(Ordering::Relaxed)
     }
 
     pub fn has_healthy_target(&self) -> bool {
@@ -344,7 +350,13 @@ impl Upstream {
     }
 
     pub(crate) async fn run_health_check_pass(&self) {
-        self.backends().run_health_check(true).await;
+        let backends = self.backends();
+        backends.run_health_check(true).await;
+        for target in &self.targets {
+            target
+                .healthy
+                .store(backends.ready(&target.backend), Ordering::Relaxed);
+        }
     }
 }
 
