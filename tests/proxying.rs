@@ -288,15 +288,63 @@ fn large_and_chunked_bodies_stream_intact_both_ways() {
     assert_eq!(seen.body, payload);
 }
 
-/// Reads one response with a Content-Length off a kept-alive connection.
-fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+/// Reads a message head, byte by byte so nothing after it is consumed.
+fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         s.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    let head = String::from_utf8(head).unwrap();
+    String::from_utf8(head).unwrap()
+}
+
+/// A WebSocket handshake is the one request that keeps `Connection` and
+/// `Upgrade`; the 101 reaches the client with its own, and bytes then flow
+/// both ways over the upgraded connection.
+#[test]
+fn websocket_handshakes_and_frames_pass_through() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let upstream = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = read_head(&mut s).to_ascii_lowercase();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").unwrap();
+        let mut frame = [0u8; 6];
+        s.read_exact(&mut frame).unwrap();
+        s.write_all(&frame).unwrap();
+        head
+    });
+    let gw = gateway(&format!(
+        "upstreams:\n  app:\n    targets: [{upstream_addr}]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+    ))
+    .start();
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let head = read_head(&mut s).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("sec-websocket-accept: "), "{head}");
+    // An unmasked text frame "ping"; the upstream echoes it.
+    s.write_all(b"\x81\x04ping").unwrap();
+    let mut echo = [0u8; 6];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"\x81\x04ping");
+    let seen = upstream.join().unwrap();
+    assert!(seen.starts_with("get /chat http/1.1"), "{seen}");
+    assert!(seen.contains("\r\nupgrade: websocket\r\n"), "{seen}");
+    assert!(seen.contains("\r\nconnection: upgrade\r\n"), "{seen}");
+    assert!(
+        seen.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        "{seen}"
+    );
+}
+
+/// Reads one response with a Content-Length off a kept-alive connection.
+fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let head = read_head(s);
     let len: usize = head
         .lines()
         .find_map(|l| {
