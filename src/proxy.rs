@@ -381,7 +381,7 @@ impl Proxy {
             .or_else(|| ctx.response_rewrite.as_ref().and_then(|r| r.untouched));
         let error = e.map(|e| e.etype().as_str());
         self.log.write(&access_log::Entry {
-            ts: access_log::timestamp(),
+            ts: std::time::SystemTime::now(),
             request_id: ctx.request_id.as_str(),
             client: ctx.client_ip,
             method: req.method.as_str(),
