@@ -181,6 +181,40 @@ fn unhealthy_targets_get_no_traffic_until_they_recover() {
     });
 }
 
+/// A target that answers its health check a byte at a time passes every
+/// per-read timeout; the check's `timeout` bounds the whole answer, so it
+/// fails, and traffic goes to nobody rather than to it.
+#[test]
+fn a_health_check_answered_too_slowly_fails() {
+    let a = TestUpstream::with_handler("a", |r| {
+        if r.target == "/trickle" {
+            Reply {
+                status: 200,
+                headers: vec![("content-type".into(), "text/plain".into())],
+                body: b"ok, eventually".to_vec(),
+                delay: Duration::ZERO,
+                chunked: Some(1),
+                chunk_delay: Duration::from_millis(100),
+            }
+        } else {
+            Reply::text(200, "a")
+        }
+    });
+    let gw = gateway(&format!(
+        "upstreams:\n  pool:\n    targets: [{}]\n    health_check: {{ path: /trickle, interval: 100ms, timeout: 400ms, unhealthy_after: 1 }}\n{}",
+        a.addr,
+        route_to("pool")
+    ))
+    .start();
+    eventually(
+        Duration::from_secs(10),
+        "the slow target is refused",
+        || client().get(gw.url("/x")).send().unwrap().status() == 503,
+    );
+    let r = client().get(gw.url("/x")).send().unwrap();
+    assert_problem(r, 503);
+}
+
 #[test]
 fn a_target_killed_between_checks_costs_the_client_nothing() {
     let mut a = TestUpstream::named("a");

@@ -3,7 +3,9 @@
 //! configuration. A target marked unhealthy gets no traffic while a healthy
 //! one exists, and gets it back once it passes `healthy_after` checks.
 
-use std::sync::Weak;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,13 +31,25 @@ pub struct HealthCheckSettings {
     pub unhealthy_after: usize,
 }
 
-struct LogHealthChange {
+/// Logs each flip and publishes it to the target's flag, which the proxy
+/// reads per request (see `Upstream::is_healthy`). Pingora calls this right
+/// after it flips its own record, target by target, so a slow check of one
+/// target never holds back another's verdict.
+struct PublishHealthChange {
     upstream: String,
+    flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
 }
 
 #[async_trait]
-impl HealthObserve for LogHealthChange {
+impl HealthObserve for PublishHealthChange {
     async fn observe(&self, target: &Backend, healthy: bool) {
+        if let Some((_, flag)) = self
+            .flags
+            .iter()
+            .find(|(addr, _)| target.addr.as_inet() == Some(addr))
+        {
+            flag.store(healthy, Ordering::Relaxed);
+        }
         if healthy {
             log::info!(
                 "upstream {}: target {} is healthy again",
@@ -52,16 +66,52 @@ impl HealthObserve for LogHealthChange {
     }
 }
 
+/// Holds a whole check to `timeout`. Pingora's own timeouts bound the
+/// connect and each read, so a target trickling its answer a byte at a time
+/// would pass, and would stall the pass (and every later one) meanwhile.
+struct Bounded {
+    inner: Box<dyn HealthCheck + Send + Sync>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl HealthCheck for Bounded {
+    async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
+        match tokio::time::timeout(self.timeout, self.inner.check(target)).await {
+            Ok(result) => result,
+            Err(_) => Error::e_explain(
+                ErrorType::ReadTimedout,
+                "the health check did not finish within its timeout",
+            ),
+        }
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        self.inner.health_status_change(target, healthy).await;
+    }
+
+    fn backend_summary(&self, target: &Backend) -> String {
+        self.inner.backend_summary(target)
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        self.inner.health_threshold(success)
+    }
+}
+
 impl HealthCheckSettings {
+    /// The check for one upstream; `flags` are its targets' health flags.
     pub(crate) fn build(
         &self,
         upstream: &str,
         tls: Option<&UpstreamTls>,
+        flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
     ) -> Box<dyn HealthCheck + Send + Sync> {
-        let observer = Box::new(LogHealthChange {
+        let observer = Box::new(PublishHealthChange {
             upstream: upstream.to_string(),
+            flags,
         });
-        match &self.path {
+        let inner: Box<dyn HealthCheck + Send + Sync> = match &self.path {
             None => {
                 let mut check = match tls {
                     Some(t) => TcpHealthCheck::new_tls(&t.sni),
@@ -121,7 +171,11 @@ impl HealthCheckSettings {
                 check.health_changed_callback = Some(observer);
                 Box::new(check)
             }
-        }
+        };
+        Box::new(Bounded {
+            inner,
+            timeout: self.timeout,
+        })
     }
 }
 

@@ -39,10 +39,11 @@ pub struct Target {
     /// cheaper than per request.
     peer: HttpPeer,
     inflight: AtomicUsize,
-    /// The load balancer's verdict after the last health-check pass. Its own
-    /// lookup hashes the backend twice, more than the rest of a
-    /// single-target pick; this copy is read per request instead.
-    healthy: AtomicBool,
+    /// The health checks' verdict, set as it flips (see
+    /// `health::PublishHealthChange`). The load balancer's own record is a
+    /// lookup that hashes the backend twice, more than the rest of a
+    /// single-target pick; this flag is read per request instead.
+    healthy: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Target {
@@ -185,7 +186,7 @@ impl Upstream {
                 peer,
                 inflight: AtomicUsize::new(0),
                 // As Pingora has it: healthy until a check fails.
-                healthy: AtomicBool::new(true),
+                healthy: Arc::new(AtomicBool::new(true)),
             });
         }
         let backends: Vec<Backend> = targets.iter().map(|t| t.backend.clone()).collect();
@@ -200,7 +201,11 @@ impl Upstream {
         };
         let mut health_interval = None;
         if let Some(settings) = &spec.health_check {
-            let check = settings.build(&spec.name, spec.tls.as_ref());
+            let flags = targets
+                .iter()
+                .map(|t| (t.addr, Arc::clone(&t.healthy)))
+                .collect();
+            let check = settings.build(&spec.name, spec.tls.as_ref(), flags);
             match &mut balancer {
                 Balancer::RoundRobin(lb) => lb.set_health_check(check),
                 Balancer::Random(lb) => lb.set_health_check(check),
@@ -260,8 +265,11 @@ impl Upstream {
                 (true, false) => Pick::Exhausted,
             };
         }
-        let accept = |b: &Backend, healthy: bool| {
-            healthy && self.index_of(b).is_some_and(|i| !tried.contains(&i))
+        // The selectors' own health view is the same verdict, but the flag
+        // is what every other reader uses.
+        let accept = |b: &Backend, _healthy: bool| {
+            self.index_of(b)
+                .is_some_and(|i| self.is_healthy(i) && !tried.contains(&i))
         };
         // Enough steps for the selectors' fallback walks to meet every target.
         let steps = self.targets.len() * 4 + 16;
@@ -350,13 +358,7 @@ impl Upstream {
     }
 
     pub(crate) async fn run_health_check_pass(&self) {
-        let backends = self.backends();
-        backends.run_health_check(true).await;
-        for target in &self.targets {
-            target
-                .healthy
-                .store(backends.ready(&target.backend), Ordering::Relaxed);
-        }
+        self.backends().run_health_check(true).await;
     }
 }
 
