@@ -300,8 +300,9 @@ fn read_head(s: &mut TcpStream) -> String {
 }
 
 /// A WebSocket handshake is the one request that keeps `Connection` and
-/// `Upgrade`; the 101 reaches the client with its own, and bytes then flow
-/// both ways over the upgraded connection.
+/// `Upgrade`; the 101 reaches the client with its own (but not the fields
+/// its `Connection` names), and bytes then flow both ways over the upgraded
+/// connection.
 #[test]
 fn websocket_handshakes_and_frames_pass_through() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -310,7 +311,7 @@ fn websocket_handshakes_and_frames_pass_through() {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let head = read_head(&mut s).to_ascii_lowercase();
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").unwrap();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Internal\r\nX-Internal: secret\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").unwrap();
         let mut frame = [0u8; 6];
         s.read_exact(&mut frame).unwrap();
         s.write_all(&frame).unwrap();
@@ -327,6 +328,10 @@ fn websocket_handshakes_and_frames_pass_through() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("sec-websocket-accept: "), "{head}");
+    assert!(
+        !head.contains("x-internal: "),
+        "a nominated field crossed: {head}"
+    );
     // An unmasked text frame "ping"; the upstream echoes it.
     s.write_all(b"\x81\x04ping").unwrap();
     let mut echo = [0u8; 6];

@@ -82,15 +82,16 @@ impl HeaderRules {
 /// upstream's must not reach the client.
 pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, UPGRADE};
-    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        return;
-    }
+    // A 101 keeps `Connection: Upgrade` and `Upgrade`: they are the
+    // handshake the client waits for.
+    let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
     // Pingora replaces `Connection` (HTTP/1) or drops it (HTTP/2) as it
     // writes a final response head, so removing it here would only be undone;
     // an informational head is written as it is.
-    let drop_connection = resp.status.is_informational();
-    // `keep-alive` and `close` are options, not field names: leaving them
-    // out keeps the usual list empty, and an empty list is not allocated.
+    let drop_connection = resp.status.is_informational() && !switching;
+    // `keep-alive`, `close` and `upgrade` are options, not field names:
+    // leaving them out keeps the usual list empty, and an empty list is not
+    // allocated.
     let nominated: Vec<&str> = resp
         .headers
         .get_all(CONNECTION)
@@ -98,7 +99,11 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("keep-alive")
+                && !t.eq_ignore_ascii_case("close")
+                && !t.eq_ignore_ascii_case("upgrade")
+        })
         .collect();
     // One pass over the few fields present instead of seven hashed removals
     // of names that are mostly absent; when none is there, the usual case,
@@ -110,9 +115,11 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
             if *n == CONNECTION {
                 return drop_connection;
             }
+            if *n == UPGRADE {
+                return !switching;
+            }
             *n == TE
                 || *n == TRAILER
-                || *n == UPGRADE
                 || *n == PROXY_AUTHENTICATE
                 || n.as_str() == "keep-alive"
                 || n.as_str() == "proxy-connection"
@@ -293,6 +300,19 @@ mod tests {
         assert!(early.headers.get("connection").is_none());
         assert!(early.headers.get("x-secret-hop").is_none());
         assert!(early.headers.get("link").is_some());
+
+        let mut switching = ResponseHeader::build(101, None).unwrap();
+        switching
+            .insert_header("Connection", "Upgrade, X-Secret-Hop")
+            .unwrap();
+        switching.insert_header("Upgrade", "websocket").unwrap();
+        switching.insert_header("X-Secret-Hop", "1").unwrap();
+        switching.insert_header("Keep-Alive", "timeout=5").unwrap();
+        strip_hop_by_hop(&mut switching);
+        assert!(switching.headers.get("connection").is_some());
+        assert_eq!(switching.headers["upgrade"], "websocket");
+        assert!(switching.headers.get("x-secret-hop").is_none());
+        assert!(switching.headers.get("keep-alive").is_none());
     }
 
     #[test]
