@@ -1520,16 +1520,35 @@ impl Compiler<'_> {
                 rules.remove.push(h);
             }
         }
+        // Framing and connection fields belong to each hop and the gateway
+        // writes them itself: a rule that wrote one could frame a body twice
+        // (`Transfer-Encoding` next to `Content-Length`), and one that
+        // renamed one would pass a hop's field on under another name.
+        let framing = |cx: &mut Self, p: &str, h: &HeaderName| {
+            let is_framing = FRAMING_HEADERS.contains(&h.as_str());
+            if is_framing {
+                cx.error(
+                    p,
+                    format!("{h} frames the message or the connection; the gateway sets it and a header rule cannot write or rename it"),
+                );
+            }
+            !is_framing
+        };
         for (from, to) in &raw.rename {
             let p = key_path(&key_path(path, "rename"), from);
             if let (Some(f), Some(t)) = (name(self, &p, from), name(self, &p, to)) {
-                rules.rename.push((f, t));
+                if framing(self, &p, &f) && framing(self, &p, &t) {
+                    rules.rename.push((f, t));
+                }
             }
         }
         for (key, map) in [("set", &raw.set), ("add", &raw.add)] {
             for (n, v) in map {
                 let p = key_path(&key_path(path, key), n);
                 let Some(h) = name(self, &p, n) else { continue };
+                if !framing(self, &p, &h) {
+                    continue;
+                }
                 match HeaderValue::from_str(v) {
                     Ok(value) if key == "set" => rules.set.push((h, value)),
                     Ok(value) => rules.add.push((h, value)),
@@ -1569,6 +1588,18 @@ impl Compiler<'_> {
         })
     }
 }
+
+/// Fields that frame a message or describe one connection.
+const FRAMING_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Headers that frame or route a request; a claim never replaces them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -1658,6 +1689,37 @@ mod tests {
         let config = load_str(&yaml, Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.runtime.router.routes().len(), 1);
         assert_eq!(config.listeners[0].addr.port(), 8080);
+    }
+
+    #[test]
+    fn header_rules_cannot_write_framing_fields() {
+        let yaml = format!(
+            "{BASE}routes:\n  - name: r\n    match: {{ path: /x }}\n    upstream: users\n    request_headers:\n      set: {{ Transfer-Encoding: chunked, X-Ok: \"1\" }}\n    response_headers:\n      rename: {{ Connection: X-Was-Connection }}\n      add: {{ Content-Length: \"5\" }}\n      remove: [Connection]\n"
+        );
+        let e = errors(&yaml);
+        let found: Vec<(&str, &str)> = e
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 3, "{e}");
+        for (path, name) in [
+            (
+                "routes[0].request_headers.set.Transfer-Encoding",
+                "transfer-encoding",
+            ),
+            ("routes[0].response_headers.rename.Connection", "connection"),
+            (
+                "routes[0].response_headers.add.Content-Length",
+                "content-length",
+            ),
+        ] {
+            assert!(
+                found
+                    .iter()
+                    .any(|(p, m)| *p == path && m.starts_with(&format!("{name} frames"))),
+                "{path}: {e}"
+            );
+        }
     }
 
     #[test]
