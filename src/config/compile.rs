@@ -1537,7 +1537,9 @@ impl Compiler<'_> {
         for (from, to) in &raw.rename {
             let p = key_path(&key_path(path, "rename"), from);
             if let (Some(f), Some(t)) = (name(self, &p, from), name(self, &p, to)) {
-                if framing(self, &p, &f) && framing(self, &p, &t) {
+                // Both checked, so both are reported.
+                let (from_ok, to_ok) = (framing(self, &p, &f), framing(self, &p, &t));
+                if from_ok && to_ok {
                     rules.rename.push((f, t));
                 }
             }

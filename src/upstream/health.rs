@@ -80,7 +80,7 @@ impl HealthCheck for Bounded {
         match tokio::time::timeout(self.timeout, self.inner.check(target)).await {
             Ok(result) => result,
             Err(_) => Error::e_explain(
-                ErrorType::ReadTimedout,
+                ErrorType::Custom("HealthCheckTimedout"),
                 "the health check did not finish within its timeout",
             ),
         }

@@ -265,11 +265,13 @@ impl Upstream {
                 (true, false) => Pick::Exhausted,
             };
         }
-        // The selectors' own health view is the same verdict, but the flag
-        // is what every other reader uses.
-        let accept = |b: &Backend, _healthy: bool| {
-            self.index_of(b)
-                .is_some_and(|i| self.is_healthy(i) && !tried.contains(&i))
+        // `healthy` is Pingora's readiness (health and enablement); the flag
+        // is the health verdict every other reader uses. Both must agree.
+        let accept = |b: &Backend, healthy: bool| {
+            healthy
+                && self
+                    .index_of(b)
+                    .is_some_and(|i| self.is_healthy(i) && !tried.contains(&i))
         };
         // Enough steps for the selectors' fallback walks to meet every target.
         let steps = self.targets.len() * 4 + 16;
