@@ -1696,19 +1696,21 @@ mod tests {
     #[test]
     fn header_rules_cannot_write_framing_fields() {
         let yaml = format!(
-            "{BASE}routes:\n  - name: r\n    match: {{ path: /x }}\n    upstream: users\n    request_headers:\n      set: {{ Transfer-Encoding: chunked, X-Ok: \"1\" }}\n    response_headers:\n      rename: {{ Connection: X-Was-Connection }}\n      add: {{ Content-Length: \"5\" }}\n      remove: [Connection]\n"
+            "{BASE}routes:\n  - name: r\n    match: {{ path: /x }}\n    upstream: users\n    request_headers:\n      set: {{ Transfer-Encoding: chunked, X-Ok: \"1\" }}\n      rename: {{ TE: Trailer }}\n    response_headers:\n      rename: {{ Connection: X-Was-Connection }}\n      add: {{ Content-Length: \"5\" }}\n      remove: [Connection]\n"
         );
         let e = errors(&yaml);
         let found: Vec<(&str, &str)> = e
             .iter()
             .map(|e| (e.path.as_str(), e.message.as_str()))
             .collect();
-        assert_eq!(found.len(), 3, "{e}");
+        assert_eq!(found.len(), 5, "{e}");
         for (path, name) in [
             (
                 "routes[0].request_headers.set.Transfer-Encoding",
                 "transfer-encoding",
             ),
+            ("routes[0].request_headers.rename.TE", "te"),
+            ("routes[0].request_headers.rename.TE", "trailer"),
             ("routes[0].response_headers.rename.Connection", "connection"),
             (
                 "routes[0].response_headers.add.Content-Length",
