@@ -3,6 +3,8 @@
 //! that matched no route. Recorded in the `logging` phase (requests,
 //! upstreams, cache) and where a module decides (auth, limits, reloads).
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -121,6 +123,50 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One labelled series of a family, looked up on first use and kept:
+/// `with_label_values` hashes every label value and takes the family's lock
+/// on each call, which the request path should not pay. Held by what the
+/// labels name (a route, a target), so it goes when that does.
+#[derive(Debug)]
+pub struct Series<T>(OnceLock<T>);
+
+// Derived, `Default` would ask it of `T` too.
+impl<T> Default for Series<T> {
+    fn default() -> Self {
+        Series(OnceLock::new())
+    }
+}
+
+impl<T> Series<T> {
+    pub fn get(&self, look_up: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(look_up)
+    }
+}
+
+/// The `outcome` label of `gatehouse_upstream_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    Success,
+    Aborted,
+    Timeout,
+    Error,
+    ConnectError,
+}
+
+impl UpstreamOutcome {
+    pub const COUNT: usize = 5;
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Success => "success",
+            UpstreamOutcome::Aborted => "aborted",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::Error => "error",
+            UpstreamOutcome::ConnectError => "connect_error",
+        }
     }
 }
 

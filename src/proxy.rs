@@ -22,7 +22,7 @@ use crate::cache::{self, Cache};
 use crate::config::ServerSettings;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Metrics, UpstreamOutcome};
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::Params;
@@ -346,21 +346,26 @@ impl Proxy {
                     metrics::status_label(status, &mut buf),
                 ])
                 .inc();
-            m.duration
-                .with_label_values(&[route])
-                .observe(elapsed.as_secs_f64());
+            let seconds = elapsed.as_secs_f64();
+            match &ctx.route {
+                Some(r) => r
+                    .duration_series
+                    .get(|| m.duration.with_label_values(&[route]))
+                    .observe(seconds),
+                None => m.duration.with_label_values(&[route]).observe(seconds),
+            }
             if let Some(f) = &ctx.in_flight {
                 let outcome = match e {
-                    None => "success",
-                    Some(e) if e.esource() != &ErrorSource::Upstream => "aborted",
+                    None => UpstreamOutcome::Success,
+                    Some(e) if e.esource() != &ErrorSource::Upstream => UpstreamOutcome::Aborted,
                     Some(e) => match e.etype() {
-                        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-                        _ => "error",
+                        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                            UpstreamOutcome::Timeout
+                        }
+                        _ => UpstreamOutcome::Error,
                     },
                 };
-                m.upstream_requests
-                    .with_label_values(&[f.upstream(), f.target(), outcome])
-                    .inc();
+                f.count(outcome, &m.upstream_requests);
             }
             if let Some(x) = cache {
                 let result = match x {
@@ -666,14 +671,11 @@ impl ProxyHttp for Proxy {
             e.etype().as_str()
         );
         if self.settings.metrics {
-            self.metrics
-                .upstream_requests
-                .with_label_values(&[
-                    &upstream.name,
-                    &upstream.targets[failed].label,
-                    "connect_error",
-                ])
-                .inc();
+            upstream.count_request(
+                failed,
+                UpstreamOutcome::ConnectError,
+                &self.metrics.upstream_requests,
+            );
         }
         ctx.tried.push(failed);
         let another =

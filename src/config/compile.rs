@@ -25,6 +25,7 @@ use crate::auth::keys::{self, KeySet};
 use crate::auth::{KeyStore, Provider, RouteAuth, TokenSource};
 use crate::cache::CachePolicy;
 use crate::gateway::Runtime;
+use crate::metrics::Series;
 use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
 use crate::routing::ResponseBodyRules;
@@ -934,6 +935,7 @@ impl Compiler<'_> {
             request_body,
             response_body,
             cache,
+            duration_series: Series::default(),
         })
     }
 

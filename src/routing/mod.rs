@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Method};
+use prometheus::Histogram;
 
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
 pub use normalize::{normalize_path, PathError};
@@ -31,6 +32,7 @@ pub fn query_values<'q: 'n, 'n>(
 use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;
+use crate::metrics::Series;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
 use crate::transform::body::JsonRules;
@@ -61,6 +63,8 @@ pub struct Route {
     pub request_body: Option<JsonRules>,
     pub response_body: Option<ResponseBodyRules>,
     pub cache: Option<CachePolicy>,
+    /// This route's `gatehouse_request_duration_seconds` series.
+    pub duration_series: Series<Histogram>,
 }
 
 /// `response_body`: JSON field rules, and XML turned into JSON first.

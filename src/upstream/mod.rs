@@ -15,6 +15,9 @@ use http::HeaderName;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
 use pingora_load_balancing::{Backend, LoadBalancer};
+use prometheus::{IntCounter, IntCounterVec};
+
+use crate::metrics::{Series, UpstreamOutcome};
 
 pub use health::HealthCheckSettings;
 
@@ -44,6 +47,8 @@ pub struct Target {
     /// lookup that hashes the backend twice, more than the rest of a
     /// single-target pick; this flag is read per request instead.
     healthy: Arc<AtomicBool>,
+    /// Its `gatehouse_upstream_requests_total` series, by outcome.
+    request_series: [Series<IntCounter>; UpstreamOutcome::COUNT],
 }
 
 impl std::fmt::Debug for Target {
@@ -187,6 +192,7 @@ impl Upstream {
                 inflight: AtomicUsize::new(0),
                 // As Pingora has it: healthy until a check fails.
                 healthy: Arc::new(AtomicBool::new(true)),
+                request_series: Default::default(),
             });
         }
         let backends: Vec<Backend> = targets.iter().map(|t| t.backend.clone()).collect();
@@ -351,6 +357,15 @@ impl Upstream {
         }
     }
 
+    /// Counts a request sent to target `index` in `family`
+    /// (`gatehouse_upstream_requests_total`).
+    pub fn count_request(&self, index: usize, outcome: UpstreamOutcome, family: &IntCounterVec) {
+        let target = &self.targets[index];
+        target.request_series[outcome as usize]
+            .get(|| family.with_label_values(&[&self.name, &target.label, outcome.label()]))
+            .inc();
+    }
+
     pub fn in_flight(&self, index: usize) -> usize {
         self.targets[index].inflight.load(Ordering::Relaxed)
     }
@@ -381,6 +396,11 @@ impl InFlight {
 
     pub fn target(&self) -> &str {
         &self.upstream.targets[self.index].label
+    }
+
+    /// Counts this request in `gatehouse_upstream_requests_total`.
+    pub fn count(&self, outcome: UpstreamOutcome, family: &IntCounterVec) {
+        self.upstream.count_request(self.index, outcome, family);
     }
 }
 
