@@ -3,7 +3,6 @@
 //! the token's `exp`; a hash collision cannot hand one token's claims to
 //! another, since the stored token is compared in full.
 
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use super::Claims;
@@ -29,8 +28,10 @@ impl quick_cache::Weighter<u64, Arc<Verified>> for ByBytes {
 
 pub struct TokenCache {
     entries: quick_cache::sync::Cache<u64, Arc<Verified>, ByBytes>,
-    // Keyed per process, so nobody can aim tokens at one slot.
-    hasher: RandomState,
+    // Keyed per process, so nobody can aim tokens at one slot. aHash, not
+    // SipHash: a token is a few hundred bytes, hashed on every request, and
+    // the stored token is compared in full anyway.
+    hasher: ahash::RandomState,
 }
 
 impl TokenCache {
@@ -38,7 +39,7 @@ impl TokenCache {
     pub fn new(bytes: usize) -> Self {
         TokenCache {
             entries: quick_cache::sync::Cache::with_weighter(bytes / 512, bytes as u64, ByBytes),
-            hasher: RandomState::new(),
+            hasher: ahash::RandomState::new(),
         }
     }
 

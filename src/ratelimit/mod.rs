@@ -103,6 +103,7 @@ pub struct RateLimit {
     /// boundary counts in the period others have moved on to.
     latest: AtomicU64,
     rotate: Mutex<()>,
+    key_hasher: ahash::RandomState,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -132,6 +133,7 @@ impl RateLimit {
             epoch: Instant::now(),
             latest: AtomicU64::new(0),
             rotate: Mutex::new(()),
+            key_hasher: ahash::RandomState::new(),
         }
     }
 
@@ -154,7 +156,12 @@ impl RateLimit {
     }
 
     /// Counts one request for `key` at `now`.
-    pub fn check_at<K: Hash + Copy>(&self, key: K, now: Instant) -> Decision {
+    pub fn check_at<K: Hash>(&self, key: K, now: Instant) -> Decision {
+        // Each of the nine sub-window sketches hashes the key once per row;
+        // a u64 is far cheaper to hash than the key itself, which may be a
+        // long header value. Keyed per limit, so a client cannot aim keys at
+        // a collision, and the sketches conflate keys far more often anyway.
+        let key = self.key_hasher.hash_one(key);
         let elapsed = now.saturating_duration_since(self.epoch);
         let sub_nanos = self.sub_len.as_nanos();
         let period = (elapsed.as_nanos() / sub_nanos) as u64;
@@ -204,7 +211,7 @@ impl RateLimit {
         }
     }
 
-    pub fn check<K: Hash + Copy>(&self, key: K) -> Decision {
+    pub fn check<K: Hash>(&self, key: K) -> Decision {
         self.check_at(key, Instant::now())
     }
 }
