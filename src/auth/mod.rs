@@ -25,6 +25,8 @@ use cache::TokenCache;
 use jwks::RemoteJwks;
 use keys::{KeySet, NoKey};
 
+use crate::transform::headers::remove_fields;
+
 /// A verified token's claims.
 pub type Claims = serde_json::Map<String, Value>;
 
@@ -372,22 +374,13 @@ pub fn forward_identity(
     if identity_headers.is_empty() {
         return;
     }
-    // One pass over the fields the client sent, rather than a hashed removal
-    // per identity header on every request. CGI-style upstreams read
-    // X_User_Id as X-User-Id, so such spellings go too.
-    let spoofed: Vec<HeaderName> = upstream
-        .headers
-        .keys()
-        .filter(|sent| {
-            identity_headers
-                .iter()
-                .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
-        })
-        .cloned()
-        .collect();
-    for name in &spoofed {
-        upstream.remove_header(name);
-    }
+    // CGI-style upstreams read X_User_Id as X-User-Id, so such spellings go
+    // too.
+    remove_fields(upstream, |sent| {
+        identity_headers
+            .iter()
+            .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
+    });
     if let Some((provider, claims)) = auth {
         for (header, value) in provider.claim_headers(claims) {
             let _ = upstream.insert_header(header, value);

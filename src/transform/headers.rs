@@ -36,6 +36,22 @@ macro_rules! edit_headers_for {
 edit_headers_for!(RequestHeader);
 edit_headers_for!(ResponseHeader);
 
+/// Removes every field `doomed` picks, in one pass over the fields present:
+/// per message, most candidate names are absent, and a hashed removal per
+/// candidate costs more than the pass. Nothing is allocated when none
+/// matches, the usual case.
+pub fn remove_fields<H: EditHeaders>(target: &mut H, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = target
+        .header_map()
+        .keys()
+        .filter(|n| doomed(n))
+        .cloned()
+        .collect();
+    for name in &names {
+        target.remove(name);
+    }
+}
+
 /// One `request_headers` or `response_headers` block, compiled.
 #[derive(Debug, Default)]
 pub struct HeaderRules {
@@ -92,7 +108,7 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     // `keep-alive`, `close` and `upgrade` are options, not field names:
     // leaving them out keeps the usual list empty, and an empty list is not
     // allocated.
-    let nominated: Vec<&str> = resp
+    let nominated: Vec<HeaderName> = resp
         .headers
         .get_all(CONNECTION)
         .iter()
@@ -104,32 +120,22 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
                 && !t.eq_ignore_ascii_case("close")
                 && !t.eq_ignore_ascii_case("upgrade")
         })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    // One pass over the few fields present instead of seven hashed removals
-    // of names that are mostly absent; when none is there, the usual case,
-    // nothing is allocated.
-    let doomed: Vec<HeaderName> = resp
-        .headers
-        .keys()
-        .filter(|n| {
-            if *n == CONNECTION {
-                return drop_connection;
-            }
-            if *n == UPGRADE {
-                return !switching;
-            }
-            *n == TE
-                || *n == TRAILER
-                || *n == PROXY_AUTHENTICATE
-                || n.as_str() == "keep-alive"
-                || n.as_str() == "proxy-connection"
-                || nominated.iter().any(|t| t.eq_ignore_ascii_case(n.as_str()))
-        })
-        .cloned()
-        .collect();
-    for name in &doomed {
-        resp.remove_header(name);
-    }
+    remove_fields(resp, |n| {
+        if *n == CONNECTION {
+            return drop_connection;
+        }
+        if *n == UPGRADE {
+            return !switching;
+        }
+        *n == TE
+            || *n == TRAILER
+            || *n == PROXY_AUTHENTICATE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+            || nominated.contains(n)
+    });
 }
 
 /// A request's own framing and proxy fields, which describe the client's hop
@@ -142,23 +148,15 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
 /// gone, Pingora frames a request body again after the filters run.
 pub fn strip_request_hop_by_hop(req: &mut RequestHeader) {
     use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING};
-    let doomed: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|n| {
-            *n == TRANSFER_ENCODING
-                || *n == TE
-                || *n == TRAILER
-                || *n == PROXY_AUTHORIZATION
-                || *n == PROXY_AUTHENTICATE
-                || n.as_str() == "keep-alive"
-                || n.as_str() == "proxy-connection"
-        })
-        .cloned()
-        .collect();
-    for name in &doomed {
-        req.remove_header(name);
-    }
+    remove_fields(req, |n| {
+        *n == TRANSFER_ENCODING
+            || *n == TE
+            || *n == TRAILER
+            || *n == PROXY_AUTHORIZATION
+            || *n == PROXY_AUTHENTICATE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    });
 }
 
 /// `deprecation:` on a route: RFC 9745 `Deprecation`, RFC 8594 `Sunset` and
