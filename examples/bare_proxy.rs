@@ -1,12 +1,15 @@
 //! The floor Pingora sets: a proxy that does nothing but forward to one
-//! prebuilt upstream peer, built with gatehouse's allocator, release profile
-//! and server options. The bench runs it beside gatehouse so the cost of the
-//! gateway's own work (routing, header rules, request ids, forwarding
-//! headers, metrics, logs) is separated from the cost of Pingora itself.
+//! prebuilt upstream peer, built with gatehouse's allocator, release profile,
+//! server options and listener buffer setting (`bench/run.sh` turns its
+//! transparent huge pages off, as gatehouse does for itself). The bench runs
+//! it beside gatehouse so the cost of the gateway's own work (routing, header
+//! rules, request ids, forwarding headers, metrics, logs) is separated from
+//! the cost of Pingora itself.
 //!
 //! Run: `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR`
 
 use async_trait::async_trait;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -60,7 +63,10 @@ fn main() {
     server.bootstrap();
     let peer = HttpPeer::new(upstream.as_str(), false, String::new());
     let mut service = pingora_proxy::http_proxy_service(&server.configuration, Bare { peer });
-    service.add_tcp(listen);
+    // As gatehouse's plain listeners: reads land straight in Pingora's buffers.
+    service.add_listener(
+        ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
+    );
     server.add_service(service);
     server.run_forever();
 }
