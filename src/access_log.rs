@@ -1,16 +1,16 @@
 //! The access log: one JSON object a line per request, to stdout or a file.
-//! A request only formats its line and hands it to a bounded queue; a
-//! writer thread does the I/O, so a slow disk never slows requests (when
-//! the queue is full, lines are dropped and counted in
-//! `gatehouse_access_log_dropped_total`). Joins the `logging` phase.
+//! A request only formats its line onto the end of a shared batch; a writer
+//! thread takes the whole batch every `BATCH_EVERY` and does the I/O, so a
+//! slow disk never slows requests (when the batch is full, lines are dropped
+//! and counted in `gatehouse_access_log_dropped_total`). Joins the `logging`
+//! phase.
 //!
 //! The path is logged without its query, and no header is logged, so a
 //! token or secret never reaches the log.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -18,8 +18,12 @@ use pingora_core::services::background::BackgroundService;
 
 use crate::metrics::Metrics;
 
-const QUEUE: usize = 64 * 1024;
-/// How often queued lines are written.
+/// How much may wait for the writer: about a second of lines at full load,
+/// so only a stalled disk loses any.
+const MAX_BATCH: usize = 8 << 20;
+/// A batch's capacity kept between writes; a burst's larger buffer is let go.
+const KEEP_CAPACITY: usize = 256 << 10;
+/// How often the batch is written.
 const BATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where lines go.
@@ -117,84 +121,98 @@ fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
     }
 }
 
-/// The request side: cheap to clone, never blocks.
+/// The request side: cheap to clone, never waits on I/O.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<Vec<u8>>>,
+    batch: Option<Arc<Batch>>,
     metrics: Arc<Metrics>,
+}
+
+/// Lines not yet written. One buffer appended in place: a line per request
+/// costs no allocation of its own and no hand-over between threads.
+#[derive(Default)]
+struct Batch {
+    lines: Mutex<Vec<u8>>,
+}
+
+impl Batch {
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        // A panic mid-line leaves at worst a torn line; keep logging.
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl AccessLog {
     /// The request side and the writer to run as a background service.
     pub fn new(sink: Sink, metrics: Arc<Metrics>) -> (AccessLog, Option<Writer>) {
         if sink == Sink::Off {
-            return (AccessLog { tx: None, metrics }, None);
+            return (
+                AccessLog {
+                    batch: None,
+                    metrics,
+                },
+                None,
+            );
         }
-        let (tx, rx) = sync_channel(QUEUE);
+        let batch = Arc::new(Batch::default());
         (
             AccessLog {
-                tx: Some(tx),
+                batch: Some(Arc::clone(&batch)),
                 metrics,
             },
             Some(Writer {
                 sink,
-                rx: Mutex::new(Some(rx)),
+                batch: Mutex::new(Some(batch)),
             }),
         )
     }
 
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.batch.is_some()
     }
 
     pub fn write(&self, entry: &Entry<'_>) {
-        let Some(tx) = &self.tx else {
+        let Some(batch) = &self.batch else {
             return;
         };
-        // Sized for a typical line, so serializing never reallocates.
-        let mut line = Vec::with_capacity(384);
-        if entry.write_json(&mut line).is_err() {
+        let mut lines = batch.lock();
+        if lines.len() >= MAX_BATCH {
+            drop(lines);
+            self.metrics.access_log_dropped.inc();
             return;
         }
-        line.push(b'\n');
-        match tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.access_log_dropped.inc();
-            }
+        let start = lines.len();
+        if entry.write_json(&mut lines).is_err() {
+            lines.truncate(start);
+            return;
         }
+        lines.push(b'\n');
     }
 }
 
-/// Drains the queue on its own thread, started with the server (after a
+/// Writes the batch on its own thread, started with the server (after a
 /// daemon has forked).
 pub struct Writer {
     sink: Sink,
-    rx: Mutex<Option<Receiver<Vec<u8>>>>,
+    batch: Mutex<Option<Arc<Batch>>>,
 }
 
-/// Writes what has queued up every `BATCH_EVERY`. Waking on each line
-/// would cost a thread wake-up per request; sleeping between batches
-/// costs none, and a batch is one write.
-fn drain(rx: Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>) {
+/// Takes the batch every `BATCH_EVERY` and writes it. Waking on each line
+/// would cost a thread wake-up per request; sleeping between batches costs
+/// none, and a batch is one write. Ends once no request side is left.
+fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>) {
+    let mut taken = Vec::new();
     loop {
         std::thread::sleep(BATCH_EVERY);
-        let mut wrote = false;
-        loop {
-            match rx.try_recv() {
-                Ok(line) => {
-                    let _ = out.write_all(&line);
-                    wrote = true;
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
-            }
+        let last = Arc::strong_count(&batch) == 1;
+        std::mem::swap(&mut *batch.lock(), &mut taken);
+        if !taken.is_empty() {
+            let _ = out.write_all(&taken).and_then(|()| out.flush());
+            taken.clear();
+            taken.shrink_to(KEEP_CAPACITY);
         }
-        if wrote {
-            let _ = out.flush();
+        if last {
+            return;
         }
     }
 }
@@ -202,18 +220,18 @@ fn drain(rx: Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>) {
 #[async_trait]
 impl BackgroundService for Writer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
+        let Some(batch) = self.batch.lock().ok().and_then(|mut b| b.take()) else {
             return;
         };
         let out: Box<dyn Write + Send> = match &self.sink {
             Sink::Off => return,
-            Sink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            Sink::Stdout => Box::new(std::io::stdout()),
             Sink::File(path) => match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
             {
-                Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                Ok(f) => Box::new(f),
                 Err(e) => {
                     log::error!("access log {}: {e}; lines will be dropped", path.display());
                     return;
@@ -222,7 +240,7 @@ impl BackgroundService for Writer {
         };
         let _ = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || drain(rx, out));
+            .spawn(move || drain(batch, out));
         let _ = shutdown.changed().await;
     }
 }
@@ -303,5 +321,56 @@ mod tests {
         assert_eq!(v["user"], serde_json::Value::Null);
         assert_eq!(v["client"], serde_json::Value::Null);
         assert!(v.get("body").is_none());
+    }
+
+    /// Collects what the writer thread writes.
+    #[derive(Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Collected {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_batch_drops_and_counts_lines_and_the_writer_writes_whole_lines() {
+        let metrics = Arc::new(Metrics::new());
+        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics));
+        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        log.write(&entry("/first", "r", None));
+        let one_line = batch.lock().len();
+        assert!(one_line > 100 && batch.lock().ends_with(b"\n"));
+
+        // Fill to the bound: the next line is refused whole and counted.
+        batch.lock().resize(MAX_BATCH, b'x');
+        log.write(&entry("/over", "r", None));
+        assert_eq!(batch.lock().len(), MAX_BATCH);
+        assert_eq!(metrics.access_log_dropped.get(), 1);
+
+        // The writer takes the batch, writes it, and ends with the request side.
+        batch.lock().truncate(one_line);
+        log.write(&entry("/second", "r", None));
+        let out = Collected::default();
+        drop(log);
+        let thread = {
+            let out = out.clone();
+            std::thread::spawn(move || drain(batch, Box::new(out)))
+        };
+        thread.join().unwrap();
+        let written = out.0.lock().unwrap().clone();
+        let lines: Vec<serde_json::Value> = written
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["path"], "/first");
+        assert_eq!(lines[1]["path"], "/second");
+        assert_eq!(metrics.access_log_dropped.get(), 1);
     }
 }
