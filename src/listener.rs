@@ -8,6 +8,8 @@
 //! parser Pingora uses (httparse), so a head it would refuse gets a problem
 //! document instead of a bare `400`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,30 +63,83 @@ enum Head {
     Refuse(StatusCode, &'static str),
 }
 
+/// An HTTP/1 connection between requests: its socket and what Pingora's
+/// session knew of it, without the rest of the session.
+struct Parked {
+    stream: Stream,
+    keepalive: Option<u64>,
+    reuses: Option<u32>,
+    user_ctx: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 #[async_trait]
 impl<A> HttpServerApp for HeadGuard<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    // Per request, so kept lean: the HTTP/1 session is taken apart right away
-    // and rebuilt only once the head is in, and the (rare) refusal is boxed,
-    // so this future stays small and nothing large is moved across awaits.
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out rather than `async fn`: an async fn would keep the whole
+    // Pingora session it is handed (680 bytes) in its future, and that
+    // future lives on every open connection. The session is taken apart
+    // here, before any future exists, and an HTTP/2 session goes to the
+    // proxy's own future without a second one around it.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: ServerSession,
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        let ServerSession::H1(mut v1) = session else {
+            return self.inner.process_new_http(session, shutdown);
+        };
+        let parked = Parked {
+            keepalive: v1.get_keepalive_timeout(),
+            reuses: v1.get_keepalive_reuses_remaining(),
+            user_ctx: v1.take_connection_user_context(),
+            stream: v1.into_inner(),
+        };
+        Box::pin(self.serve_h1(parked, shutdown))
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.inner.http_cleanup().await
+    }
+}
+
+impl<A> HeadGuard<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Reads the next head, then hands the connection to the proxy with the
+    /// head in its buffer. Kept lean, as it waits on every idle connection:
+    /// the (rare) refusal is boxed, and the session is rebuilt only once the
+    /// head is in.
+    async fn serve_h1(
+        self: &Arc<Self>,
+        parked: Parked,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let ServerSession::H1(mut v1) = session else {
-            return self.inner.process_new_http(session, shutdown).await;
-        };
-        let keepalive = v1.get_keepalive_timeout();
-        let reuses = v1.get_keepalive_reuses_remaining();
-        let user_ctx = v1.take_connection_user_context();
-        let reused = user_ctx.is_some();
-        let mut stream: Stream = v1.into_inner();
+        let Parked {
+            mut stream,
+            keepalive,
+            reuses,
+            user_ctx,
+        } = parked;
         // Every open connection holds this while it waits for a request;
         // most heads fit in 1 KiB, and a longer one grows it.
         let mut buf = BytesMut::with_capacity(1024);
+        let reused = user_ctx.is_some();
         match self
             .read_head(&mut stream, &mut buf, reused, shutdown)
             .await
@@ -103,18 +158,6 @@ where
         session.set_connection_user_context(user_ctx);
         session.set_pipelined_prefix(buf);
         self.inner.process_new_http(session, shutdown).await
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.inner.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.inner.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.inner.http_cleanup().await
     }
 }
 
