@@ -1,16 +1,16 @@
 //! The access log: one JSON object a line per request, to stdout or a file.
-//! A request only formats its line onto the end of a shared batch; a writer
-//! thread takes the whole batch every `BATCH_EVERY` and does the I/O, so a
-//! slow disk never slows requests (when the batch is full, lines are dropped
-//! and counted in `gatehouse_access_log_dropped_total`). Joins the `logging`
-//! phase.
+//! A request only formats its line onto the end of a shared batch (one
+//! buffer per CPU); a writer thread takes the batch every `BATCH_EVERY` and
+//! does the I/O, so a slow disk never slows requests (when the batch is full,
+//! lines are dropped and counted in `gatehouse_access_log_dropped_total`).
+//! Joins the `logging` phase.
 //!
 //! The path is logged without its query, and no header is logged, so a
 //! token or secret never reaches the log.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -128,23 +128,62 @@ pub struct AccessLog {
     metrics: Arc<Metrics>,
 }
 
-/// Lines not yet written. One buffer appended in place: a line per request
-/// costs no allocation of its own and no hand-over between threads.
-#[derive(Default)]
+/// Lines not yet written. Buffers appended in place: a line per request
+/// costs no allocation of its own and no hand-over between threads. One
+/// buffer per CPU, so worker threads do not queue on one lock.
 struct Batch {
-    lines: Mutex<Vec<u8>>,
+    shards: Box<[Mutex<Vec<u8>>]>,
+    /// Each shard's share of `MAX_BATCH`.
+    shard_max: usize,
+    /// Spreads threads over the shards.
+    thread_hash: ahash::RandomState,
 }
 
 impl Batch {
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        // A panic mid-line leaves at worst a torn line; keep logging.
-        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(shards: usize) -> Batch {
+        let shards = shards.max(1);
+        Batch {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            shard_max: MAX_BATCH / shards,
+            thread_hash: ahash::RandomState::new(),
+        }
     }
+
+    /// A free shard, this thread's own first.
+    fn lock_any(&self) -> MutexGuard<'_, Vec<u8>> {
+        let n = self.shards.len();
+        let first = if n == 1 {
+            0
+        } else {
+            self.thread_hash.hash_one(std::thread::current().id()) as usize % n
+        };
+        (0..n)
+            .find_map(|k| match self.shards[(first + k) % n].try_lock() {
+                Ok(lines) => Some(lines),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            })
+            .unwrap_or_else(|| lock(&self.shards[first]))
+    }
+}
+
+fn lock(shard: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
+    // A panic mid-line leaves at worst a torn line; keep logging.
+    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl AccessLog {
     /// The request side and the writer to run as a background service.
     pub fn new(sink: Sink, metrics: Arc<Metrics>) -> (AccessLog, Option<Writer>) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_shards(sink, metrics, cpus)
+    }
+
+    fn with_shards(
+        sink: Sink,
+        metrics: Arc<Metrics>,
+        shards: usize,
+    ) -> (AccessLog, Option<Writer>) {
         if sink == Sink::Off {
             return (
                 AccessLog {
@@ -154,7 +193,7 @@ impl AccessLog {
                 None,
             );
         }
-        let batch = Arc::new(Batch::default());
+        let batch = Arc::new(Batch::new(shards));
         (
             AccessLog {
                 batch: Some(Arc::clone(&batch)),
@@ -175,8 +214,8 @@ impl AccessLog {
         let Some(batch) = &self.batch else {
             return;
         };
-        let mut lines = batch.lock();
-        if lines.len() >= MAX_BATCH {
+        let mut lines = batch.lock_any();
+        if lines.len() >= batch.shard_max {
             drop(lines);
             self.metrics.access_log_dropped.inc();
             return;
@@ -197,19 +236,22 @@ pub struct Writer {
     batch: Mutex<Option<Arc<Batch>>>,
 }
 
-/// Takes the batch every `BATCH_EVERY` and writes it. Waking on each line
-/// would cost a thread wake-up per request; sleeping between batches costs
-/// none, and a batch is one write. Ends once no request side is left.
+/// Takes each shard's lines every `BATCH_EVERY` and writes them. Waking on
+/// each line would cost a thread wake-up per request; sleeping between
+/// batches costs none, and a shard's lines are one write. Ends once no
+/// request side is left.
 fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>) {
     let mut taken = Vec::new();
     loop {
         std::thread::sleep(BATCH_EVERY);
         let last = Arc::strong_count(&batch) == 1;
-        std::mem::swap(&mut *batch.lock(), &mut taken);
-        if !taken.is_empty() {
-            let _ = out.write_all(&taken).and_then(|()| out.flush());
-            taken.clear();
-            taken.shrink_to(KEEP_CAPACITY);
+        for shard in batch.shards.iter() {
+            std::mem::swap(&mut *lock(shard), &mut taken);
+            if !taken.is_empty() {
+                let _ = out.write_all(&taken).and_then(|()| out.flush());
+                taken.clear();
+                taken.shrink_to(KEEP_CAPACITY);
+            }
         }
         if last {
             return;
@@ -340,20 +382,21 @@ mod tests {
     #[test]
     fn a_full_batch_drops_and_counts_lines_and_the_writer_writes_whole_lines() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics));
+        let (log, writer) = AccessLog::with_shards(Sink::Stdout, Arc::clone(&metrics), 1);
         let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        let shard = || lock(&batch.shards[0]);
         log.write(&entry("/first", "r", None));
-        let one_line = batch.lock().len();
-        assert!(one_line > 100 && batch.lock().ends_with(b"\n"));
+        let one_line = shard().len();
+        assert!(one_line > 100 && shard().ends_with(b"\n"));
 
         // Fill to the bound: the next line is refused whole and counted.
-        batch.lock().resize(MAX_BATCH, b'x');
+        shard().resize(MAX_BATCH, b'x');
         log.write(&entry("/over", "r", None));
-        assert_eq!(batch.lock().len(), MAX_BATCH);
+        assert_eq!(shard().len(), MAX_BATCH);
         assert_eq!(metrics.access_log_dropped.get(), 1);
 
         // The writer takes the batch, writes it, and ends with the request side.
-        batch.lock().truncate(one_line);
+        shard().truncate(one_line);
         log.write(&entry("/second", "r", None));
         let out = Collected::default();
         drop(log);
@@ -372,5 +415,47 @@ mod tests {
         assert_eq!(lines[0]["path"], "/first");
         assert_eq!(lines[1]["path"], "/second");
         assert_eq!(metrics.access_log_dropped.get(), 1);
+    }
+
+    #[test]
+    fn lines_from_many_threads_all_arrive_whole() {
+        let metrics = Arc::new(Metrics::new());
+        let (log, writer) = AccessLog::with_shards(Sink::Stdout, Arc::clone(&metrics), 3);
+        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        log.write(&entry(&format!("/{t}/{i}"), "r", None));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(log);
+        let out = Collected::default();
+        let sink = out.clone();
+        std::thread::spawn(move || drain(batch, Box::new(sink)))
+            .join()
+            .unwrap();
+        let written = out.0.lock().unwrap().clone();
+        let mut paths: Vec<String> = written
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                v["path"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        paths.sort();
+        let mut expected: Vec<String> = (0..4)
+            .flat_map(|t| (0..200).map(move |i| format!("/{t}/{i}")))
+            .collect();
+        expected.sort();
+        assert_eq!(paths, expected);
+        assert_eq!(metrics.access_log_dropped.get(), 0);
     }
 }
