@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use async_trait::async_trait;
@@ -133,18 +134,18 @@ pub struct AccessLog {
 /// buffer per CPU, so worker threads do not queue on one lock.
 struct Batch {
     shards: Box<[Mutex<Vec<u8>>]>,
-    /// Each shard's share of `MAX_BATCH`.
-    shard_max: usize,
+    /// Bytes in all shards, held to `MAX_BATCH`; changed under a shard's
+    /// lock, with the bytes it counts.
+    pending: AtomicUsize,
     /// Spreads threads over the shards.
     thread_hash: ahash::RandomState,
 }
 
 impl Batch {
     fn new(shards: usize) -> Batch {
-        let shards = shards.max(1);
         Batch {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
-            shard_max: MAX_BATCH / shards,
+            shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
+            pending: AtomicUsize::new(0),
             thread_hash: ahash::RandomState::new(),
         }
     }
@@ -158,18 +159,34 @@ impl Batch {
             self.thread_hash.hash_one(std::thread::current().id()) as usize % n
         };
         (0..n)
-            .find_map(|k| match self.shards[(first + k) % n].try_lock() {
-                Ok(lines) => Some(lines),
-                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
+            .find_map(|k| {
+                let shard = &self.shards[(first + k) % n];
+                match shard.try_lock() {
+                    Ok(lines) => Some(lines),
+                    Err(TryLockError::Poisoned(e)) => Some(recover(shard, e.into_inner())),
+                    Err(TryLockError::WouldBlock) => None,
+                }
             })
             .unwrap_or_else(|| lock(&self.shards[first]))
     }
 }
 
 fn lock(shard: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
-    // A panic mid-line leaves at worst a torn line; keep logging.
-    shard.lock().unwrap_or_else(|e| e.into_inner())
+    shard
+        .lock()
+        .unwrap_or_else(|e| recover(shard, e.into_inner()))
+}
+
+/// A thread panicked while writing a line into `shard`: drop the part
+/// line, so the next one does not run into it, and keep logging.
+fn recover<'a>(
+    shard: &Mutex<Vec<u8>>,
+    mut lines: MutexGuard<'a, Vec<u8>>,
+) -> MutexGuard<'a, Vec<u8>> {
+    let whole = lines.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    lines.truncate(whole);
+    shard.clear_poison();
+    lines
 }
 
 impl AccessLog {
@@ -197,11 +214,13 @@ impl AccessLog {
         (
             AccessLog {
                 batch: Some(Arc::clone(&batch)),
-                metrics,
+                metrics: Arc::clone(&metrics),
             },
             Some(Writer {
                 sink,
                 batch: Mutex::new(Some(batch)),
+                metrics,
+                running: Arc::default(),
             }),
         )
     }
@@ -215,7 +234,7 @@ impl AccessLog {
             return;
         };
         let mut lines = batch.lock_any();
-        if lines.len() >= batch.shard_max {
+        if batch.pending.load(Ordering::Relaxed) >= MAX_BATCH {
             drop(lines);
             self.metrics.access_log_dropped.inc();
             return;
@@ -226,6 +245,9 @@ impl AccessLog {
             return;
         }
         lines.push(b'\n');
+        batch
+            .pending
+            .fetch_add(lines.len() - start, Ordering::Relaxed);
     }
 }
 
@@ -234,24 +256,62 @@ impl AccessLog {
 pub struct Writer {
     sink: Sink,
     batch: Mutex<Option<Arc<Batch>>>,
+    metrics: Arc<Metrics>,
+    running: Arc<Running>,
+}
+
+/// The writer thread, once started, and the request to finish.
+#[derive(Default)]
+struct Running {
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    finish: AtomicBool,
+}
+
+/// Writes out what is left of the log when the server has stopped.
+pub struct LogCloser(Arc<Running>);
+
+impl Writer {
+    /// The handle to keep until the server has stopped serving.
+    pub fn closer(&self) -> LogCloser {
+        LogCloser(Arc::clone(&self.running))
+    }
+}
+
+impl LogCloser {
+    /// Has the writer take one last batch, write it and end. Called once
+    /// no request is left: lines logged since the last batch would
+    /// otherwise go with the process.
+    pub fn close(self) {
+        self.0.finish.store(true, Ordering::Release);
+        let thread = self.0.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Takes each shard's lines every `BATCH_EVERY` and writes them. Waking on
 /// each line would cost a thread wake-up per request; sleeping between
-/// batches costs none, and a shard's lines are one write. Ends once no
-/// request side is left.
-fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>) {
+/// batches costs none, and a shard's lines are one write. Ends, after one
+/// last pass, when told to finish or once no request side is left.
+fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>, running: &Running, metrics: &Metrics) {
     let mut taken = Vec::new();
     loop {
-        std::thread::sleep(BATCH_EVERY);
-        let last = Arc::strong_count(&batch) == 1;
+        std::thread::park_timeout(BATCH_EVERY);
+        let last = running.finish.load(Ordering::Acquire) || Arc::strong_count(&batch) == 1;
         for shard in batch.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut taken);
-            if !taken.is_empty() {
-                let _ = out.write_all(&taken).and_then(|()| out.flush());
-                taken.clear();
-                taken.shrink_to(KEEP_CAPACITY);
+            if taken.is_empty() {
+                continue;
             }
+            batch.pending.fetch_sub(taken.len(), Ordering::Relaxed);
+            if out.write_all(&taken).and_then(|()| out.flush()).is_err() {
+                let lines = memchr::memchr_iter(b'\n', &taken).count();
+                metrics.access_log_dropped.inc_by(lines as u64);
+            }
+            taken.clear();
+            taken.shrink_to(KEEP_CAPACITY);
         }
         if last {
             return;
@@ -280,9 +340,21 @@ impl BackgroundService for Writer {
                 }
             },
         };
-        let _ = std::thread::Builder::new()
+        let running = Arc::clone(&self.running);
+        let metrics = Arc::clone(&self.metrics);
+        let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || drain(batch, out));
+            .spawn(move || drain(batch, out, &running, &metrics));
+        match spawned {
+            Ok(thread) => {
+                if let Ok(mut slot) = self.running.thread.lock() {
+                    *slot = Some(thread);
+                }
+            }
+            Err(e) => {
+                log::error!("access log: cannot start its writer: {e}; lines will be dropped")
+            }
+        }
         let _ = shutdown.changed().await;
     }
 }
@@ -389,20 +461,24 @@ mod tests {
         let one_line = shard().len();
         assert!(one_line > 100 && shard().ends_with(b"\n"));
 
-        // Fill to the bound: the next line is refused whole and counted.
-        shard().resize(MAX_BATCH, b'x');
+        assert_eq!(batch.pending.load(Ordering::Relaxed), one_line);
+
+        // At the bound, the next line is refused whole and counted.
+        batch.pending.store(MAX_BATCH, Ordering::Relaxed);
         log.write(&entry("/over", "r", None));
-        assert_eq!(shard().len(), MAX_BATCH);
+        assert_eq!(shard().len(), one_line);
         assert_eq!(metrics.access_log_dropped.get(), 1);
 
         // The writer takes the batch, writes it, and ends with the request side.
-        shard().truncate(one_line);
+        batch.pending.store(one_line, Ordering::Relaxed);
         log.write(&entry("/second", "r", None));
         let out = Collected::default();
         drop(log);
         let thread = {
             let out = out.clone();
-            std::thread::spawn(move || drain(batch, Box::new(out)))
+            std::thread::spawn(move || {
+                drain(batch, Box::new(out), &Running::default(), &Metrics::new())
+            })
         };
         thread.join().unwrap();
         let written = out.0.lock().unwrap().clone();
@@ -438,9 +514,11 @@ mod tests {
         drop(log);
         let out = Collected::default();
         let sink = out.clone();
-        std::thread::spawn(move || drain(batch, Box::new(sink)))
-            .join()
-            .unwrap();
+        std::thread::spawn(move || {
+            drain(batch, Box::new(sink), &Running::default(), &Metrics::new())
+        })
+        .join()
+        .unwrap();
         let written = out.0.lock().unwrap().clone();
         let mut paths: Vec<String> = written
             .split(|b| *b == b'\n')
@@ -457,5 +535,56 @@ mod tests {
         expected.sort();
         assert_eq!(paths, expected);
         assert_eq!(metrics.access_log_dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_writes_the_last_lines_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let metrics = Arc::new(Metrics::new());
+        let (log, writer) = AccessLog::new(Sink::File(path.clone()), Arc::clone(&metrics));
+        let writer = Arc::new(writer.unwrap());
+        let closer = writer.closer();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let service = {
+            let writer = Arc::clone(&writer);
+            tokio::spawn(async move { writer.start(shutdown).await })
+        };
+        // The writer thread is running once the service has handed it over.
+        while writer.running.thread.lock().unwrap().is_none() {
+            tokio::task::yield_now().await;
+        }
+        log.write(&entry("/last", "r", None));
+        // Not waiting for the next batch: closing writes it and returns after.
+        closer.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["path"], "/last");
+        let _ = stop.send(true);
+        service.await.unwrap();
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_panic_is_dropped_and_logging_goes_on() {
+        let metrics = Arc::new(Metrics::new());
+        let (log, writer) = AccessLog::with_shards(Sink::Stdout, metrics, 1);
+        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        log.write(&entry("/before", "r", None));
+        let poisoner = Arc::clone(&batch);
+        let panicked = std::thread::spawn(move || {
+            let mut lines = poisoner.lock_any();
+            lines.extend_from_slice(b"{\"ts\":\"");
+            panic!("mid-line");
+        })
+        .join();
+        assert!(panicked.is_err() && batch.shards[0].is_poisoned());
+        log.write(&entry("/after", "r", None));
+        let text = String::from_utf8(lock(&batch.shards[0]).clone()).unwrap();
+        let paths: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+            .collect();
+        assert_eq!(paths, ["\"/before\"", "\"/after\""]);
+        assert!(!batch.shards[0].is_poisoned());
     }
 }

@@ -123,7 +123,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
     )
     .context("cannot start")?;
-    server.run_forever();
+    server.run();
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `gatehouse route -c FILE METHOD URL [-H 'Name: value']...`

@@ -8,12 +8,12 @@ use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 
-use crate::access_log::AccessLog;
+use crate::access_log::{AccessLog, LogCloser};
 use crate::admin::AdminApp;
 use crate::background::ConfigFollower;
 use crate::cache::Cache;
@@ -42,7 +42,25 @@ fn seconds_ceil(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError> {
+/// The assembled server, ready to run.
+pub struct Gatehouse {
+    server: Server,
+    log: Option<LogCloser>,
+}
+
+impl Gatehouse {
+    /// Serves until a signal stops the server (a fast or graceful shutdown,
+    /// or an upgrade's handover), then writes out the access log's last
+    /// lines.
+    pub fn run(self) {
+        self.server.run(RunArgs::default());
+        if let Some(log) = self.log {
+            log.close();
+        }
+    }
+}
+
+pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartError> {
     let s = &config.server;
     let conf = ServerConf {
         threads: s.threads,
@@ -156,8 +174,10 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Server, StartError>
         "reload on SIGHUP",
         SighupService::new(reloader),
     ));
-    if let Some(writer) = log_writer {
+    let log = log_writer.map(|writer| {
+        let closer = writer.closer();
         server.add_service(background_service("access log", writer));
-    }
-    Ok(server)
+        closer
+    });
+    Ok(Gatehouse { server, log })
 }

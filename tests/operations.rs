@@ -206,6 +206,44 @@ fn the_access_log_has_a_line_per_request_with_every_field() {
 }
 
 #[test]
+fn the_access_log_keeps_its_last_lines_when_the_gateway_stops() {
+    let up = TestUpstream::named("app");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let body = format!("access_log: {}\n{}", log.display(), body_with(&up, ""));
+    let mut gw = gateway(&body).start();
+    let c = client();
+    for i in 0..20 {
+        let resp = c
+            .get(gw.url("/r/x"))
+            .header("X-Request-Id", format!("last-{i}"))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // A fast shutdown, right after the answers: lines still waiting for the
+    // writer's next batch must reach the file before the process ends.
+    signal(gw.child.id(), "INT");
+    eventually(Duration::from_secs(10), "the gateway to exit", || {
+        gw.child.try_wait().unwrap().is_some()
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["request_id"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    for i in 0..20 {
+        assert!(
+            ids.contains(&format!("last-{i}")),
+            "line for last-{i} lost at shutdown: {ids:?}"
+        );
+    }
+}
+
+#[test]
 fn a_reload_says_what_only_an_upgrade_changes() {
     let up = TestUpstream::named("app");
     let gw = gateway(&body_with(&up, "")).start();
