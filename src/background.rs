@@ -12,16 +12,23 @@ use pingora_core::services::background::BackgroundService;
 use crate::auth::jwks::RemoteJwks;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::upstream::fetch::SharedConnector;
 use crate::upstream::{health, Upstream};
 
 pub struct ConfigFollower {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
+    /// For health checks and JWK set fetches.
+    client: SharedConnector,
 }
 
 impl ConfigFollower {
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>) -> Self {
-        ConfigFollower { gateway, metrics }
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, client: SharedConnector) -> Self {
+        ConfigFollower {
+            gateway,
+            metrics,
+            client,
+        }
     }
 }
 
@@ -83,14 +90,18 @@ impl BackgroundService for ConfigFollower {
             for upstream in runtime.upstreams.values() {
                 if let Some(interval) = upstream.health_interval() {
                     if first_sight(&mut started.upstreams, upstream) {
-                        tokio::spawn(health::check_forever(Arc::downgrade(upstream), interval));
+                        tokio::spawn(health::check_forever(
+                            Arc::downgrade(upstream),
+                            interval,
+                            self.client.clone(),
+                        ));
                     }
                 }
             }
             for provider in runtime.providers.values() {
                 if let Some(remote) = provider.remote_jwks() {
                     if first_sight(&mut started.jwks, remote) {
-                        tokio::spawn(Arc::clone(remote).run());
+                        tokio::spawn(Arc::clone(remote).run(self.client.clone()));
                     }
                 }
             }

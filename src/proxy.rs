@@ -3,7 +3,7 @@
 //! routing, forwarding, transform and upstream code.
 
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -29,10 +29,10 @@ use crate::routing::Params;
 use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
 use crate::transform::body::{declared_length, Rewrite};
 use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
+use crate::upstream::fetch::SharedConnector;
 use crate::upstream::{HashKey, InFlight, Pick};
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
-use pingora_core::connectors::http::Connector;
 
 const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
@@ -42,10 +42,8 @@ pub struct Proxy {
     cache: Option<Cache>,
     metrics: Arc<Metrics>,
     log: AccessLog,
-    /// Pooled connections for aggregate parts, made on the first aggregate
-    /// request: a connector loads the system's CA certificates (about
-    /// 1.5 MiB), which a gateway without aggregate routes never needs.
-    parts: OnceLock<Connector>,
+    /// For aggregate parts; shared with health checks and JWK set fetches.
+    parts: SharedConnector,
 }
 
 impl Proxy {
@@ -55,6 +53,7 @@ impl Proxy {
         cache: Option<Cache>,
         metrics: Arc<Metrics>,
         log: AccessLog,
+        parts: SharedConnector,
     ) -> Self {
         Proxy {
             gateway,
@@ -62,7 +61,7 @@ impl Proxy {
             cache,
             metrics,
             log,
-            parts: OnceLock::new(),
+            parts,
         }
     }
 }
@@ -466,8 +465,7 @@ impl Proxy {
             headers,
             forwarded: Some(&forwarded),
         };
-        let parts = self.parts.get_or_init(|| Connector::new(None));
-        let outcome = agg.run(parts, &input).await;
+        let outcome = agg.run(self.parts.connector(), &input).await;
         ctx.answered_by_route = true;
         match outcome {
             Ok(answer) => {

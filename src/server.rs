@@ -23,6 +23,7 @@ use crate::listener::{HeadGuard, HeadLimits};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
+use crate::upstream::fetch::SharedConnector;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -93,6 +94,8 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let cache = config.cache_max_size.map(Cache::new);
     let metrics = Arc::new(Metrics::new());
     let (log, log_writer) = AccessLog::new(config.access_log.clone(), Arc::clone(&metrics));
+    // One connector for every request the gateway makes for itself.
+    let client = SharedConnector::default();
     let reloader = Arc::new(Reloader::new(
         options.conf.clone(),
         Arc::clone(&gateway),
@@ -107,6 +110,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             cache,
             Arc::clone(&metrics),
             log,
+            client.clone(),
         ),
         conf,
     );
@@ -168,7 +172,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
 
     server.add_service(background_service(
         "health checks and key refreshes",
-        ConfigFollower::new(Arc::clone(&gateway), Arc::clone(&metrics)),
+        ConfigFollower::new(Arc::clone(&gateway), Arc::clone(&metrics), client),
     ));
     server.add_service(background_service(
         "reload on SIGHUP",

@@ -5,6 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use tokio_rustls::rustls;
@@ -165,6 +166,59 @@ fn https_upstreams_get_sni_and_are_verified() {
     assert!(up.snis.lock().unwrap().contains(&Some("other.test".into())));
 
     assert_eq!(c.get(gw.url("/unverified")).send().unwrap().status(), 200);
+}
+
+#[test]
+fn https_health_checks_verify_the_upstream_certificate() {
+    let ck = rcgen::generate_simple_self_signed(vec!["upstream.test".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let up = tls_upstream(ck.cert.der().to_vec(), ck.key_pair.serialize_der());
+    let tls = |sni: &str| {
+        format!(
+            "    targets: [{}]\n    tls: true\n    sni: {sni}\n    ca_file: {}\n",
+            up.addr,
+            ca.display()
+        )
+    };
+    let http_check = "    health_check: { path: /health, interval: 100ms, unhealthy_after: 1 }\n";
+    let tcp_check = "    health_check: { interval: 100ms, unhealthy_after: 1 }\n";
+    let body = [
+        "upstreams:\n".to_string(),
+        format!("  http-good:\n{}{http_check}", tls("upstream.test")),
+        format!("  http-wrong:\n{}{http_check}", tls("other.test")),
+        format!("  tcp-good:\n{}{tcp_check}", tls("upstream.test")),
+        format!("  tcp-wrong:\n{}{tcp_check}", tls("other.test")),
+        "routes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: http-good\n"
+            .to_string(),
+    ]
+    .concat();
+    let gw = gateway(&body).start();
+    let t = up.addr.to_string();
+    let healthy = |text: &str, upstream: &str| -> Option<f64> {
+        let series =
+            format!("gatehouse_upstream_healthy{{target=\"{t}\",upstream=\"{upstream}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let mut text = String::new();
+    // Each check's TLS handshake verifies the certificate against the SNI:
+    // a wrong name fails the HTTP and the TCP check alike.
+    eventually(
+        Duration::from_secs(10),
+        "the wrong names to fail their checks",
+        || {
+            text = admin(&gw, "GET", "/metrics").1;
+            healthy(&text, "http-wrong") == Some(0.0) && healthy(&text, "tcp-wrong") == Some(0.0)
+        },
+    );
+    assert_eq!(healthy(&text, "http-good"), Some(1.0), "{text}");
+    assert_eq!(healthy(&text, "tcp-good"), Some(1.0), "{text}");
+    let snis = up.snis.lock().unwrap().clone();
+    assert!(snis.contains(&Some("upstream.test".into())), "{snis:?}");
+    assert!(snis.contains(&Some("other.test".into())), "{snis:?}");
 }
 
 #[test]

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::upstream::fetch::SharedConnector;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use jsonwebtoken::Algorithm;
-use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use tokio::sync::{watch, Notify};
@@ -86,7 +86,6 @@ pub struct RemoteJwks {
     generation: AtomicU64,
     /// What the last good fetch returned, to tell a change from a refresh.
     last_body: Mutex<Option<bytes::Bytes>>,
-    connector: Connector,
 }
 
 impl RemoteJwks {
@@ -101,8 +100,6 @@ impl RemoteJwks {
             wake: Notify::new(),
             generation: AtomicU64::new(0),
             last_body: Mutex::new(None),
-            // Built once: it loads the CA bundle.
-            connector: Connector::new(None),
         }
     }
 
@@ -138,10 +135,10 @@ impl RemoteJwks {
     }
 
     /// Fetches now, then on schedule or when woken, until dropped.
-    pub async fn run(self: Arc<Self>) {
+    pub async fn run(self: Arc<Self>, client: SharedConnector) {
         loop {
             *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            let next = match self.fetch().await {
+            let next = match self.fetch(&client).await {
                 Ok((set, body)) => {
                     let mut last = self.last_body.lock().unwrap_or_else(|p| p.into_inner());
                     // Unchanged keys keep the token cache warm.
@@ -173,15 +170,15 @@ impl RemoteJwks {
         }
     }
 
-    async fn fetch(&self) -> Result<(KeySet, bytes::Bytes), String> {
-        let body = tokio::time::timeout(FETCH_TIMEOUT, self.get())
+    async fn fetch(&self, client: &SharedConnector) -> Result<(KeySet, bytes::Bytes), String> {
+        let body = tokio::time::timeout(FETCH_TIMEOUT, self.get(client))
             .await
             .map_err(|_| "timed out".to_string())??
             .freeze();
         Ok((KeySet::from_jwks(&body, &self.algorithms)?, body))
     }
 
-    async fn get(&self) -> Result<BytesMut, String> {
+    async fn get(&self, client: &SharedConnector) -> Result<BytesMut, String> {
         let u = &self.url;
         let addr = tokio::net::lookup_host((u.host.as_str(), u.port))
             .await
@@ -192,8 +189,8 @@ impl RemoteJwks {
         peer.options.connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.total_connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.read_timeout = Some(FETCH_TIMEOUT);
-        let (mut session, _) = self
-            .connector
+        let (mut session, _) = client
+            .connector()
             .get_http_session(&peer)
             .await
             .map_err(|e| e.to_string())?;

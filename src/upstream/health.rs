@@ -5,17 +5,17 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
-use pingora_load_balancing::health_check::{
-    HealthCheck, HealthObserve, HttpHealthCheck, TcpHealthCheck,
-};
+use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::Backend;
 
+use super::fetch::SharedConnector;
 use super::{Upstream, UpstreamTls};
 
 /// A compiled `health_check` block.
@@ -40,8 +40,7 @@ struct PublishHealthChange {
     flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
 }
 
-#[async_trait]
-impl HealthObserve for PublishHealthChange {
+impl PublishHealthChange {
     async fn observe(&self, target: &Backend, healthy: bool) {
         if let Some((_, flag)) = self
             .flags
@@ -66,18 +65,70 @@ impl HealthObserve for PublishHealthChange {
     }
 }
 
-/// Holds a whole check to `timeout`. Pingora's own timeouts bound the
-/// connect and each read, so a target trickling its answer a byte at a time
-/// would pass, and would stall the pass (and every later one) meanwhile.
-struct Bounded {
-    inner: Box<dyn HealthCheck + Send + Sync>,
+/// What a check asks of a target.
+enum Probe {
+    /// A TCP connection (and TLS handshake, for a TLS upstream).
+    Connect,
+    /// An HTTP answer with this status.
+    Http {
+        request: Box<RequestHeader>,
+        expect: u16,
+    },
+}
+
+/// Where an upstream's checks find the connector they share with every
+/// other upstream's; filled by the background checker before its first
+/// pass (see [`SharedConnector`]).
+pub(crate) type ConnectorSlot = Arc<OnceLock<SharedConnector>>;
+
+/// One upstream's check, run by Pingora's load balancer for each target.
+struct TargetCheck {
+    probe: Probe,
+    /// Timeouts and TLS settings; the address is the target's.
+    peer_template: HttpPeer,
+    /// The whole check, not only each step: Pingora's own timeouts bound the
+    /// connect and each read, so a target trickling its answer a byte at a
+    /// time would pass, and would stall the pass (and every later one).
     timeout: Duration,
+    healthy_after: usize,
+    unhealthy_after: usize,
+    connector: ConnectorSlot,
+    observer: PublishHealthChange,
+}
+
+impl TargetCheck {
+    async fn probe(&self, target: &Backend) -> pingora_error::Result<()> {
+        let Some(client) = self.connector.get() else {
+            return Error::e_explain(ErrorType::InternalError, "no health check connector");
+        };
+        let mut peer = self.peer_template.clone();
+        peer._address = target.addr.clone();
+        let (mut session, _) = client.connector().get_http_session(&peer).await?;
+        let Probe::Http { request, expect } = &self.probe else {
+            return Ok(());
+        };
+        session.set_write_timeout(peer.options.write_timeout);
+        session.write_request_header(request.clone()).await?;
+        session.finish_request_body().await?;
+        session.set_read_timeout(peer.options.read_timeout);
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        if status != *expect {
+            return Error::e_explain(
+                ErrorType::CustomCode("unexpected health check status", status),
+                format!("expected {expect}"),
+            );
+        }
+        // The whole answer, within the timeout; the connection is not kept.
+        while session.read_response_body().await?.is_some() {}
+        Ok(())
+    }
 }
 
 #[async_trait]
-impl HealthCheck for Bounded {
+impl HealthCheck for TargetCheck {
     async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
-        match tokio::time::timeout(self.timeout, self.inner.check(target)).await {
+        match tokio::time::timeout(self.timeout, self.probe(target)).await {
             Ok(result) => result,
             Err(_) => Error::e_explain(
                 ErrorType::Custom("HealthCheckTimedout"),
@@ -87,15 +138,15 @@ impl HealthCheck for Bounded {
     }
 
     async fn health_status_change(&self, target: &Backend, healthy: bool) {
-        self.inner.health_status_change(target, healthy).await;
-    }
-
-    fn backend_summary(&self, target: &Backend) -> String {
-        self.inner.backend_summary(target)
+        self.observer.observe(target, healthy).await;
     }
 
     fn health_threshold(&self, success: bool) -> usize {
-        self.inner.health_threshold(success)
+        if success {
+            self.healthy_after
+        } else {
+            self.unhealthy_after
+        }
     }
 }
 
@@ -106,86 +157,68 @@ impl HealthCheckSettings {
         upstream: &str,
         tls: Option<&UpstreamTls>,
         flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
+        connector: ConnectorSlot,
     ) -> Box<dyn HealthCheck + Send + Sync> {
-        let observer = Box::new(PublishHealthChange {
-            upstream: upstream.to_string(),
-            flags,
-        });
-        let inner: Box<dyn HealthCheck + Send + Sync> = match &self.path {
-            None => {
-                let mut check = match tls {
-                    Some(t) => TcpHealthCheck::new_tls(&t.sni),
-                    None => TcpHealthCheck::new(),
-                };
-                check.consecutive_success = self.healthy_after;
-                check.consecutive_failure = self.unhealthy_after;
-                check.peer_template.options.connection_timeout = Some(self.timeout);
-                check.peer_template.options.total_connection_timeout = Some(self.timeout);
-                if let Some(t) = tls {
-                    check.peer_template.options.verify_cert = t.verify;
-                    check.peer_template.options.verify_hostname = t.verify;
-                    check.peer_template.options.ca = t.ca.clone();
-                }
-                check.health_changed_callback = Some(observer);
-                check
-            }
+        let sni = tls.map_or_else(String::new, |t| t.sni.clone());
+        // The address is replaced by each target's.
+        let mut peer_template = HttpPeer::new("0.0.0.0:1", tls.is_some(), sni);
+        let options = &mut peer_template.options;
+        options.connection_timeout = Some(self.timeout);
+        options.total_connection_timeout = Some(self.timeout);
+        options.read_timeout = Some(self.timeout);
+        options.write_timeout = Some(self.timeout);
+        if let Some(t) = tls {
+            options.verify_cert = t.verify;
+            options.verify_hostname = t.verify;
+            options.ca = t.ca.clone();
+        }
+        let probe = match &self.path {
+            None => Probe::Connect,
             Some(path) => {
                 let host = self
                     .host
                     .clone()
                     .or_else(|| tls.map(|t| t.sni.clone()))
                     .unwrap_or_else(|| "localhost".to_string());
-                let mut check = HttpHealthCheck::new(&host, tls.is_some());
-                check.consecutive_success = self.healthy_after;
-                check.consecutive_failure = self.unhealthy_after;
-                // The path was validated when the configuration was compiled.
-                if let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) {
-                    let _ = req.insert_header("Host", host.as_str());
-                    let _ = req.insert_header("User-Agent", "gatehouse-health-check");
-                    check.req = req;
-                }
-                let options = &mut check.peer_template.options;
-                options.connection_timeout = Some(self.timeout);
-                options.total_connection_timeout = Some(self.timeout);
-                options.read_timeout = Some(self.timeout);
-                options.write_timeout = Some(self.timeout);
-                if let Some(t) = tls {
-                    options.verify_cert = t.verify;
-                    options.verify_hostname = t.verify;
-                    options.ca = t.ca.clone();
-                }
-                let expect = self.expect_status;
-                check.validator = Some(Box::new(move |resp| {
-                    if resp.status.as_u16() == expect {
-                        Ok(())
-                    } else {
-                        Error::e_explain(
-                            ErrorType::CustomCode(
-                                "unexpected health check status",
-                                resp.status.as_u16(),
-                            ),
-                            format!("expected {expect}"),
-                        )
+                match RequestHeader::build("GET", path.as_bytes(), None) {
+                    Ok(mut request) => {
+                        let _ = request.insert_header("Host", host.as_str());
+                        let _ = request.insert_header("User-Agent", "gatehouse-health-check");
+                        Probe::Http {
+                            request: Box::new(request),
+                            expect: self.expect_status,
+                        }
                     }
-                }));
-                check.health_changed_callback = Some(observer);
-                Box::new(check)
+                    // The path was validated when the configuration was compiled.
+                    Err(e) => {
+                        log::error!("upstream {upstream}: health check path {path:?}: {e}; checking connections only");
+                        Probe::Connect
+                    }
+                }
             }
         };
-        Box::new(Bounded {
-            inner,
+        Box::new(TargetCheck {
+            probe,
+            peer_template,
             timeout: self.timeout,
+            healthy_after: self.healthy_after,
+            unhealthy_after: self.unhealthy_after,
+            connector,
+            observer: PublishHealthChange {
+                upstream: upstream.to_string(),
+                flags,
+            },
         })
     }
 }
 
 /// Checks `upstream` every `interval` until no configuration holds it.
-pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration) {
+pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration, client: SharedConnector) {
     loop {
         let Some(up) = upstream.upgrade() else {
             return;
         };
-        up.run_health_check_pass().await;
+        up.run_health_check_pass(&client).await;
         drop(up);
         tokio::time::sleep(interval).await;
     }

@@ -122,6 +122,8 @@ pub struct Upstream {
     pub retries: usize,
     pub read_timeout: Duration,
     health_interval: Option<Duration>,
+    /// Where its health checks find the shared connector.
+    health_connector: health::ConnectorSlot,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -206,12 +208,18 @@ impl Upstream {
             },
         };
         let mut health_interval = None;
+        let health_connector = health::ConnectorSlot::default();
         if let Some(settings) = &spec.health_check {
             let flags = targets
                 .iter()
                 .map(|t| (t.addr, Arc::clone(&t.healthy)))
                 .collect();
-            let check = settings.build(&spec.name, spec.tls.as_ref(), flags);
+            let check = settings.build(
+                &spec.name,
+                spec.tls.as_ref(),
+                flags,
+                Arc::clone(&health_connector),
+            );
             match &mut balancer {
                 Balancer::RoundRobin(lb) => lb.set_health_check(check),
                 Balancer::Random(lb) => lb.set_health_check(check),
@@ -229,6 +237,7 @@ impl Upstream {
             retries: spec.retries,
             read_timeout: spec.read_timeout,
             health_interval,
+            health_connector,
         })
     }
 
@@ -374,7 +383,8 @@ impl Upstream {
         self.health_interval
     }
 
-    pub(crate) async fn run_health_check_pass(&self) {
+    pub(crate) async fn run_health_check_pass(&self, client: &fetch::SharedConnector) {
+        self.health_connector.get_or_init(|| client.clone());
         self.backends().run_health_check(true).await;
     }
 }
