@@ -18,8 +18,13 @@ use crate::upstream::{health, Upstream};
 pub struct ConfigFollower {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
-    /// For health checks and JWK set fetches.
+    /// For JWK set fetches (shared with aggregate parts).
     client: SharedConnector,
+    /// For every upstream's health checks. Their own, so its pool stays
+    /// empty (a check never returns its connection): each check connects
+    /// anew, testing the connect too, where a connection an aggregate part
+    /// had pooled would hide a target that no longer accepts any.
+    health_checks: SharedConnector,
 }
 
 impl ConfigFollower {
@@ -28,6 +33,7 @@ impl ConfigFollower {
             gateway,
             metrics,
             client,
+            health_checks: SharedConnector::default(),
         }
     }
 }
@@ -93,7 +99,7 @@ impl BackgroundService for ConfigFollower {
                         tokio::spawn(health::check_forever(
                             Arc::downgrade(upstream),
                             interval,
-                            self.client.clone(),
+                            self.health_checks.clone(),
                         ));
                     }
                 }

@@ -94,7 +94,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let cache = config.cache_max_size.map(Cache::new);
     let metrics = Arc::new(Metrics::new());
     let (log, log_writer) = AccessLog::new(config.access_log.clone(), Arc::clone(&metrics));
-    // One connector for every request the gateway makes for itself.
+    // One connector for aggregate parts and JWK set fetches (see `SharedConnector`).
     let client = SharedConnector::default();
     let reloader = Arc::new(Reloader::new(
         options.conf.clone(),

@@ -73,6 +73,8 @@ fn tls_listener_serves_http2_and_http1_by_alpn() {
 struct TlsUpstream {
     addr: SocketAddr,
     snis: Arc<Mutex<Vec<Option<String>>>>,
+    /// Path and `Host` of each request served.
+    requests: Arc<Mutex<Vec<(String, String)>>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -99,6 +101,8 @@ fn tls_upstream(cert_der: Vec<u8>, key_der: Vec<u8>) -> TlsUpstream {
     let addr = std_listener.local_addr().unwrap();
     let snis = Arc::new(Mutex::new(Vec::new()));
     let recorded = Arc::clone(&snis);
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let served = Arc::clone(&requests);
     runtime.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         loop {
@@ -107,6 +111,7 @@ fn tls_upstream(cert_der: Vec<u8>, key_der: Vec<u8>) -> TlsUpstream {
             };
             let config = Arc::clone(&config);
             let recorded = Arc::clone(&recorded);
+            let served = Arc::clone(&served);
             tokio::spawn(async move {
                 let acceptor =
                     tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -116,10 +121,22 @@ fn tls_upstream(cert_der: Vec<u8>, key_der: Vec<u8>) -> TlsUpstream {
                 let Ok(tls) = start.into_stream(config).await else {
                     return;
                 };
-                let service = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"secure")),
-                    ))
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    served
+                        .lock()
+                        .unwrap()
+                        .push((req.uri().path().to_string(), host));
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"secure")),
+                        ))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
@@ -130,6 +147,7 @@ fn tls_upstream(cert_der: Vec<u8>, key_der: Vec<u8>) -> TlsUpstream {
     TlsUpstream {
         addr,
         snis,
+        requests,
         _runtime: runtime,
     }
 }
@@ -183,6 +201,7 @@ fn https_health_checks_verify_the_upstream_certificate() {
         )
     };
     let http_check = "    health_check: { path: /health, interval: 100ms, unhealthy_after: 1 }\n";
+    let strict_check = "    health_check: { path: /strict, interval: 100ms, expect_status: 204, unhealthy_after: 1 }\n";
     let tcp_check = "    health_check: { interval: 100ms, unhealthy_after: 1 }\n";
     let body = [
         "upstreams:\n".to_string(),
@@ -190,6 +209,7 @@ fn https_health_checks_verify_the_upstream_certificate() {
         format!("  http-wrong:\n{}{http_check}", tls("other.test")),
         format!("  tcp-good:\n{}{tcp_check}", tls("upstream.test")),
         format!("  tcp-wrong:\n{}{tcp_check}", tls("other.test")),
+        format!("  http-strict:\n{}{strict_check}", tls("upstream.test")),
         "routes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: http-good\n"
             .to_string(),
     ]
@@ -205,15 +225,29 @@ fn https_health_checks_verify_the_upstream_certificate() {
     };
     let mut text = String::new();
     // Each check's TLS handshake verifies the certificate against the SNI:
-    // a wrong name fails the HTTP and the TCP check alike.
+    // a wrong name fails the HTTP and the TCP check alike. An answer with
+    // another status than the one expected fails too (this one is 200).
+    eventually(Duration::from_secs(10), "the bad checks to fail", || {
+        text = admin(&gw, "GET", "/metrics").1;
+        ["http-wrong", "tcp-wrong", "http-strict"]
+            .iter()
+            .all(|u| healthy(&text, u) == Some(0.0))
+    });
+    // The good name's HTTP check went through the verified handshake and was
+    // answered, more than once, asking the check's path with the SNI as `Host`.
     eventually(
         Duration::from_secs(10),
-        "the wrong names to fail their checks",
+        "two answered health checks",
         || {
-            text = admin(&gw, "GET", "/metrics").1;
-            healthy(&text, "http-wrong") == Some(0.0) && healthy(&text, "tcp-wrong") == Some(0.0)
+            let served = up.requests.lock().unwrap();
+            served
+                .iter()
+                .filter(|(path, host)| path == "/health" && host == "upstream.test")
+                .count()
+                >= 2
         },
     );
+    let text = admin(&gw, "GET", "/metrics").1;
     assert_eq!(healthy(&text, "http-good"), Some(1.0), "{text}");
     assert_eq!(healthy(&text, "tcp-good"), Some(1.0), "{text}");
     let snis = up.snis.lock().unwrap().clone();

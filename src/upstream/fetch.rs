@@ -7,11 +7,12 @@ use bytes::BytesMut;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
 
-/// The connector for every request the gateway makes for itself, one for
-/// the process, made on first use. Each Pingora connector loads the
-/// system's CA certificates (measured at 1.8 MiB resident), so one per
-/// upstream, provider or aggregate would cost that much each; a
-/// configuration only checked (`-t`, `route`) never makes one.
+/// A connector for requests the gateway makes for itself, made on first
+/// use and shared: one for aggregate parts and JWK set fetches, one for all
+/// health checks. Each Pingora connector loads the system's CA certificates
+/// (measured at 1.8 MiB resident), so one per upstream, provider or
+/// aggregate would cost that much each; a configuration only checked
+/// (`-t`, `route`) never makes one.
 #[derive(Clone, Default)]
 pub struct SharedConnector(Arc<OnceLock<Connector>>);
 

@@ -103,6 +103,7 @@ impl TargetCheck {
         };
         let mut peer = self.peer_template.clone();
         peer._address = target.addr.clone();
+        // A new connection: checks never give theirs back to the pool.
         let (mut session, _) = client.connector().get_http_session(&peer).await?;
         let Probe::Http { request, expect } = &self.probe else {
             return Ok(());
