@@ -1,6 +1,6 @@
 //! The access log: one JSON object a line per request, to stdout or a file.
 //! A request only formats its line onto the end of a shared batch (one
-//! buffer per CPU); a writer thread takes the batch every `BATCH_EVERY` and
+//! buffer per worker thread); a writer thread takes the batch every `BATCH_EVERY` and
 //! does the I/O, so a slow disk never slows requests (when the batch is full,
 //! lines are dropped and counted in `gatehouse_access_log_dropped_total`).
 //! Joins the `logging` phase.
@@ -131,7 +131,7 @@ pub struct AccessLog {
 
 /// Lines not yet written. Buffers appended in place: a line per request
 /// costs no allocation of its own and no hand-over between threads. One
-/// buffer per CPU, so worker threads do not queue on one lock.
+/// buffer per worker thread, so workers do not queue on one lock.
 struct Batch {
     shards: Box<[Mutex<Vec<u8>>]>,
     /// Bytes in all shards, held to `MAX_BATCH`; changed under a shard's
@@ -190,17 +190,9 @@ fn recover<'a>(
 }
 
 impl AccessLog {
-    /// The request side and the writer to run as a background service.
-    pub fn new(sink: Sink, metrics: Arc<Metrics>) -> (AccessLog, Option<Writer>) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_shards(sink, metrics, cpus)
-    }
-
-    fn with_shards(
-        sink: Sink,
-        metrics: Arc<Metrics>,
-        shards: usize,
-    ) -> (AccessLog, Option<Writer>) {
+    /// The request side and the writer to run as a background service;
+    /// `workers` is the proxy's worker thread count (`server.threads`).
+    pub fn new(sink: Sink, metrics: Arc<Metrics>, workers: usize) -> (AccessLog, Option<Writer>) {
         if sink == Sink::Off {
             return (
                 AccessLog {
@@ -210,7 +202,7 @@ impl AccessLog {
                 None,
             );
         }
-        let batch = Arc::new(Batch::new(shards));
+        let batch = Arc::new(Batch::new(workers));
         (
             AccessLog {
                 batch: Some(Arc::clone(&batch)),
@@ -218,7 +210,7 @@ impl AccessLog {
             },
             Some(Writer {
                 sink,
-                batch: Mutex::new(Some(batch)),
+                batch,
                 metrics,
                 running: Arc::default(),
             }),
@@ -255,7 +247,7 @@ impl AccessLog {
 /// daemon has forked).
 pub struct Writer {
     sink: Sink,
-    batch: Mutex<Option<Arc<Batch>>>,
+    batch: Arc<Batch>,
     metrics: Arc<Metrics>,
     running: Arc<Running>,
 }
@@ -294,12 +286,12 @@ impl LogCloser {
 /// Takes each shard's lines every `BATCH_EVERY` and writes them. Waking on
 /// each line would cost a thread wake-up per request; sleeping between
 /// batches costs none, and a shard's lines are one write. Ends, after one
-/// last pass, when told to finish or once no request side is left.
+/// last pass, when told to finish.
 fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>, running: &Running, metrics: &Metrics) {
     let mut taken = Vec::new();
     loop {
         std::thread::park_timeout(BATCH_EVERY);
-        let last = running.finish.load(Ordering::Acquire) || Arc::strong_count(&batch) == 1;
+        let last = running.finish.load(Ordering::Acquire);
         for shard in batch.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut taken);
             if taken.is_empty() {
@@ -322,9 +314,7 @@ fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>, running: &Running, m
 #[async_trait]
 impl BackgroundService for Writer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(batch) = self.batch.lock().ok().and_then(|mut b| b.take()) else {
-            return;
-        };
+        let batch = Arc::clone(&self.batch);
         let out: Box<dyn Write + Send> = match &self.sink {
             Sink::Off => return,
             Sink::Stdout => Box::new(std::io::stdout()),
@@ -362,6 +352,13 @@ impl BackgroundService for Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer's state once told to finish: `drain` makes one pass and ends.
+    fn finished() -> Running {
+        let running = Running::default();
+        running.finish.store(true, Ordering::Release);
+        running
+    }
 
     fn entry<'a>(path: &'a str, route: &'a str, user: Option<&'a str>) -> Entry<'a> {
         Entry {
@@ -454,8 +451,8 @@ mod tests {
     #[test]
     fn a_full_batch_drops_and_counts_lines_and_the_writer_writes_whole_lines() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::with_shards(Sink::Stdout, Arc::clone(&metrics), 1);
-        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics), 1);
+        let batch = Arc::clone(&writer.unwrap().batch);
         let shard = || lock(&batch.shards[0]);
         log.write(&entry("/first", "r", None));
         let one_line = shard().len();
@@ -469,16 +466,13 @@ mod tests {
         assert_eq!(shard().len(), one_line);
         assert_eq!(metrics.access_log_dropped.get(), 1);
 
-        // The writer takes the batch, writes it, and ends with the request side.
+        // The writer, told to finish, takes the batch, writes it and ends.
         batch.pending.store(one_line, Ordering::Relaxed);
         log.write(&entry("/second", "r", None));
         let out = Collected::default();
-        drop(log);
         let thread = {
             let out = out.clone();
-            std::thread::spawn(move || {
-                drain(batch, Box::new(out), &Running::default(), &Metrics::new())
-            })
+            std::thread::spawn(move || drain(batch, Box::new(out), &finished(), &Metrics::new()))
         };
         thread.join().unwrap();
         let written = out.0.lock().unwrap().clone();
@@ -496,8 +490,8 @@ mod tests {
     #[test]
     fn lines_from_many_threads_all_arrive_whole() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::with_shards(Sink::Stdout, Arc::clone(&metrics), 3);
-        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics), 3);
+        let batch = Arc::clone(&writer.unwrap().batch);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let log = log.clone();
@@ -511,14 +505,11 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        drop(log);
         let out = Collected::default();
         let sink = out.clone();
-        std::thread::spawn(move || {
-            drain(batch, Box::new(sink), &Running::default(), &Metrics::new())
-        })
-        .join()
-        .unwrap();
+        std::thread::spawn(move || drain(batch, Box::new(sink), &finished(), &Metrics::new()))
+            .join()
+            .unwrap();
         let written = out.0.lock().unwrap().clone();
         let mut paths: Vec<String> = written
             .split(|b| *b == b'\n')
@@ -542,7 +533,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::File(path.clone()), Arc::clone(&metrics));
+        let (log, writer) = AccessLog::new(Sink::File(path.clone()), Arc::clone(&metrics), 1);
         let writer = Arc::new(writer.unwrap());
         let closer = writer.closer();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -567,8 +558,8 @@ mod tests {
     #[test]
     fn a_line_cut_short_by_a_panic_is_dropped_and_logging_goes_on() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::with_shards(Sink::Stdout, metrics, 1);
-        let batch = writer.unwrap().batch.lock().unwrap().take().unwrap();
+        let (log, writer) = AccessLog::new(Sink::Stdout, metrics, 1);
+        let batch = Arc::clone(&writer.unwrap().batch);
         log.write(&entry("/before", "r", None));
         let poisoner = Arc::clone(&batch);
         let panicked = std::thread::spawn(move || {

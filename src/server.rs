@@ -93,7 +93,11 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let gateway = Arc::new(Gateway::new(config.runtime));
     let cache = config.cache_max_size.map(Cache::new);
     let metrics = Arc::new(Metrics::new());
-    let (log, log_writer) = AccessLog::new(config.access_log.clone(), Arc::clone(&metrics));
+    let (log, log_writer) = AccessLog::new(
+        config.access_log.clone(),
+        Arc::clone(&metrics),
+        config.server.threads,
+    );
     // One connector for aggregate parts and JWK set fetches (see `SharedConnector`).
     let client = SharedConnector::default();
     let reloader = Arc::new(Reloader::new(
