@@ -1,6 +1,7 @@
 //! Who the client is and what the upstream is told about it: the request id,
 //! the client IP (believing `X-Forwarded-For` only from trusted proxies), and
-//! the `X-Forwarded-*` headers. Joins `request_filter` (identify) and
+//! the forwarding fields (`X-Forwarded-*`, `X-Real-IP`, RFC 7239
+//! `Forwarded`). Joins `request_filter` (identify) and
 //! `upstream_request_filter` (tell).
 
 use std::net::IpAddr;
@@ -13,6 +14,11 @@ use pingora_http::RequestHeader;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Fields some frameworks route by (IIS, Symfony, Laravel): a client's
+/// would choose the upstream's route past the gateway's.
+pub const X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
+pub const X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
 
 /// The names as sent. Pingora keeps a field's case, and takes a `&'static
 /// str` name without the copy it makes of a `HeaderName`'s.
@@ -20,6 +26,8 @@ pub mod sent {
     pub const X_FORWARDED_FOR: &str = "X-Forwarded-For";
     pub const X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
     pub const X_FORWARDED_HOST: &str = "X-Forwarded-Host";
+    pub const X_REAL_IP: &str = "X-Real-IP";
+    pub const FORWARDED: &str = "Forwarded";
     pub const X_REQUEST_ID: &str = "X-Request-Id";
 }
 
@@ -102,6 +110,8 @@ pub struct Forwarded<'a> {
     /// The connecting peer, IPv4-mapped addresses made plain.
     pub peer: Option<IpAddr>,
     pub peer_trusted: bool,
+    /// The client as `client_ip` found it (`X-Real-IP`).
+    pub client_ip: Option<IpAddr>,
     pub tls: bool,
     /// The client's request headers, whose forwarding fields are extended.
     pub client: &'a HeaderMap,
@@ -110,10 +120,33 @@ pub struct Forwarded<'a> {
 }
 
 impl Forwarded<'_> {
+    /// A trusted proxy's own value of `name`; nobody else's is believed.
+    fn trusted(&self, name: &HeaderName) -> Option<HeaderValue> {
+        // Looked up only for a trusted peer: the common case costs nothing.
+        self.peer_trusted
+            .then(|| self.client.get(name).cloned())
+            .flatten()
+    }
+
+    /// The scheme the upstream is told (`X-Forwarded-Proto`).
+    pub fn proto(&self) -> HeaderValue {
+        self.trusted(&X_FORWARDED_PROTO)
+            .unwrap_or_else(|| HeaderValue::from_static(if self.tls { "https" } else { "http" }))
+    }
+
+    /// The host the upstream is told (`X-Forwarded-Host`).
+    pub fn forwarded_host(&self) -> Option<HeaderValue> {
+        self.trusted(&X_FORWARDED_HOST)
+            .or_else(|| self.host.clone())
+    }
+
     /// Sets `X-Forwarded-For` to the client's chain with the peer appended,
-    /// and `-Proto` and `-Host`; a trusted proxy's own `-Proto` and `-Host`
-    /// are passed on. Works on a copy of the client's request and on a
-    /// request the gateway builds itself (an aggregate part) alike.
+    /// `-Proto` and `-Host` (a trusted proxy's own are passed on),
+    /// `X-Real-IP`, and `Forwarded` with the gateway's own element (after a
+    /// trusted proxy's chain; a client's own is dropped). `X-Original-URL`
+    /// and `X-Rewrite-URL` never pass. Works on a copy of the client's
+    /// request and on a request the gateway builds itself (an aggregate
+    /// part) alike.
     pub fn apply(&self, req: &mut RequestHeader) {
         if let Some(peer) = self.peer {
             let mut chain = String::with_capacity(64);
@@ -126,16 +159,8 @@ impl Forwarded<'_> {
             push_ip(&mut chain, peer);
             let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
         }
-        // Looked up only for a trusted peer: the common case costs nothing.
-        let trusted = |name| {
-            self.peer_trusted
-                .then(|| self.client.get(name).cloned())
-                .flatten()
-        };
-        let proto = trusted(X_FORWARDED_PROTO)
-            .unwrap_or_else(|| HeaderValue::from_static(if self.tls { "https" } else { "http" }));
-        let _ = req.insert_header(sent::X_FORWARDED_PROTO, proto);
-        match trusted(X_FORWARDED_HOST).or_else(|| self.host.clone()) {
+        let _ = req.insert_header(sent::X_FORWARDED_PROTO, self.proto());
+        match self.forwarded_host() {
             Some(h) => {
                 let _ = req.insert_header(sent::X_FORWARDED_HOST, h);
             }
@@ -143,7 +168,74 @@ impl Forwarded<'_> {
                 req.remove_header(&X_FORWARDED_HOST);
             }
         }
+        if let Some(ip) = self.client_ip {
+            let mut text = String::with_capacity(40);
+            push_ip(&mut text, ip);
+            let _ = req.insert_header(sent::X_REAL_IP, text);
+        }
+        let _ = req.insert_header(sent::FORWARDED, self.forwarded_field());
+        if req.headers.contains_key(&X_ORIGINAL_URL) {
+            req.remove_header(&X_ORIGINAL_URL);
+        }
+        if req.headers.contains_key(&X_REWRITE_URL) {
+            req.remove_header(&X_REWRITE_URL);
+        }
     }
+
+    /// `Forwarded` (RFC 7239): a trusted proxy's elements, then ours,
+    /// describing the hop from the peer to the gateway.
+    fn forwarded_field(&self) -> String {
+        let mut out = String::with_capacity(64);
+        if self.peer_trusted {
+            for v in self.client.get_all(FORWARDED).iter() {
+                if let Ok(s) = v.to_str() {
+                    let s = s.trim();
+                    if !s.is_empty() {
+                        out.push_str(s);
+                        out.push_str(", ");
+                    }
+                }
+            }
+        }
+        out.push_str("for=");
+        match self.peer {
+            Some(IpAddr::V4(v4)) => push_ip(&mut out, IpAddr::V4(v4)),
+            Some(IpAddr::V6(v6)) => {
+                out.push_str("\"[");
+                push_ip(&mut out, IpAddr::V6(v6));
+                out.push_str("]\"");
+            }
+            None => out.push_str("unknown"),
+        }
+        out.push_str(if self.tls {
+            ";proto=https"
+        } else {
+            ";proto=http"
+        });
+        if let Some(host) = self.host.as_ref().and_then(|h| h.to_str().ok()) {
+            out.push_str(";host=");
+            push_token_or_quoted(&mut out, host);
+        }
+        out
+    }
+}
+
+/// A `Forwarded` parameter value: a token as it is, anything else quoted
+/// (RFC 7230 quoted-string; `"` and `\` escaped).
+fn push_token_or_quoted(out: &mut String, value: &str) {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !value.is_empty() && value.chars().all(tchar) {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// `ip` in its usual text form. IPv4, the common case, skips the formatting
@@ -277,6 +369,7 @@ mod tests {
         let forwarded = |peer_trusted| Forwarded {
             peer: Some("127.0.0.1".parse().unwrap()),
             peer_trusted,
+            client_ip: Some("127.0.0.1".parse().unwrap()),
             tls: false,
             client: &client.headers,
             host: Some(HeaderValue::from_static("api.example.com")),
@@ -293,6 +386,41 @@ mod tests {
         assert_eq!(part.headers["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
         assert_eq!(part.headers["x-forwarded-proto"], "https");
         assert_eq!(part.headers["x-forwarded-host"], "spoofed.example");
+    }
+
+    #[test]
+    fn the_forwarded_field_is_the_gateways_own() {
+        let mut client = RequestHeader::build("GET", b"/", None).unwrap();
+        client
+            .insert_header("Forwarded", "for=6.6.6.6;proto=https")
+            .unwrap();
+        client.insert_header("X-Original-URL", "/admin").unwrap();
+        let at = |peer: &str, peer_trusted, host: &'static str| {
+            let f = Forwarded {
+                peer: Some(peer.parse().unwrap()),
+                peer_trusted,
+                client_ip: Some(peer.parse().unwrap()),
+                tls: true,
+                client: &client.headers,
+                host: Some(HeaderValue::from_static(host)),
+            };
+            let mut req = client.clone();
+            f.apply(&mut req);
+            assert!(req.headers.get("x-original-url").is_none());
+            req.headers["forwarded"].to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            at("10.1.1.1", false, "api.test"),
+            "for=10.1.1.1;proto=https;host=api.test"
+        );
+        assert_eq!(
+            at("2001:db8::1", false, "api.test:8443"),
+            "for=\"[2001:db8::1]\";proto=https;host=\"api.test:8443\""
+        );
+        assert_eq!(
+            at("10.1.1.1", true, "api.test"),
+            "for=6.6.6.6;proto=https, for=10.1.1.1;proto=https;host=api.test"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod auth;
 pub mod background;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod forwarding;

@@ -18,7 +18,9 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::{self, AccessLog};
 use crate::aggregate;
 use crate::auth::{self, Claims};
+use crate::budget::Budget;
 use crate::cache::{self, Cache};
+use crate::config::PathParams;
 use crate::config::ServerSettings;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
@@ -26,8 +28,10 @@ use crate::metrics::{self, Metrics, UpstreamOutcome};
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response, REQUEST_ID};
 use crate::routing::Params;
-use crate::routing::{normalize_path, Route, RouteOutcome, RouteRequest};
-use crate::transform::body::{declared_length, Rewrite};
+use crate::routing::{
+    normalize_path, path_params, without_params, PathParamsFound, Route, RouteOutcome, RouteRequest,
+};
+use crate::transform::body::{declared_length, Refusal, Rewrite};
 use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
 use crate::upstream::fetch::SharedConnector;
 use crate::upstream::{HashKey, InFlight, Pick};
@@ -44,6 +48,9 @@ pub struct Proxy {
     log: AccessLog,
     /// For aggregate parts; shared with health checks and JWK set fetches.
     parts: SharedConnector,
+    /// `server.max_buffered`: bodies held whole for body rules and
+    /// aggregation.
+    buffered: Arc<Budget>,
 }
 
 impl Proxy {
@@ -54,6 +61,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         log: AccessLog,
         parts: SharedConnector,
+        buffered: Arc<Budget>,
     ) -> Self {
         Proxy {
             gateway,
@@ -62,6 +70,7 @@ impl Proxy {
             metrics,
             log,
             parts,
+            buffered,
         }
     }
 }
@@ -102,6 +111,10 @@ pub struct RequestCtx {
     /// Boxed: rare, and the context travels inside every request's future.
     request_rewrite: Option<Box<Rewrite>>,
     response_rewrite: Option<Box<Rewrite>>,
+    /// A body rule refused a body in a body phase: the answer to give.
+    refusal: Option<Refusal>,
+    /// An aggregate answer's share of `max_buffered`, until it is sent.
+    answer_held: Option<crate::budget::Held>,
 }
 
 impl RequestCtx {
@@ -161,6 +174,15 @@ impl RequestCtx {
             .unwrap_or_else(|| req.uri.path())
     }
 
+    /// Ends a phase with a body rule's refusal, answered by `fail_to_proxy`.
+    fn refuse<T>(&mut self, refusal: Refusal) -> Result<T> {
+        self.refusal = Some(refusal);
+        Error::e_explain(
+            ErrorType::HTTPStatus(refusal.status.as_u16()),
+            "refused by a body rule",
+        )
+    }
+
     /// Whether the route's deadline has passed.
     fn past_deadline(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
@@ -173,6 +195,7 @@ fn forwarded<'a>(session: &'a Session, ctx: &RequestCtx) -> Forwarded<'a> {
     Forwarded {
         peer: ctx.peer,
         peer_trusted: ctx.peer_trusted,
+        client_ip: ctx.client_ip,
         tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         client: &client.headers,
         host: forwarding::raw_host_value(client),
@@ -213,10 +236,23 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return ctx.problem(StatusCode::BAD_REQUEST, &e.to_string()),
         };
+        // Routes match what a Java upstream would serve: `;` parameters are
+        // refused, or (`path_params: keep`) ignored for matching.
+        let routed: Option<String> = match (path_params(&path), self.settings.path_params) {
+            (PathParamsFound::None, _) | (PathParamsFound::Encoded, PathParams::Keep) => None,
+            (PathParamsFound::Present, PathParams::Keep) => Some(without_params(&path)),
+            (_, PathParams::Reject) => {
+                return ctx.problem(
+                    StatusCode::BAD_REQUEST,
+                    "the path holds a ; parameter, which this gateway does not route",
+                )
+            }
+        };
+        let match_path = routed.as_deref().unwrap_or(&path);
         let runtime = self.gateway.load();
         let outcome = runtime.router.find(&RouteRequest {
             method: &req.method,
-            path: &path,
+            path: match_path,
             host: forwarding::request_host(req),
             headers: &req.headers,
         });
@@ -243,11 +279,14 @@ impl Proxy {
             || matches!(path, std::borrow::Cow::Owned(_))
             || !req.raw_path().starts_with(b"/");
         if rebuild {
-            ctx.upstream_uri = Some(route.rewrite.apply(&path, req.uri.query()));
+            ctx.upstream_uri = Some(route.rewrite.apply_kept(&path, match_path, req.uri.query()));
         }
         ctx.deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
         if route.aggregate().is_some() {
-            route.matcher.path.matches(&path, Some(&mut ctx.params));
+            route
+                .matcher
+                .path
+                .matches(match_path, Some(&mut ctx.params));
         }
         if let std::borrow::Cow::Owned(p) = path {
             ctx.normalized_path = Some(p);
@@ -262,6 +301,41 @@ impl Proxy {
             }
             Some(_) => {}
             None => ctx.body_limit = Some(max_body),
+        }
+        // Each read of a body must come within body_timeout of the last: a
+        // client trickling it cannot hold an upstream connection for long.
+        session.set_read_timeout(Some(self.settings.body_timeout));
+        Phase::Continue
+    }
+
+    /// Body rules, decided before any upstream is chosen: a request body
+    /// they cannot read is refused before anything is sent, and on a route
+    /// whose response rules remove fields the client's `Range` is dropped
+    /// (a part of the body would slip past them); the client gets the whole
+    /// filtered body.
+    fn prepare_bodies(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
+        let Some(route) = ctx.route.clone() else {
+            return Phase::Continue;
+        };
+        if route.response_body.as_ref().is_some_and(|r| r.removes()) {
+            let req = session.req_header_mut();
+            if req.headers.contains_key(http::header::RANGE) {
+                req.remove_header(&http::header::RANGE);
+            }
+            if req.headers.contains_key(http::header::IF_RANGE) {
+                req.remove_header(&http::header::IF_RANGE);
+            }
+        }
+        if let Some(rules) = &route.request_body {
+            match Rewrite::for_request(
+                rules,
+                session.req_header(),
+                self.settings.max_transform_size,
+                &self.buffered,
+            ) {
+                Ok(rewrite) => ctx.request_rewrite = rewrite.map(Box::new),
+                Err(refusal) => return ctx.problem(refusal.status, refusal.detail),
+            }
         }
         Phase::Continue
     }
@@ -418,8 +492,8 @@ impl Proxy {
         let cache_slot = match (&self.cache, &route.cache) {
             (Some(c), Some(policy)) if cache::request_cacheable(&req.method) => {
                 let path = ctx.routed_path(req);
-                let host = forwarding::request_host(req).unwrap_or("");
-                let primary = cache::primary_key(req, host, path, policy, ctx.subject());
+                let origin = cache::origin(&forwarded(session, ctx));
+                let primary = cache::primary_key(req, &origin, path, policy, ctx.subject());
                 Some((c, policy, cache::entry_key(primary), path.to_owned()))
             }
             _ => None,
@@ -465,7 +539,14 @@ impl Proxy {
             headers,
             forwarded: Some(&forwarded),
         };
-        let outcome = agg.run(self.parts.connector(), &input).await;
+        let outcome = agg
+            .run(
+                self.parts.connector(),
+                &input,
+                &self.buffered,
+                &mut ctx.answer_held,
+            )
+            .await;
         ctx.answered_by_route = true;
         match outcome {
             Ok(answer) => {
@@ -494,7 +575,7 @@ impl Proxy {
                 }
                 Phase::Respond(answer.response())
             }
-            Err(part) => Phase::Respond(aggregate::failure(&part, ctx.request_id.as_str())),
+            Err(failure) => Phase::Respond(aggregate::failure(&failure, ctx.request_id.as_str())),
         }
     }
 
@@ -593,6 +674,9 @@ impl ProxyHttp for Proxy {
         let mut phase = self.admit(session, ctx);
         if let Phase::Continue = phase {
             phase = self.guard(session, ctx).await;
+        }
+        if let Phase::Continue = phase {
+            phase = self.prepare_bodies(session, ctx);
         }
         if let Phase::Continue = phase {
             if ctx.route.as_ref().is_some_and(|r| r.aggregate().is_some()) {
@@ -718,13 +802,9 @@ impl ProxyHttp for Proxy {
             if route.response_body.is_some() {
                 upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
             }
-            ctx.request_rewrite = Rewrite::for_request(
-                route.request_body.as_ref(),
-                session.req_header(),
-                upstream_request,
-                self.settings.max_transform_size,
-            )
-            .map(Box::new);
+            if let Some(rewrite) = &ctx.request_rewrite {
+                rewrite.prepare_request(upstream_request);
+            }
         }
         Ok(())
     }
@@ -746,7 +826,11 @@ impl ProxyHttp for Proxy {
         }
         if let (Some(rewrite), Some(route)) = (ctx.request_rewrite.as_mut(), ctx.route.as_ref()) {
             if let Some(rules) = &route.request_body {
-                rewrite.on_chunk(rules, body, end_of_stream);
+                if let Err(refusal) = rewrite.on_chunk(rules, body, end_of_stream) {
+                    // The upstream has the head only: dropping its connection
+                    // now, it never gets a whole request.
+                    return ctx.refuse(refusal);
+                }
             }
         }
         Ok(())
@@ -762,15 +846,19 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
         }
         strip_hop_by_hop(upstream_response);
-        if let Some(route) = &ctx.route {
-            ctx.response_rewrite = Rewrite::for_response(
-                route.response_body.as_ref(),
+        let rules = ctx.route.as_ref().and_then(|r| r.response_body.as_ref());
+        if let Some(rules) = rules {
+            match Rewrite::for_response(
+                rules,
                 // A cached HEAD miss is fetched upstream as a GET.
                 session.req_header().method == http::Method::HEAD && !session.cache.enabled(),
                 upstream_response,
                 self.settings.max_transform_size,
-            )
-            .map(Box::new);
+                &self.buffered,
+            ) {
+                Ok(rewrite) => ctx.response_rewrite = rewrite.map(Box::new),
+                Err(refusal) => return ctx.refuse(refusal),
+            }
         }
         Ok(())
     }
@@ -789,7 +877,12 @@ impl ProxyHttp for Proxy {
         }
         if let (Some(rewrite), Some(route)) = (ctx.response_rewrite.as_mut(), ctx.route.as_ref()) {
             if let Some(rules) = &route.response_body {
-                rewrite.on_chunk(&rules.json, body, end_of_stream);
+                if let Err(refusal) = rewrite.on_chunk(&rules.json, body, end_of_stream) {
+                    // Answered 502 when the head is still held back with the
+                    // body (most short bodies arrive with their head); else
+                    // the response is cut off. The fields never pass.
+                    return ctx.refuse(refusal);
+                }
             }
         }
         Ok(None)
@@ -831,13 +924,20 @@ impl ProxyHttp for Proxy {
                 can_reuse_downstream: false,
             };
         }
-        if upstream_fault {
-            log::warn!("request {}: {} ({e})", ctx.request_id.as_str(), status);
-        }
-        let route = ctx.route.clone();
-        let response = match route.as_ref().and_then(|r| r.fallback.as_ref()) {
-            Some(fallback) if upstream_fault => fallback.to_response(),
-            _ => {
+        let fallback = ctx.route.as_ref().and_then(|r| r.fallback.clone());
+        let response = match (ctx.refusal.take(), fallback) {
+            // A body rule's refusal is not the upstream failing: no fallback.
+            (Some(refusal), _) => {
+                Response::problem(refusal.status, refusal.detail, ctx.request_id.as_str())
+            }
+            (None, Some(fallback)) if upstream_fault => {
+                log::warn!("request {}: {} ({e})", ctx.request_id.as_str(), status);
+                fallback.to_response()
+            }
+            (None, _) => {
+                if upstream_fault {
+                    log::warn!("request {}: {} ({e})", ctx.request_id.as_str(), status);
+                }
                 let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
                 Response::problem(code, detail_for(status), ctx.request_id.as_str())
             }
@@ -878,8 +978,8 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "cache key without a cached route");
         };
         let req = session.req_header();
-        let host = forwarding::request_host(req).unwrap_or("");
-        let primary = cache::primary_key(req, host, ctx.routed_path(req), policy, ctx.subject());
+        let origin = cache::origin(&forwarded(session, ctx));
+        let primary = cache::primary_key(req, &origin, ctx.routed_path(req), policy, ctx.subject());
         Ok(CacheKey::new(primary, ""))
     }
 

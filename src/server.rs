@@ -91,7 +91,11 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let settings = Arc::new(config.server.clone());
     let fixed_at_start = crate::reload::fixed_parts(&config);
     let gateway = Arc::new(Gateway::new(config.runtime));
-    let cache = config.cache_max_size.map(Cache::new);
+    // Bodies held whole (body rules, aggregate parts, cache fills) share it.
+    let buffered = crate::budget::Budget::new(config.server.max_buffered);
+    let cache = config
+        .cache_max_size
+        .map(|size| Cache::new(size, std::sync::Arc::clone(&buffered)));
     let metrics = Arc::new(Metrics::new());
     let (log, log_writer) = AccessLog::new(
         config.access_log.clone(),
@@ -115,6 +119,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             Arc::clone(&metrics),
             log,
             client.clone(),
+            buffered,
         ),
         conf,
     );

@@ -7,6 +7,11 @@
 //! connections. The answer is a JSON object with the part keys in the order
 //! written; a failed optional part is `null` and named in
 //! `X-Aggregate-Missing`, a failed required part makes the answer `502`.
+//!
+//! A part's body is checked to be one JSON document and spliced into the
+//! answer as it came, never built into a tree, so an answer costs about
+//! the size of its parts. Part bodies and the answer are held within
+//! `server.max_buffered` (past it: `503`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +21,10 @@ use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora_core::connectors::http::Connector;
 use pingora_http::RequestHeader;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::auth::Claims;
+use crate::budget::{Budget, Held};
 use crate::forwarding::Forwarded;
 use crate::respond::Response;
 use crate::routing::Params;
@@ -108,45 +114,53 @@ impl PathTemplate {
     /// percent-encoded as one opaque piece (decoded first where the client
     /// encoded it), so a value can neither add path segments nor query
     /// parameters; `.` and `..` are refused.
-    fn fill(&self, input: &Input<'_>) -> Result<String, String> {
+    pub fn fill(&self, input: &Input<'_>) -> Result<String, FillError> {
         let mut out = String::new();
         for piece in &self.0 {
-            let value: std::borrow::Cow<'_, str> = match piece {
-                Piece::Text(t) => {
-                    out.push_str(t);
-                    continue;
-                }
-                Piece::Param(n) => {
-                    let v = input
-                        .params
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .ok_or_else(|| format!("no value for {{{n}}}"))?;
-                    percent_encoding::percent_decode_str(&v.1).decode_utf8_lossy()
-                }
-                Piece::Query(n) => input
-                    .query
-                    .and_then(|q| crate::routing::query_values(q, n).next())
-                    .ok_or_else(|| format!("no value for {{query.{n}}}"))?,
-                Piece::Claim(n) => {
-                    let v = input
-                        .claims
-                        .and_then(|c| c.get(n))
-                        .ok_or_else(|| format!("no value for {{claim.{n}}}"))?;
-                    match v {
-                        Value::String(s) => s.as_str().into(),
-                        other => other.to_string().into(),
+            let value: std::borrow::Cow<'_, str> =
+                match piece {
+                    Piece::Text(t) => {
+                        out.push_str(t);
+                        continue;
                     }
-                }
-            };
+                    Piece::Param(n) => {
+                        let v =
+                            input.params.iter().find(|(k, _)| k == n).ok_or_else(|| {
+                                FillError::Missing(format!("no value for {{{n}}}"))
+                            })?;
+                        percent_encoding::percent_decode_str(&v.1).decode_utf8_lossy()
+                    }
+                    Piece::Query(n) => input
+                        .query
+                        .and_then(|q| crate::routing::query_values(q, n).next())
+                        .ok_or_else(|| FillError::Missing(format!("no value for {{query.{n}}}")))?,
+                    Piece::Claim(n) => {
+                        let v = input.claims.and_then(|c| c.get(n)).ok_or_else(|| {
+                            FillError::Missing(format!("no value for {{claim.{n}}}"))
+                        })?;
+                        match v {
+                            Value::String(s) => s.as_str().into(),
+                            other => other.to_string().into(),
+                        }
+                    }
+                };
             if value == "." || value == ".." {
-                return Err("a placeholder value is a dot segment".into());
+                return Err(FillError::DotSegment);
             }
             out.extend(percent_encoding::utf8_percent_encode(&value, UNSAFE));
         }
         Ok(out)
     }
 }
+/// Why a part's path could not be filled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillError {
+    /// No value for a placeholder: the part fails.
+    Missing(String),
+    /// A value is `.` or `..`.
+    DotSegment,
+}
+
 /// One `parts` entry.
 #[derive(Debug)]
 pub struct Part {
@@ -183,11 +197,37 @@ pub struct Answer {
     pub cacheable_for: Option<Duration>,
 }
 
-/// One part's JSON and what its `Cache-Control` allows.
+/// One part's JSON text and what its `Cache-Control` allows.
 struct Fetched {
-    value: Value,
+    json: Bytes,
+    /// The part's share of `max_buffered`.
+    _held: Held,
     /// `None`: `no-store`, `private` or `no-cache`; else the `max-age`, if any.
     cache: Option<Option<Duration>>,
+}
+
+/// Why a fan-out gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// This required part failed (`502`).
+    Required(String),
+    /// A placeholder value is a dot segment: the client's error (`400`).
+    BadPlaceholder,
+    /// The bodies would pass `max_buffered` (`503`).
+    Busy,
+}
+
+/// Why one part failed; the text stays in the logs.
+#[derive(Debug)]
+enum PartError {
+    Failed(String),
+    Busy,
+}
+
+impl From<String> for PartError {
+    fn from(why: String) -> Self {
+        PartError::Failed(why)
+    }
 }
 impl Answer {
     pub fn response(&self) -> Response {
@@ -208,72 +248,119 @@ impl Answer {
     }
 }
 
-/// The answer when a required part failed.
-pub fn failure(part: &str, request_id: &str) -> Response {
-    Response::problem(
-        StatusCode::BAD_GATEWAY,
-        &format!("the required part \"{part}\" failed"),
-        request_id,
-    )
+/// The answer when the fan-out failed.
+pub fn failure(failure: &Failure, request_id: &str) -> Response {
+    match failure {
+        Failure::Required(part) => Response::problem(
+            StatusCode::BAD_GATEWAY,
+            &format!("the required part \"{part}\" failed"),
+            request_id,
+        ),
+        Failure::BadPlaceholder => Response::problem(
+            StatusCode::BAD_REQUEST,
+            "a value for this route's parts is a dot segment",
+            request_id,
+        ),
+        Failure::Busy => Response::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many bodies are held in memory right now; retry later",
+            request_id,
+        ),
+    }
 }
 
 impl Aggregate {
-    /// Calls every part concurrently, all within `timeout`. `Err` names the
-    /// required part that failed: the answer is given up at once, without
-    /// waiting for the others.
-    pub async fn run(&self, connector: &Connector, input: &Input<'_>) -> Result<Answer, String> {
+    /// Calls every part concurrently, all within `timeout`. A required part
+    /// that fails gives the answer up at once, without waiting for the
+    /// others. The answer's share of `budget` is added to `answer_held`,
+    /// to be kept until it is sent.
+    pub async fn run(
+        &self,
+        connector: &Connector,
+        input: &Input<'_>,
+        budget: &Arc<Budget>,
+        answer_held: &mut Option<Held>,
+    ) -> Result<Answer, Failure> {
         use futures::StreamExt;
+        // Every path is filled before anything is sent: a bad value is the
+        // client's error, whichever part it is for.
+        let mut paths = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            match part.path.fill(input) {
+                Ok(path) => paths.push(Ok(path)),
+                Err(FillError::DotSegment) => return Err(Failure::BadPlaceholder),
+                Err(FillError::Missing(what)) => paths.push(Err(what)),
+            }
+        }
         let deadline = Instant::now() + self.timeout;
         let mut pending: futures::stream::FuturesUnordered<_> = self
             .parts
             .iter()
+            .zip(&paths)
             .enumerate()
-            .map(|(i, part)| async move {
-                let outcome = tokio::time::timeout_at(
-                    deadline.into(),
-                    call(connector, part, input, deadline),
-                )
-                .await;
-                let result = match outcome {
+            .map(|(i, (part, path))| async move {
+                let call = async {
+                    let path = path.as_ref().map_err(|w| PartError::Failed(w.clone()))?;
+                    call(connector, part, path, input, deadline, budget).await
+                };
+                let result = match tokio::time::timeout_at(deadline.into(), call).await {
                     Ok(r) => r,
-                    Err(_) => Err("timed out".to_string()),
+                    Err(_) => Err(PartError::Failed("timed out".to_string())),
                 };
                 (i, result)
             })
             .collect();
-        let mut results: Vec<Option<Result<Fetched, String>>> =
-            self.parts.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Fetched>> = self.parts.iter().map(|_| None).collect();
         while let Some((i, result)) = pending.next().await {
-            if let Err(why) = &result {
-                let part = &self.parts[i];
-                if part.required {
-                    log::warn!("aggregate part {} failed: {why}", part.key);
-                    return Err(part.key.clone());
+            let part = &self.parts[i];
+            match result {
+                Ok(fetched) => results[i] = Some(fetched),
+                Err(PartError::Busy) => {
+                    log::warn!("aggregate part {}: over max_buffered", part.key);
+                    return Err(Failure::Busy);
                 }
-                log::info!("aggregate part {} missing: {why}", part.key);
+                Err(PartError::Failed(why)) if part.required => {
+                    log::warn!("aggregate part {} failed: {why}", part.key);
+                    return Err(Failure::Required(part.key.clone()));
+                }
+                Err(PartError::Failed(why)) => {
+                    log::info!("aggregate part {} missing: {why}", part.key);
+                }
             }
-            results[i] = Some(result);
         }
-        let mut body = Map::new();
+        let size = 2 + results
+            .iter()
+            .zip(&self.parts)
+            .map(|(r, p)| p.key.len() + 8 + r.as_ref().map_or(4, |f| f.json.len()))
+            .sum::<usize>();
+        *answer_held = Some(budget.reserve(size as u64).ok_or(Failure::Busy)?);
+        let mut body = Vec::with_capacity(size);
         let mut missing = Vec::new();
         let mut cacheable_for = Some(Duration::MAX);
-        for (part, result) in self.parts.iter().zip(results) {
+        body.push(b'{');
+        for (i, (part, result)) in self.parts.iter().zip(results).enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            let key = serde_json::to_string(&part.key).unwrap_or_default();
+            body.extend_from_slice(key.as_bytes());
+            body.push(b':');
             match result {
-                Some(Ok(fetched)) => {
+                Some(fetched) => {
                     cacheable_for = match (cacheable_for, fetched.cache) {
                         (Some(t), Some(Some(max_age))) => Some(t.min(max_age)),
                         (Some(t), Some(None)) => Some(t),
                         _ => None,
                     };
-                    body.insert(part.key.clone(), fetched.value);
+                    body.extend_from_slice(&fetched.json);
                 }
-                _ => {
-                    body.insert(part.key.clone(), Value::Null);
+                None => {
+                    body.extend_from_slice(b"null");
                     missing.push(part.key.clone());
                 }
             }
         }
-        let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+        body.push(b'}');
         Ok(Answer {
             body: Bytes::from(body),
             missing,
@@ -281,6 +368,15 @@ impl Aggregate {
         })
     }
 }
+
+/// The JSON text of a part's body, without the whitespace around it, if
+/// the body is exactly one JSON document.
+fn json_text(body: Bytes) -> Option<Bytes> {
+    let raw: &serde_json::value::RawValue = serde_json::from_slice(&body).ok()?;
+    let text = raw.get().as_bytes();
+    Some(body.slice_ref(text))
+}
+
 /// One part: a GET to a healthy target, retried on another after a failed
 /// connect (and once more when a pooled connection turns out closed).
 /// Fails on a connect error, a non-2xx status, or a body that is not JSON.
@@ -288,18 +384,19 @@ impl Aggregate {
 async fn call(
     connector: &Connector,
     part: &Part,
+    path: &str,
     input: &Input<'_>,
     deadline: Instant,
-) -> Result<Fetched, String> {
-    let path = part.path.fill(input)?;
+    budget: &Arc<Budget>,
+) -> Result<Fetched, PartError> {
     let upstream = &part.upstream;
     let mut tried = Vec::new();
     let mut stale_retry = true;
     loop {
         let index = match upstream.pick(&[], &tried) {
             Pick::Target(i) => i,
-            Pick::NoneHealthy => return Err("no healthy target".into()),
-            Pick::Exhausted => return Err("every target failed to connect".into()),
+            Pick::NoneHealthy => return Err("no healthy target".to_string().into()),
+            Pick::Exhausted => return Err("every target failed to connect".to_string().into()),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let peer = upstream.peer(index, Some(left));
@@ -309,7 +406,7 @@ async fn call(
             Err(e) => {
                 tried.push(index);
                 if tried.len() > upstream.retries {
-                    return Err(format!("connect failed: {e}"));
+                    return Err(format!("connect failed: {e}").into());
                 }
                 continue;
             }
@@ -346,22 +443,41 @@ async fn call(
                 stale_retry = false;
                 continue;
             }
-            return Err(e.to_string());
+            return Err(e.to_string().into());
         }
         let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        if !(200..300).contains(&status) {
+            return Err(format!("status {status}").into());
+        }
         let cache = session
             .response_header()
             .map_or(Some(None), crate::cache::origin_lifetime);
-        let body =
-            crate::upstream::fetch::read_body(&mut session, MAX_PART_BODY, "the body").await?;
+        let declared = session
+            .response_header()
+            .and_then(|r| crate::transform::body::declared_length(&r.headers));
+        let mut held = budget
+            .reserve(declared.unwrap_or(0).min(MAX_PART_BODY as u64))
+            .ok_or(PartError::Busy)?;
+        let body = crate::upstream::fetch::read_body_within(
+            &mut session,
+            MAX_PART_BODY,
+            "the body",
+            &mut |total| held.grow_to(total as u64),
+        )
+        .await
+        .map_err(|e| match e {
+            crate::upstream::fetch::ReadError::OverBudget => PartError::Busy,
+            other => PartError::Failed(other.to_string()),
+        })?;
         connector
             .release_http_session(session, &*peer, peer.options.idle_timeout)
             .await;
-        if !(200..300).contains(&status) {
-            return Err(format!("status {status}"));
-        }
-        let value = serde_json::from_slice(&body).map_err(|_| "body is not JSON".to_string())?;
-        return Ok(Fetched { value, cache });
+        let json = json_text(body.freeze()).ok_or_else(|| "body is not JSON".to_string())?;
+        return Ok(Fetched {
+            json,
+            _held: held,
+            cache,
+        });
     }
 }
 
@@ -418,11 +534,13 @@ mod tests {
             query: Some("page=.."),
             ..q
         };
-        assert!(t.fill(&dots).is_err());
+        assert_eq!(t.fill(&dots), Err(FillError::DotSegment));
         let no_query = Input {
             query: None,
             ..dots
         };
-        assert!(t.fill(&no_query).unwrap_err().contains("query.page"));
+        assert!(
+            matches!(t.fill(&no_query), Err(FillError::Missing(m)) if m.contains("query.page"))
+        );
     }
 }

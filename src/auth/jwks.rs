@@ -80,7 +80,8 @@ pub struct RemoteJwks {
     keys: ArcSwap<KeySet>,
     /// Bumped after every fetch attempt, for requests waiting on one.
     fetched: watch::Sender<u64>,
-    last_attempt: Mutex<Option<Instant>>,
+    /// When the last early refresh was asked for.
+    last_early: Mutex<Option<Instant>>,
     wake: Notify,
     /// Bumped each time a different key set is stored.
     generation: AtomicU64,
@@ -96,7 +97,7 @@ impl RemoteJwks {
             refresh,
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetched: watch::Sender::new(0),
-            last_attempt: Mutex::new(None),
+            last_early: Mutex::new(None),
             wake: Notify::new(),
             generation: AtomicU64::new(0),
             last_body: Mutex::new(None),
@@ -122,9 +123,9 @@ impl RemoteJwks {
     }
 
     /// Asks for an early fetch. Returns a receiver that changes when it is
-    /// done, or `None` when one happened too recently to ask again.
+    /// done, or `None` when another early fetch was asked for too recently.
     pub fn request_refresh(&self) -> Option<watch::Receiver<u64>> {
-        let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last_early.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < EARLY_REFRESH_GAP) {
             return None;
         }
@@ -137,7 +138,8 @@ impl RemoteJwks {
     /// Fetches now, then on schedule or when woken, until dropped.
     pub async fn run(self: Arc<Self>, client: SharedConnector) {
         loop {
-            *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            // Only early refreshes are spaced apart (`request_refresh`): a key
+            // published right after a scheduled fetch is still looked for.
             let next = match self.fetch(&client).await {
                 Ok((set, body)) => {
                     let mut last = self.last_body.lock().unwrap_or_else(|p| p.into_inner());

@@ -75,10 +75,12 @@ impl Drop for FillGuard {
 }
 
 impl Cache {
-    pub fn new(max_size: u64) -> Self {
+    /// The cache, holding at most `max_size`; fills also count against
+    /// `buffered` (`server.max_buffered`) while in flight.
+    pub fn new(max_size: u64, buffered: std::sync::Arc<crate::budget::Budget>) -> Self {
         let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(LOCK_TIMEOUT);
         Cache {
-            storage: Box::leak(Box::new(MemoryStorage::new(max_size))),
+            storage: Box::leak(Box::new(MemoryStorage::new(max_size, buffered))),
             lock: Box::leak(lock),
             fills: Box::leak(Box::default()),
         }
@@ -120,21 +122,40 @@ pub fn request_cacheable(method: &Method) -> bool {
     *method == Method::GET || *method == Method::HEAD
 }
 
-/// The primary key: method, host, normalized path, query, the route's
-/// `vary` header values, and the token's subject on a route with `auth`.
-/// One field a line (none of them can hold a newline); the path is the
-/// third, which the storage reads back for purges.
+/// What the upstream is told of where a request was sent: the scheme and
+/// the host with its port, as it receives them (`Host`, and
+/// `X-Forwarded-Proto` and `-Host`, which may come from a trusted proxy).
+/// An upstream may build links from any of them, so all are in the key.
+pub fn origin(forwarded: &crate::forwarding::Forwarded<'_>) -> String {
+    let host = forwarded.host.as_ref().map_or(&b""[..], |h| h.as_bytes());
+    let mut out = String::with_capacity(16 + 2 * host.len());
+    out.push_str(&String::from_utf8_lossy(forwarded.proto().as_bytes()));
+    out.push_str("://");
+    // Host names compare without case; ports and all else exactly.
+    out.push_str(&String::from_utf8_lossy(host).to_ascii_lowercase());
+    if let Some(told) = forwarded.forwarded_host().filter(|h| h.as_bytes() != host) {
+        out.push(' ');
+        out.push_str(&String::from_utf8_lossy(told.as_bytes()).to_ascii_lowercase());
+    }
+    out
+}
+
+/// The primary key: method, origin (scheme and host with its port, see
+/// [`origin`]), normalized path, query, the route's `vary` header values,
+/// and the token's subject on a route with `auth`. One field a line (none
+/// of them can hold a newline); the path is the third, which the storage
+/// reads back for purges.
 pub fn primary_key(
     req: &RequestHeader,
-    host: &str,
+    origin: &str,
     path: &str,
     policy: &CachePolicy,
     subject: Option<&str>,
 ) -> String {
-    let mut key = String::with_capacity(64 + path.len());
+    let mut key = String::with_capacity(64 + origin.len() + path.len());
     key.push_str(req.method.as_str());
     key.push('\n');
-    key.push_str(&host.to_ascii_lowercase());
+    key.push_str(origin);
     key.push('\n');
     key.push_str(path);
     key.push('\n');

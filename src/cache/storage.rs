@@ -2,6 +2,12 @@
 //! `cache.max_size` (bodies and headers together), evicting the least
 //! recently and least frequently used entries first (quick_cache's
 //! CLOCK-Pro). Entries remember their path so a prefix can be purged.
+//!
+//! A fill holds its body in memory until it is complete. `max_size` bounds
+//! all the cache holds: three quarters for stored entries, a quarter for
+//! fills in flight. A fill reserves what it holds from that quarter and
+//! from `server.max_buffered`; one that does not fit goes on without being
+//! stored, so any number of concurrent misses cannot hold more.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -16,6 +22,8 @@ use pingora_cache::storage::{
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::{Error, ErrorType, Result};
+
+use crate::budget::{Budget, Held};
 
 struct Entry {
     meta: (Vec<u8>, Vec<u8>),
@@ -38,10 +46,16 @@ pub struct MemoryStorage {
     /// The largest single response kept: an eighth of the whole, so one
     /// response never empties the cache.
     max_entry: usize,
+    /// Bodies of fills in flight: a quarter of `max_size`.
+    fills: Arc<Budget>,
+    /// `server.max_buffered`, shared with the other held bodies.
+    buffered: Arc<Budget>,
 }
 
 impl MemoryStorage {
-    pub fn new(max_size: u64) -> Self {
+    pub fn new(configured: u64, buffered: Arc<Budget>) -> Self {
+        let fills = configured / 4;
+        let max_size = configured - fills;
         // A few shards: each holds an equal share of `max_size` and refuses
         // an entry heavier than about that share, so the shard count bounds
         // the largest response (and quick_cache's recency is per shard).
@@ -61,9 +75,18 @@ impl MemoryStorage {
         };
         let shard = entries.shard_capacity();
         MemoryStorage {
-            max_entry: ((max_size / 8).min(shard * 9 / 10)) as usize,
+            max_entry: ((configured / 8).min(shard * 9 / 10)) as usize,
             entries,
+            fills: Budget::new(fills),
+            buffered,
         }
+    }
+
+    /// Reserves `n` bytes for a fill from both budgets.
+    fn reserve_fill(&self, n: u64) -> Option<(Held, Held)> {
+        let fill = self.fills.reserve(n)?;
+        let shared = self.buffered.reserve(n)?;
+        Some((fill, shared))
     }
 
     /// The largest response kept.
@@ -181,33 +204,60 @@ struct Miss {
     path: Box<str>,
     meta: (Vec<u8>, Vec<u8>),
     body: BytesMut,
-    /// Past `max_entry`: finished without being stored.
-    too_big: bool,
+    /// What the body holds of the fill and shared budgets; `None` once
+    /// the fill gave up: past `max_entry`, or past a budget. It is then
+    /// finished without being stored.
+    held: Option<(Held, Held)>,
+}
+
+impl Miss {
+    fn give_up(&mut self) {
+        self.held = None;
+        self.body = BytesMut::new();
+    }
 }
 
 #[async_trait]
 impl HandleMiss for Miss {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        if self.too_big {
+        let Some((fill, shared)) = self.held.as_mut() else {
+            return Ok(());
+        };
+        let total = self.body.len() + data.len();
+        if total > self.storage.max_entry {
+            self.give_up();
             return Ok(());
         }
-        if self.body.len() + data.len() > self.storage.max_entry {
-            self.too_big = true;
-            self.body = BytesMut::new();
-            return Ok(());
+        if total > self.body.capacity() {
+            // Grown by doubling, but what is reserved is what is allocated.
+            let capacity = total
+                .max(self.body.capacity() * 2)
+                .min(self.storage.max_entry);
+            if !fill.grow_to(capacity as u64) || !shared.grow_to(capacity as u64) {
+                self.give_up();
+                return Ok(());
+            }
+            self.body.reserve(capacity - self.body.len());
         }
         self.body.extend_from_slice(&data);
         Ok(())
     }
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
-        if self.too_big {
+        if self.held.is_none() {
             return Ok(MissFinishType::Created(0));
         }
         let size = self.body.len();
+        // The entry keeps what it holds: the slack of a doubled buffer is
+        // given back.
+        let body = if self.body.capacity() > size + size / 8 {
+            Bytes::copy_from_slice(&self.body)
+        } else {
+            self.body.freeze()
+        };
         let entry = Entry {
             meta: self.meta,
-            body: self.body.freeze(),
+            body,
             path: self.path,
         };
         self.storage.entries.insert(self.key, Arc::new(entry));
@@ -240,13 +290,22 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
+        // A declared length is reserved at once, and the body sized for it.
+        let declared = crate::transform::body::declared_length(&meta.response_header().headers)
+            .filter(|n| *n <= self.max_entry as u64)
+            .unwrap_or(0);
+        let held = self.reserve_fill(declared);
+        let body = match held {
+            Some(_) => BytesMut::with_capacity(declared as usize),
+            None => BytesMut::new(),
+        };
         Ok(Box::new(Miss {
             storage: self,
             key: key.combined_bin(),
             path: path_of(key),
             meta: meta.serialize()?,
-            body: BytesMut::new(),
-            too_big: false,
+            body,
+            held,
         }))
     }
 
@@ -301,7 +360,7 @@ mod tests {
 
     #[test]
     fn purge_by_prefix_takes_whole_segments() {
-        let s = MemoryStorage::new(1 << 20);
+        let s = MemoryStorage::new(1 << 20, Budget::new(1 << 20));
         for (i, p) in ["/v1/users", "/v1/users/7", "/v1/usersx", "/v2/users"]
             .iter()
             .enumerate()
@@ -314,9 +373,47 @@ mod tests {
         assert!(s.is_empty());
     }
 
+    #[tokio::test]
+    async fn fills_in_flight_share_the_budgets() {
+        let shared = Budget::new(1 << 20);
+        let s: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(8 << 20, Arc::clone(&shared))));
+        let meta = |len: usize| {
+            let mut h = pingora_http::ResponseHeader::build(200, None).unwrap();
+            h.insert_header("content-length", len).unwrap();
+            let now = std::time::SystemTime::now();
+            CacheMeta::new(now + std::time::Duration::from_secs(60), now, 0, 0, h)
+        };
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let key = |i: u8| CacheKey::new(format!("GET\nhttp://a\n/{i}"), "");
+        // Two fills of 600 KiB: the second does not fit max_buffered's MiB.
+        let mut a = s
+            .get_miss_handler(&key(1), &meta(600 << 10), &span)
+            .await
+            .unwrap();
+        let mut b = s
+            .get_miss_handler(&key(2), &meta(600 << 10), &span)
+            .await
+            .unwrap();
+        assert_eq!(shared.used(), 600 << 10);
+        a.write_body(Bytes::from(vec![1u8; 600 << 10]), true)
+            .await
+            .unwrap();
+        b.write_body(Bytes::from(vec![2u8; 600 << 10]), true)
+            .await
+            .unwrap();
+        assert!(matches!(a.finish().await.unwrap(), MissFinishType::Created(n) if n == 600 << 10));
+        assert!(matches!(
+            b.finish().await.unwrap(),
+            MissFinishType::Created(0)
+        ));
+        assert_eq!(shared.used(), 0, "finished fills give their bytes back");
+        assert_eq!(s.len(), 1);
+    }
+
     #[test]
     fn it_stays_within_max_size() {
-        let s = MemoryStorage::new(64 * 1024);
+        let s = MemoryStorage::new(64 * 1024, Budget::new(1 << 20));
         for i in 0..200u8 {
             s.entries.insert([i; 16], entry("/x", 4000));
         }

@@ -28,12 +28,12 @@ use crate::gateway::Runtime;
 use crate::metrics::Series;
 use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
-use crate::routing::ResponseBodyRules;
 use crate::routing::{
     HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router, Segment, Target,
 };
-use crate::transform::body::{FieldPath, JsonRules};
+use crate::transform::body::ResponseBodyRules;
 use crate::transform::headers::{Deprecation, HeaderRules};
+use crate::transform::json::{FieldPath, JsonRules};
 use crate::upstream::{
     BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
 };
@@ -260,6 +260,27 @@ impl Compiler<'_> {
                 self.error("server.header_timeout", "header_timeout must be above zero");
             }
             s.header_timeout = d.0;
+        }
+        if let Some(d) = raw.body_timeout {
+            if d.0.is_zero() {
+                self.error("server.body_timeout", "body_timeout must be above zero");
+            }
+            s.body_timeout = d.0;
+        }
+        if let Some(b) = raw.max_buffered {
+            if b.0 < 1 << 20 {
+                self.error("server.max_buffered", "max_buffered must be at least 1MiB");
+            } else {
+                s.max_buffered = b.0;
+            }
+        }
+        match raw.path_params.as_deref() {
+            None | Some("reject") => {}
+            Some("keep") => s.path_params = crate::config::PathParams::Keep,
+            Some(other) => self.error(
+                "server.path_params",
+                format!("unknown path_params \"{other}\"; use reject or keep"),
+            ),
         }
         if let Some(b) = raw.max_header_size {
             if !(1024..=1 << 20).contains(&b.0) {
@@ -1095,10 +1116,11 @@ impl Compiler<'_> {
             );
             return None;
         }
-        let mut rules = JsonRules::default();
+        let mut remove = Vec::new();
+        let mut rename = Vec::new();
         for (i, field) in raw.remove_fields.iter().enumerate() {
             match FieldPath::parse(field) {
-                Ok(p) => rules.remove.push(p),
+                Ok(p) => remove.push(p),
                 Err(e) => self.error(&index_path(&key_path(path, "remove_fields"), i), e),
             }
         }
@@ -1112,10 +1134,11 @@ impl Compiler<'_> {
                 continue;
             }
             match FieldPath::parse(from) {
-                Ok(p) => rules.rename.push((p, to.clone())),
+                Ok(p) => rename.push((p, to.clone())),
                 Err(e) => self.error(&rpath, e),
             }
         }
+        let rules = JsonRules::new(remove, rename);
         if rules.is_empty() && !raw.xml_to_json {
             return None;
         }

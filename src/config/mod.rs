@@ -40,6 +40,11 @@ pub struct ServerSettings {
     pub graceful_shutdown_timeout: Duration,
     pub max_body: u64,
     pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Bytes of bodies held in memory at once: body rules, aggregate parts,
+    /// cache fills.
+    pub max_buffered: u64,
+    pub path_params: PathParams,
     pub max_header_size: usize,
     pub max_headers: usize,
     pub trusted_proxies: Vec<IpNet>,
@@ -63,6 +68,9 @@ impl Default for ServerSettings {
             graceful_shutdown_timeout: Duration::from_secs(5),
             max_body: 10 << 20,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_buffered: 64 << 20,
+            path_params: PathParams::Reject,
             max_header_size: 32 << 10,
             max_headers: 100,
             trusted_proxies: Vec::new(),
@@ -76,6 +84,17 @@ impl Default for ServerSettings {
             group: None,
         }
     }
+}
+
+/// What `;` path parameters (`/a;jsessionid=1/b`) do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathParams {
+    /// `400`: Java servers strip them before routing, so a route matched
+    /// with them would not be the route the upstream serves.
+    Reject,
+    /// Routes match the path with each segment's `;...` part ignored; the
+    /// upstream receives it unchanged.
+    Keep,
 }
 
 /// A public listener.

@@ -21,6 +21,12 @@ pub struct RawServer {
     pub graceful_shutdown_timeout: Option<ConfDuration>,
     pub max_body: Option<ConfSize>,
     pub header_timeout: Option<ConfDuration>,
+    /// Longest pause between two reads of a request body.
+    pub body_timeout: Option<ConfDuration>,
+    /// All bodies held in memory at once.
+    pub max_buffered: Option<ConfSize>,
+    /// `reject` (default) or `keep` `;` path parameters.
+    pub path_params: Option<String>,
     pub max_header_size: Option<ConfSize>,
     pub max_headers: Option<usize>,
     #[serde(default)]

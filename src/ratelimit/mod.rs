@@ -6,21 +6,26 @@
 //! than `requests`. Those sub-windows cover the last `per` and a little more,
 //! so no key ever gets more than `requests` in any window of length `per`
 //! (the steady rate a client can sustain is `SUB_WINDOWS / (SUB_WINDOWS+1)`
-//! of the limit). Counts live in pingora-limits' count-min sketches, whose
-//! size is fixed however many keys there are; a sketch only ever
-//! over-counts, so collisions can refuse early but never admit too much.
+//! of the limit).
+//!
+//! Each key is counted exactly, in a table of at most `MAX_KEYS` keys per
+//! limit. When it is full the coldest keys are forgotten (quick_cache's
+//! CLOCK-Pro: a key seen once goes before a key seen again), which may let
+//! a forgotten key start afresh but never counts one key's requests against
+//! another: a flood of distinct keys costs the flooder, never the others.
+//! An estimate (a count-min sketch) would be the wrong tool here, since it
+//! only ever over-counts and a flood saturates it for everyone.
 
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::HeaderName;
-use pingora_limits::estimator::Estimator;
 
 pub const SUB_WINDOWS: u64 = 8;
-const SKETCH_HASHES: usize = 4;
-const SKETCH_SLOTS: usize = 4096;
+/// Keys counted at once per limit; about 100 bytes each when full.
+pub const MAX_KEYS: u64 = 65_536;
+const SLOTS: usize = SUB_WINDOWS as usize + 1;
 
 /// What a limit is counted per.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +88,29 @@ pub struct Decision {
     pub retry_after: u64,
 }
 
-struct SubWindow {
-    /// Which sub-window period this slot holds now.
-    period: AtomicU64,
-    counts: Estimator,
+/// One key's counts: slot `p % SLOTS` holds sub-window `p`, for the
+/// `SLOTS` sub-windows up to `latest`.
+#[derive(Debug, Clone, Copy)]
+struct KeyWindow {
+    latest: u64,
+    counts: [u32; SLOTS],
 }
+
+impl KeyWindow {
+    /// Moves the window on to `period`, clearing the sub-windows that left.
+    fn advance(&mut self, period: u64) {
+        if period <= self.latest {
+            return;
+        }
+        let gone = (period - self.latest).min(SLOTS as u64);
+        for back in 0..gone {
+            self.counts[((period - back) % SLOTS as u64) as usize] = 0;
+        }
+        self.latest = period;
+    }
+}
+
+type KeyTable = quick_cache::sync::Cache<u64, KeyWindow>;
 
 /// One route's `rate_limit`.
 pub struct RateLimit {
@@ -97,12 +120,11 @@ pub struct RateLimit {
     pub per: Duration,
     pub key: LimitKey,
     sub_len: Duration,
-    slots: Vec<SubWindow>,
+    keys: KeyTable,
     epoch: Instant,
     /// The newest period seen: a request that read the clock just before a
     /// boundary counts in the period others have moved on to.
     latest: AtomicU64,
-    rotate: Mutex<()>,
     key_hasher: ahash::RandomState,
 }
 
@@ -112,76 +134,81 @@ impl std::fmt::Debug for RateLimit {
     }
 }
 
-const EMPTY: u64 = u64::MAX;
-
 impl RateLimit {
     pub fn new(requests: u64, per: Duration, key: LimitKey) -> Self {
+        Self::with_capacity(requests, per, key, MAX_KEYS)
+    }
+
+    fn with_capacity(requests: u64, per: Duration, key: LimitKey, capacity: u64) -> Self {
         let sub_len = (per / SUB_WINDOWS as u32).max(Duration::from_millis(1));
-        let slots = (0..=SUB_WINDOWS)
-            .map(|_| SubWindow {
-                period: AtomicU64::new(EMPTY),
-                counts: Estimator::new(SKETCH_HASHES, SKETCH_SLOTS),
-            })
-            .collect();
+        // Grows as keys arrive: an idle limit costs next to nothing.
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(64)
+            .weight_capacity(capacity)
+            .build();
+        let keys = match options {
+            Ok(o) => KeyTable::with_options(
+                o,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+            ),
+            Err(_) => KeyTable::new(capacity as usize),
+        };
         RateLimit {
             fingerprint: String::new(),
             requests,
             per,
             key,
             sub_len,
-            slots,
+            keys,
             epoch: Instant::now(),
             latest: AtomicU64::new(0),
-            rotate: Mutex::new(()),
             key_hasher: ahash::RandomState::new(),
         }
     }
 
-    fn slot(&self, period: u64) -> &SubWindow {
-        &self.slots[(period % (SUB_WINDOWS + 1)) as usize]
-    }
-
-    /// Makes the current period's slot hold this period, clearing what an
-    /// older period left in it.
-    fn current(&self, period: u64) -> &SubWindow {
-        let slot = self.slot(period);
-        if slot.period.load(Ordering::Acquire) != period {
-            let _guard = self.rotate.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.period.load(Ordering::Acquire) != period {
-                slot.counts.reset();
-                slot.period.store(period, Ordering::Release);
-            }
-        }
-        slot
-    }
-
     /// Counts one request for `key` at `now`.
     pub fn check_at<K: Hash>(&self, key: K, now: Instant) -> Decision {
-        // Each of the nine sub-window sketches hashes the key once per row;
-        // a u64 is far cheaper to hash than the key itself, which may be a
-        // long header value. Keyed per limit, so a client cannot aim keys at
-        // a collision, and the sketches conflate keys far more often anyway.
+        // Keyed per limit: a client cannot aim two keys at one hash, and 64
+        // bits make an accidental collision among the keys held negligible.
         let key = self.key_hasher.hash_one(key);
         let elapsed = now.saturating_duration_since(self.epoch);
         let sub_nanos = self.sub_len.as_nanos();
         let period = (elapsed.as_nanos() / sub_nanos) as u64;
         let period = self.latest.fetch_max(period, Ordering::AcqRel).max(period);
-        let current = self.current(period);
-        // Count first, so concurrent requests see each other.
-        let mine = current.counts.incr(key, 1).max(0) as u64;
-        let mut used = mine;
-        let mut oldest_used = period;
-        for back in 1..=SUB_WINDOWS.min(period) {
-            let p = period - back;
-            let slot = self.slot(p);
-            if slot.period.load(Ordering::Acquire) == p {
-                let n = slot.counts.get(key).max(0) as u64;
-                if n > 0 {
-                    used += n;
-                    oldest_used = p;
-                }
+        let count = |w: &mut KeyWindow| self.count(w, period, elapsed);
+        match self.keys.entry(&key, None, |_, w| {
+            quick_cache::sync::EntryAction::Retain(count(w))
+        }) {
+            quick_cache::sync::EntryResult::Retained(decision) => decision,
+            quick_cache::sync::EntryResult::Vacant(guard) => {
+                let mut w = KeyWindow {
+                    latest: period,
+                    counts: [0; SLOTS],
+                };
+                let decision = count(&mut w);
+                let _ = guard.insert(w);
+                decision
+            }
+            // Not returned for an entry that is only retained, nor without a
+            // timeout; counted afresh, as a forgotten key would be.
+            _ => {
+                let mut w = KeyWindow {
+                    latest: period,
+                    counts: [0; SLOTS],
+                };
+                count(&mut w)
             }
         }
+    }
+
+    /// Counts a request in `w` at `period`, unless it is over the limit.
+    fn count(&self, w: &mut KeyWindow, period: u64, elapsed: Duration) -> Decision {
+        w.advance(period);
+        let period = w.latest;
+        let used: u64 = w.counts.iter().map(|c| u64::from(*c)).sum();
+        let sub_nanos = self.sub_len.as_nanos();
         // A sub-window's counts leave the window when it is SUB_WINDOWS+1
         // periods old: the oldest frees the first request, the current one
         // the last.
@@ -191,21 +218,28 @@ impl RateLimit {
             let left = at.saturating_sub(elapsed);
             (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
         };
-        if used > self.requests {
+        if used >= self.requests {
             // A refused request does not spend budget.
-            current.counts.decr(key, 1);
+            let oldest = (0..SLOTS as u64)
+                .rev()
+                .filter(|back| *back <= period)
+                .map(|back| period - back)
+                .find(|p| w.counts[(p % SLOTS as u64) as usize] > 0)
+                .unwrap_or(period);
             return Decision {
                 allowed: false,
                 limit: self.requests,
                 remaining: 0,
                 reset: leaves(period),
-                retry_after: leaves(oldest_used),
+                retry_after: leaves(oldest),
             };
         }
+        let slot = &mut w.counts[(period % SLOTS as u64) as usize];
+        *slot = slot.saturating_add(1);
         Decision {
             allowed: true,
             limit: self.requests,
-            remaining: self.requests - used,
+            remaining: self.requests - used - 1,
             reset: leaves(period),
             retry_after: 0,
         }
@@ -213,6 +247,12 @@ impl RateLimit {
 
     pub fn check<K: Hash>(&self, key: K) -> Decision {
         self.check_at(key, Instant::now())
+    }
+
+    /// Keys counted now.
+    #[cfg(test)]
+    fn keys_held(&self) -> usize {
+        self.keys.len()
     }
 }
 
@@ -346,6 +386,25 @@ mod tests {
         // 9 s later both admitted requests have left the window.
         assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
         assert!(limit.check_at("a", t0 + Duration::from_secs(9)).allowed);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_never_refuses_another_key() {
+        let limit = RateLimit::with_capacity(2, Duration::from_secs(60), LimitKey::ClientIp, 1000);
+        let t0 = limit.epoch;
+        assert!(limit.check_at("steady", t0).allowed);
+        assert!(limit.check_at("steady", t0).allowed);
+        for i in 0..50_000u32 {
+            assert!(limit.check_at(("flood", i), t0).allowed);
+            // The flooder keeps trying its limited key: it stays counted.
+            if i % 100 == 0 {
+                assert!(!limit.check_at("steady", t0).allowed, "after {i}");
+            }
+        }
+        assert!(limit.keys_held() <= 1000);
+        for i in 0..100u32 {
+            assert!(limit.check_at(("honest", i), t0).allowed);
+        }
     }
 
     #[test]

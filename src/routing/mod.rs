@@ -15,7 +15,9 @@ use http::{HeaderMap, Method};
 use prometheus::Histogram;
 
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
-pub use normalize::{normalize_path, PathError};
+pub use normalize::{
+    normalize_path, path_params, without_params, Params as PathParamsFound, PathError,
+};
 
 /// The percent-decoded values of a query parameter, in order.
 pub fn query_values<'q: 'n, 'n>(
@@ -35,8 +37,9 @@ use crate::cache::CachePolicy;
 use crate::metrics::Series;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
-use crate::transform::body::JsonRules;
+use crate::transform::body::ResponseBodyRules;
 use crate::transform::headers::{Deprecation, HeaderRules};
+use crate::transform::json::JsonRules;
 use crate::upstream::Upstream;
 
 /// A compiled route: what it matches and how its requests are handled.
@@ -65,13 +68,6 @@ pub struct Route {
     pub cache: Option<CachePolicy>,
     /// This route's `gatehouse_request_duration_seconds` series.
     pub duration_series: Series<Histogram>,
-}
-
-/// `response_body`: JSON field rules, and XML turned into JSON first.
-#[derive(Debug)]
-pub struct ResponseBodyRules {
-    pub json: JsonRules,
-    pub xml_to_json: bool,
 }
 
 /// Where a route's requests go.
@@ -111,11 +107,27 @@ impl PathRewrite {
 
     /// The path and query to send upstream.
     pub fn apply(&self, path: &str, query: Option<&str>) -> String {
+        self.apply_kept(path, path, query)
+    }
+
+    /// As [`Self::apply`] for a path whose `;` parameters are kept: the
+    /// prefix is matched on `routed` (the path without them) and stripped
+    /// from `path` segment by segment.
+    pub fn apply_kept(&self, path: &str, routed: &str, query: Option<&str>) -> String {
         let mut rest = path;
         if let Some(strip) = &self.strip_prefix {
-            if let Some(after) = path.strip_prefix(strip.as_str()) {
+            if let Some(after) = routed.strip_prefix(strip.as_str()) {
                 if after.is_empty() || after.starts_with('/') {
-                    rest = after;
+                    rest = if routed.len() == path.len() {
+                        &path[strip.len()..]
+                    } else {
+                        let segments = strip.trim_end_matches('/').matches('/').count();
+                        let cut = path
+                            .match_indices('/')
+                            .nth(segments)
+                            .map_or(path.len(), |(i, _)| i);
+                        &path[cut..]
+                    };
                 }
             }
         }
@@ -248,5 +260,11 @@ mod tests {
             add_prefix: Some("/api/".into()),
         };
         assert_eq!(add_slash.apply("/x", None), "/api/x");
+        // Kept path parameters: the prefix is stripped by segments.
+        assert_eq!(
+            strip_only.apply_kept("/v1;x=1/a;b/c", "/v1/a/c", Some("q=1")),
+            "/a;b/c?q=1"
+        );
+        assert_eq!(strip_only.apply_kept("/v1;x", "/v1", None), "/");
     }
 }

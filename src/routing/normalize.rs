@@ -5,6 +5,12 @@
 //! `..` segments are resolved, and `//` is collapsed. A path that climbs above
 //! `/`, or holds an encoded `/` (`%2F`), a NUL or a control character (raw or
 //! encoded), is refused.
+//!
+//! `;` path parameters (`/admin;jsessionid=1/secret`) are stripped by Java
+//! servers before they route, so a gateway that matched the path with them
+//! would authorize one path and forward another: [`path_params`] finds
+//! them, and [`without_params`] gives the path routes match when they are
+//! kept (`server.path_params: keep`).
 
 use std::borrow::Cow;
 
@@ -49,6 +55,44 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
     let decoded = decode_unreserved(path)?;
     Ok(Cow::Owned(resolve_segments(&decoded)?))
+}
+
+/// What `;` path parameters a normalized path holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Params {
+    None,
+    /// Raw `;` in some segment.
+    Present,
+    /// Only an encoded `%3B`, which servers that decode before splitting
+    /// read as a parameter too.
+    Encoded,
+}
+
+pub fn path_params(path: &str) -> Params {
+    let bytes = path.as_bytes();
+    if memchr::memchr(b';', bytes).is_some() {
+        return Params::Present;
+    }
+    let encoded = memchr::memchr_iter(b'%', bytes)
+        .any(|i| matches!(bytes.get(i + 1..i + 3), Some(b"3B" | b"3b")));
+    if encoded {
+        Params::Encoded
+    } else {
+        Params::None
+    }
+}
+
+/// The path with each segment's `;...` part removed: what routes match
+/// under `path_params: keep`.
+pub fn without_params(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    out
 }
 
 /// `..;x` or `.;x`: Tomcat and Spring drop `;` parameters and then resolve
@@ -188,6 +232,20 @@ mod tests {
         assert_eq!(n("/a%3fb"), Ok("/a%3Fb".into()));
         assert_eq!(n("/%252e%252e/x"), Ok("/%252e%252e/x".into()));
         assert_eq!(n("/caf%C3%A9"), Ok("/caf%C3%A9".into()));
+    }
+
+    #[test]
+    fn path_parameters() {
+        assert_eq!(path_params("/a/b"), Params::None);
+        assert_eq!(path_params("/a%20b"), Params::None);
+        assert_eq!(path_params("/admin;jsessionid=1/x"), Params::Present);
+        assert_eq!(path_params("/admin%3bx/x"), Params::Encoded);
+        assert_eq!(
+            without_params("/admin;jsessionid=1/secret"),
+            "/admin/secret"
+        );
+        assert_eq!(without_params("/a;x/b;y=1;z/c/"), "/a/b/c/");
+        assert_eq!(without_params("/a/b"), "/a/b");
     }
 
     #[test]

@@ -1,112 +1,42 @@
-//! Body rules: `remove_fields` and `rename_fields` on JSON bodies (dotted
-//! paths, `items[]` walking arrays), and `xml_to_json` for XML responses.
-//! Bodies are buffered only when a rule applies, up to a size cap; a body
-//! over the cap, of another type, or malformed passes untouched.
+//! Body rules in flight: which bodies a rule reads, holding them back until
+//! they are whole (up to `server.max_transform_size`, and within the shared
+//! `server.max_buffered` budget), undoing their content coding, and
+//! `xml_to_json` for XML responses. The JSON field rules themselves are in
+//! [`super::json`].
+//!
+//! Joins `request_filter` (which request bodies to read, refused early
+//! when they cannot be), `upstream_request_filter` (their framing),
+//! `request_body_filter`, `upstream_response_filter` and
+//! `upstream_response_body_filter`.
+//!
+//! On a route whose rules remove fields, a body is never passed on
+//! unread: one that cannot be read, decoded, or held is refused (`400` for
+//! a request, `502` for a response, `503` when the budget is spent). Where
+//! the rules only rename, such a body passes untouched.
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use pingora_http::{RequestHeader, ResponseHeader};
 use serde_json::{Map, Value};
 
-/// One step of a field path: `name`, or `name[]` for every element of the
-/// array under `name`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Step {
-    Key(String),
-    Each(String),
+use super::decode::{self, Coding};
+use super::json::JsonRules;
+use crate::budget::{Budget, Held};
+
+/// `response_body`: JSON field rules, and XML turned into JSON first.
+#[derive(Debug)]
+pub struct ResponseBodyRules {
+    pub json: JsonRules,
+    pub xml_to_json: bool,
 }
 
-/// `a.b.c` or `items[].ssn`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldPath(Vec<Step>);
-
-impl FieldPath {
-    pub fn parse(path: &str) -> Result<Self, String> {
-        let mut steps = Vec::new();
-        for part in path.split('.') {
-            let step = match part.strip_suffix("[]") {
-                Some(name) => Step::Each(name.to_string()),
-                None => Step::Key(part.to_string()),
-            };
-            let name = match &step {
-                Step::Key(n) | Step::Each(n) => n,
-            };
-            if name.is_empty() || name.contains(['[', ']']) {
-                return Err(format!(
-                    "field path \"{path}\": write it like a.b.c or items[].field"
-                ));
-            }
-            steps.push(step);
-        }
-        Ok(FieldPath(steps))
-    }
-
-    /// Calls `f` on every object that holds the path's last field, with the
-    /// field's name.
-    fn visit<'v>(&self, value: &'v mut Value, f: &mut dyn FnMut(&mut Map<String, Value>, &str)) {
-        visit(&self.0, value, f);
-    }
-}
-
-fn visit(steps: &[Step], value: &mut Value, f: &mut dyn FnMut(&mut Map<String, Value>, &str)) {
-    let Some((first, rest)) = steps.split_first() else {
-        return;
-    };
-    let Value::Object(map) = value else {
-        return;
-    };
-    match first {
-        Step::Key(name) if rest.is_empty() => f(map, name),
-        Step::Key(name) => {
-            if let Some(child) = map.get_mut(name) {
-                visit(rest, child, f);
-            }
-        }
-        Step::Each(name) => {
-            if let Some(Value::Array(items)) = map.get_mut(name) {
-                for item in items {
-                    if rest.is_empty() {
-                        // `items[]` alone names the array's elements: nothing
-                        // to remove by name there.
-                        continue;
-                    }
-                    visit(rest, item, f);
-                }
-            }
-        }
-    }
-}
-
-/// `remove_fields` and `rename_fields` of one direction.
-#[derive(Debug, Default)]
-pub struct JsonRules {
-    pub remove: Vec<FieldPath>,
-    /// Field path -> new name of its last field.
-    pub rename: Vec<(FieldPath, String)>,
-}
-
-impl JsonRules {
-    pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.rename.is_empty()
-    }
-
-    pub fn apply(&self, value: &mut Value) {
-        // Fields keep their order: a client or upstream may care.
-        for path in &self.remove {
-            path.visit(value, &mut |map, field| {
-                map.shift_remove(field);
-            });
-        }
-        for (path, to) in &self.rename {
-            path.visit(value, &mut |map, field| {
-                let Some(at) = map.keys().position(|k| k == field) else {
-                    return;
-                };
-                if let Some(v) = map.shift_remove(field) {
-                    map.shift_remove(to.as_str());
-                    let at = at.min(map.len());
-                    map.shift_insert(at, to.clone(), v);
-                }
-            });
-        }
+impl ResponseBodyRules {
+    /// Whether the rules remove fields: `Range` then never reaches the
+    /// upstream, and its `206` is refused.
+    pub fn removes(&self) -> bool {
+        self.json.removes()
     }
 }
 
@@ -139,57 +69,75 @@ pub fn body_kind(content_type: Option<&[u8]>) -> BodyKind {
     }
 }
 
-/// Applies `rules` to a JSON body; `None` when it is not valid JSON.
-pub fn rewrite_json(body: &[u8], rules: &JsonRules) -> Option<Bytes> {
-    // A UTF-8 byte order mark is allowed before JSON text (RFC 8259 8.1 says
-    // a parser may ignore it); serde does not take one.
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let mut value: Value = serde_json::from_slice(body).ok()?;
-    rules.apply(&mut value);
-    serde_json::to_vec(&value).ok().map(Bytes::from)
+/// Why an XML document was not converted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum XmlError {
+    /// Not well-formed UTF-8 XML, more than one root, or too deep.
+    Malformed,
+    /// Its tree would cost more than the memory allowed for it.
+    TooCostly,
 }
+
+/// What a node of the converted tree costs in memory, about: a `Value`, a
+/// map entry and an allocation's overhead.
+const XML_NODE_COST: usize = 128;
+const MAX_XML_DEPTH: usize = 128;
 
 /// Converts an XML document to JSON: `{"root": ...}`, attributes as
 /// `@name`, text beside attributes or children as `#text`, repeated
 /// elements as arrays, an element with only text as that string, an empty
-/// one as null. `None` when it is not well-formed UTF-8 XML.
-pub fn xml_to_json(body: &[u8]) -> Option<Value> {
+/// one as null. `spend` is asked for the memory the tree takes as it grows
+/// and refuses when it would pass its bound.
+pub fn xml_to_json(body: &[u8], spend: &mut dyn FnMut(usize) -> bool) -> Result<Value, XmlError> {
     use quick_xml::events::Event;
-    let text = std::str::from_utf8(body).ok()?;
+    let text = std::str::from_utf8(body).map_err(|_| XmlError::Malformed)?;
     let mut reader = quick_xml::Reader::from_str(text);
     reader.config_mut().trim_text(true);
     // Open elements: name and what they hold so far.
     let mut stack: Vec<(String, Map<String, Value>, String)> = Vec::new();
     let mut root: Option<(String, Value)> = None;
+    let mut charge = |n: usize| {
+        if spend(n) {
+            Ok(())
+        } else {
+            Err(XmlError::TooCostly)
+        }
+    };
     loop {
-        match reader.read_event().ok()? {
+        match reader.read_event().map_err(|_| XmlError::Malformed)? {
             // Deeper documents are refused: the JSON would be written and
             // dropped by recursion.
-            Event::Start(_) if stack.len() >= MAX_XML_DEPTH => return None,
+            Event::Start(_) if stack.len() >= MAX_XML_DEPTH => return Err(XmlError::Malformed),
             Event::Start(e) => {
-                let name = String::from_utf8(e.name().as_ref().to_vec()).ok()?;
-                stack.push((name, attributes(&e)?, String::new()));
+                let name = element_name(&e)?;
+                let attrs = attributes(&e, &mut charge)?;
+                charge(XML_NODE_COST + name.len())?;
+                stack.push((name, attrs, String::new()));
             }
             Event::Empty(e) => {
-                let name = String::from_utf8(e.name().as_ref().to_vec()).ok()?;
-                let value = element_value(attributes(&e)?, String::new());
+                let name = element_name(&e)?;
+                let attrs = attributes(&e, &mut charge)?;
+                charge(XML_NODE_COST + name.len())?;
+                let value = element_value(attrs, String::new());
                 if !place(&mut stack, &mut root, name, value) {
-                    return None;
+                    return Err(XmlError::Malformed);
                 }
             }
             Event::Text(t) => {
-                let s = t.unescape().ok()?;
-                stack.last_mut()?.2.push_str(&s);
+                let s = t.unescape().map_err(|_| XmlError::Malformed)?;
+                charge(s.len())?;
+                stack.last_mut().ok_or(XmlError::Malformed)?.2.push_str(&s);
             }
             Event::CData(c) => {
-                let s = std::str::from_utf8(&c).ok()?;
-                stack.last_mut()?.2.push_str(s);
+                let s = std::str::from_utf8(&c).map_err(|_| XmlError::Malformed)?;
+                charge(s.len())?;
+                stack.last_mut().ok_or(XmlError::Malformed)?.2.push_str(s);
             }
             Event::End(_) => {
-                let (name, map, text) = stack.pop()?;
+                let (name, map, text) = stack.pop().ok_or(XmlError::Malformed)?;
                 let value = element_value(map, text);
                 if !place(&mut stack, &mut root, name, value) {
-                    return None;
+                    return Err(XmlError::Malformed);
                 }
             }
             Event::Eof => break,
@@ -197,23 +145,31 @@ pub fn xml_to_json(body: &[u8]) -> Option<Value> {
         }
     }
     if !stack.is_empty() {
-        return None;
+        return Err(XmlError::Malformed);
     }
-    let (name, value) = root?;
+    let (name, value) = root.ok_or(XmlError::Malformed)?;
     let mut out = Map::new();
     out.insert(name, value);
-    Some(Value::Object(out))
+    Ok(Value::Object(out))
 }
 
-fn attributes(e: &quick_xml::events::BytesStart<'_>) -> Option<Map<String, Value>> {
+fn element_name(e: &quick_xml::events::BytesStart<'_>) -> Result<String, XmlError> {
+    String::from_utf8(e.name().as_ref().to_vec()).map_err(|_| XmlError::Malformed)
+}
+
+fn attributes(
+    e: &quick_xml::events::BytesStart<'_>,
+    charge: &mut dyn FnMut(usize) -> Result<(), XmlError>,
+) -> Result<Map<String, Value>, XmlError> {
     let mut map = Map::new();
     for attr in e.attributes() {
-        let attr = attr.ok()?;
-        let key = std::str::from_utf8(attr.key.as_ref()).ok()?;
-        let value = attr.unescape_value().ok()?;
+        let attr = attr.map_err(|_| XmlError::Malformed)?;
+        let key = std::str::from_utf8(attr.key.as_ref()).map_err(|_| XmlError::Malformed)?;
+        let value = attr.unescape_value().map_err(|_| XmlError::Malformed)?;
+        charge(XML_NODE_COST + key.len() + value.len())?;
         map.insert(format!("@{key}"), Value::String(value.into_owned()));
     }
-    Some(map)
+    Ok(map)
 }
 
 fn element_value(mut map: Map<String, Value>, text: String) -> Value {
@@ -260,312 +216,82 @@ fn place(
     }
 }
 
-const MAX_XML_DEPTH: usize = 128;
-
-/// A body being held back for a rule, up to `cap` bytes.
-#[derive(Debug)]
-pub struct BodyBuffer {
-    buf: BytesMut,
-    cap: usize,
-    overflowed: bool,
+/// Which way a body travels: what a refusal answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
 }
 
-/// What to do with a chunk fed to a [`BodyBuffer`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Feed {
-    /// Hold it: send nothing yet.
-    Hold,
-    /// Send this on unchanged (the cap was passed: the body streams as is).
-    Pass(Option<Bytes>),
-    /// The whole body: rewrite it and send the result.
-    Complete(Bytes),
+/// A body rule's refusal of a body: the status the client gets, and what
+/// it is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub detail: &'static str,
 }
 
-impl BodyBuffer {
-    pub fn new(cap: usize) -> Self {
-        BodyBuffer {
-            buf: BytesMut::new(),
-            cap,
-            overflowed: false,
+impl Direction {
+    fn unreadable(self) -> Refusal {
+        match self {
+            Direction::Request => Refusal {
+                status: StatusCode::BAD_REQUEST,
+                detail: "the request body cannot be read for this route's body rules",
+            },
+            Direction::Response => Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                detail: "the upstream's answer cannot be read for this route's body rules",
+            },
         }
     }
 
-    /// Whether the body went past the cap and passed untouched.
-    #[cfg(test)]
-    pub fn overflowed(&self) -> bool {
-        self.overflowed
-    }
-
-    pub fn feed(&mut self, chunk: Option<Bytes>, end: bool) -> Feed {
-        if self.overflowed {
-            return Feed::Pass(chunk);
-        }
-        if let Some(c) = chunk {
-            if self.buf.len() + c.len() > self.cap {
-                self.overflowed = true;
-                let mut all = std::mem::take(&mut self.buf);
-                all.extend_from_slice(&c);
-                return Feed::Pass(Some(all.freeze()));
-            }
-            self.buf.extend_from_slice(&c);
-        }
-        if end {
-            Feed::Complete(std::mem::take(&mut self.buf).freeze())
-        } else {
-            Feed::Hold
+    fn too_large(self) -> Refusal {
+        match self {
+            Direction::Request => Refusal {
+                status: StatusCode::BAD_REQUEST,
+                detail: "the request body is too large for this route's body rules",
+            },
+            Direction::Response => Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                detail: "the upstream's answer is too large for this route's body rules",
+            },
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
+/// Past `server.max_buffered`.
+const BUSY: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    detail: "too many bodies are held in memory right now; retry later",
+};
 
-    fn rules(remove: &[&str], rename: &[(&str, &str)]) -> JsonRules {
-        JsonRules {
-            remove: remove
-                .iter()
-                .map(|p| FieldPath::parse(p).unwrap())
-                .collect(),
-            rename: rename
-                .iter()
-                .map(|(p, n)| (FieldPath::parse(p).unwrap(), n.to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn nested_and_array_fields() {
-        let mut v = json!({
-            "password": "x",
-            "user": {"password": "y", "userName": "ann"},
-            "items": [{"ssn": 1, "id": 1}, {"ssn": 2, "id": 2}, "scalar"],
-            "keep": true
-        });
-        rules(
-            &["password", "user.password", "items[].ssn"],
-            &[("user.userName", "user_name"), ("items[].id", "item_id")],
-        )
-        .apply(&mut v);
-        assert_eq!(
-            v,
-            json!({
-                "user": {"user_name": "ann"},
-                "items": [{"item_id": 1}, {"item_id": 2}, "scalar"],
-                "keep": true
-            })
-        );
-        assert!(FieldPath::parse("a..b").is_err());
-        assert!(FieldPath::parse("a[0]").is_err());
-    }
-
-    #[test]
-    fn order_is_kept_and_a_bom_is_read() {
-        let out = rewrite_json(
-            b"\xEF\xBB\xBF{\"a\":1,\"drop\":2,\"b\":3,\"old\":4,\"c\":5}",
-            &rules(&["drop"], &[("old", "new")]),
-        )
-        .unwrap();
-        assert_eq!(out, Bytes::from_static(br#"{"a":1,"b":3,"new":4,"c":5}"#));
-    }
-
-    #[test]
-    fn malformed_json_is_left_alone() {
-        assert_eq!(rewrite_json(b"{not json", &rules(&["a"], &[])), None);
-        assert_eq!(
-            rewrite_json(br#"{"a":1,"b":2}"#, &rules(&["a"], &[])).unwrap(),
-            Bytes::from_static(br#"{"b":2}"#)
-        );
-    }
-
-    #[test]
-    fn xml_becomes_json() {
-        let xml = br#"<?xml version="1.0"?>
-<order id="7" status="open">
-  <item sku="a1">Pen</item>
-  <item sku="b2">Ink</item>
-  <note>Fragile &amp; urgent</note>
-  <empty/>
-  <total currency="EUR">12.50</total>
-</order>"#;
-        assert_eq!(
-            xml_to_json(xml).unwrap(),
-            json!({"order": {
-                "@id": "7", "@status": "open",
-                "item": [{"@sku": "a1", "#text": "Pen"}, {"@sku": "b2", "#text": "Ink"}],
-                "note": "Fragile & urgent",
-                "empty": null,
-                "total": {"@currency": "EUR", "#text": "12.50"}
-            }})
-        );
-        assert_eq!(xml_to_json(b"<a><b></a>"), None);
-        assert_eq!(xml_to_json(b"<a/><b/>"), None);
-        assert_eq!(xml_to_json(b"not xml at all"), None);
-        let deep = format!("{}{}", "<a>".repeat(200), "</a>".repeat(200));
-        assert_eq!(xml_to_json(deep.as_bytes()), None);
-        let ok = format!("{}{}", "<a>".repeat(100), "</a>".repeat(100));
-        assert!(xml_to_json(ok.as_bytes()).is_some());
-    }
-
-    #[test]
-    fn buffers_up_to_the_cap_then_passes_through() {
-        let mut b = BodyBuffer::new(10);
-        assert_eq!(
-            b.feed(Some(Bytes::from_static(b"12345")), false),
-            Feed::Hold
-        );
-        assert_eq!(
-            b.feed(Some(Bytes::from_static(b"678")), true),
-            Feed::Complete(Bytes::from_static(b"12345678"))
-        );
-        let mut b = BodyBuffer::new(4);
-        assert_eq!(b.feed(Some(Bytes::from_static(b"123")), false), Feed::Hold);
-        assert_eq!(
-            b.feed(Some(Bytes::from_static(b"456")), false),
-            Feed::Pass(Some(Bytes::from_static(b"123456")))
-        );
-        assert!(b.overflowed());
-        assert_eq!(
-            b.feed(Some(Bytes::from_static(b"7")), true),
-            Feed::Pass(Some(Bytes::from_static(b"7")))
-        );
-    }
-
-    #[test]
-    fn kinds() {
-        assert_eq!(
-            body_kind(Some(b"application/json; charset=utf-8")),
-            BodyKind::Json
-        );
-        assert_eq!(body_kind(Some(b"application/problem+json")), BodyKind::Json);
-        assert_eq!(body_kind(Some(b"text/xml")), BodyKind::Xml);
-        assert_eq!(body_kind(Some(b"text/plain")), BodyKind::Other);
-        assert_eq!(body_kind(None), BodyKind::Other);
-    }
-}
+/// An upstream `206` on a route whose rules remove fields.
+pub const PARTIAL_REFUSED: Refusal = Refusal {
+    status: StatusCode::BAD_GATEWAY,
+    detail: "the upstream answered with part of a body this route filters",
+};
 
 /// A body being rewritten in flight: what it is and what has arrived.
 #[derive(Debug)]
 pub struct Rewrite {
     kind: BodyKind,
+    direction: Direction,
+    /// The rules remove fields: never pass the body unread.
+    strict: bool,
+    codings: Vec<Coding>,
     /// How "nothing yet" is said: Pingora reads `None` on the request side
     /// as the end of the body, so requests hold with an empty chunk, which
     /// it does not write. On the response side `None` is nothing.
     hold: Option<Bytes>,
-    buffer: BodyBuffer,
+    buf: BytesMut,
+    cap: usize,
+    /// What this body holds of `max_buffered`: twice what arrived (the
+    /// body and what it becomes), and its decoded and converted forms.
+    held: Held,
+    /// Over the cap on a route that only renames: streaming untouched.
+    passing: bool,
     /// Why the body passed untouched, if it did (for the access log).
     pub untouched: Option<&'static str>,
-}
-
-impl Rewrite {
-    /// For a request body: `Some` when it is JSON, has a body, and is not
-    /// declared larger than `cap`. The upstream request then loses its
-    /// `Content-Length` (the rewritten body is sent chunked).
-    pub fn for_request(
-        rules: Option<&JsonRules>,
-        client: &pingora_http::RequestHeader,
-        upstream: &mut pingora_http::RequestHeader,
-        cap: usize,
-    ) -> Option<Self> {
-        rules?;
-        if body_kind(header(&client.headers, http::header::CONTENT_TYPE)) != BodyKind::Json {
-            return None;
-        }
-        let declared = declared_length(&client.headers);
-        let chunked = client.headers.contains_key(http::header::TRANSFER_ENCODING);
-        match declared {
-            Some(0) => return None,
-            Some(n) if n > cap as u64 => return None,
-            None if !chunked => return None,
-            _ => {}
-        }
-        upstream.remove_header(&http::header::CONTENT_LENGTH);
-        Some(Rewrite {
-            kind: BodyKind::Json,
-            hold: Some(Bytes::new()),
-            buffer: BodyBuffer::new(cap),
-            untouched: None,
-        })
-    }
-
-    /// For a response: `Some` when a rule applies to its type, it has a
-    /// body, it is not compressed, and it is not declared larger than
-    /// `cap`. Its framing becomes chunked; XML to be converted is labelled
-    /// JSON now, since the header leaves before the body arrives.
-    pub fn for_response(
-        rules: Option<&crate::routing::ResponseBodyRules>,
-        head_request: bool,
-        resp: &mut pingora_http::ResponseHeader,
-        cap: usize,
-    ) -> Option<Self> {
-        let rules = rules?;
-        let status = resp.status.as_u16();
-        if head_request || status < 200 || status == 204 || status == 304 {
-            return None;
-        }
-        if header(&resp.headers, http::header::CONTENT_ENCODING)
-            .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"))
-        {
-            return None;
-        }
-        let kind = body_kind(header(&resp.headers, http::header::CONTENT_TYPE));
-        let applies = match kind {
-            BodyKind::Json => !rules.json.is_empty(),
-            BodyKind::Xml => rules.xml_to_json,
-            BodyKind::Other => false,
-        };
-        if !applies || declared_length(&resp.headers).is_some_and(|n| n > cap as u64) {
-            return None;
-        }
-        resp.remove_header(&http::header::CONTENT_LENGTH);
-        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-        // The bytes change: a strong validator would claim otherwise.
-        if let Some(etag) = resp.headers.get(http::header::ETAG).cloned() {
-            if !etag.as_bytes().starts_with(b"W/") {
-                let mut weak = b"W/".to_vec();
-                weak.extend_from_slice(etag.as_bytes());
-                if let Ok(v) = http::HeaderValue::from_bytes(&weak) {
-                    let _ = resp.insert_header(http::header::ETAG, v);
-                }
-            }
-        }
-        if kind == BodyKind::Xml {
-            let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
-        }
-        Some(Rewrite {
-            kind,
-            hold: None,
-            buffer: BodyBuffer::new(cap),
-            untouched: None,
-        })
-    }
-
-    /// Feeds one chunk; `body` becomes what to send on now.
-    pub fn on_chunk(&mut self, json: &JsonRules, body: &mut Option<Bytes>, end: bool) {
-        match self.buffer.feed(body.take(), end) {
-            Feed::Hold => *body = self.hold.clone(),
-            Feed::Pass(chunk) => {
-                self.untouched = Some("over max_transform_size");
-                *body = chunk;
-            }
-            Feed::Complete(all) => {
-                let rewritten = match self.kind {
-                    BodyKind::Json => rewrite_json(&all, json),
-                    BodyKind::Xml => xml_to_json(&all).and_then(|mut v| {
-                        json.apply(&mut v);
-                        serde_json::to_vec(&v).ok().map(Bytes::from)
-                    }),
-                    BodyKind::Other => None,
-                };
-                if rewritten.is_none() && !all.is_empty() {
-                    self.untouched = Some("malformed body");
-                }
-                let out = rewritten.unwrap_or(all);
-                *body = (!out.is_empty()).then_some(out);
-            }
-        }
-    }
 }
 
 fn header(headers: &http::HeaderMap, name: http::HeaderName) -> Option<&[u8]> {
@@ -581,4 +307,420 @@ pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+impl Rewrite {
+    /// Decides whether a body is read, from its message's header; `None`
+    /// when it passes as it is.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        direction: Direction,
+        kind: BodyKind,
+        strict: bool,
+        headers: &http::HeaderMap,
+        has_body: bool,
+        cap: usize,
+        budget: &Arc<Budget>,
+    ) -> Result<Option<Self>, Refusal> {
+        if !has_body || kind == BodyKind::Other {
+            return Ok(None);
+        }
+        let codings = match header(headers, http::header::CONTENT_ENCODING).map(decode::parse) {
+            None => Vec::new(),
+            Some(Ok(c)) => c,
+            Some(Err(_)) if strict => return Err(direction.unreadable()),
+            Some(Err(_)) => return Ok(None),
+        };
+        let declared = declared_length(headers);
+        if declared.is_some_and(|n| n > cap as u64) {
+            return if strict {
+                Err(direction.too_large())
+            } else {
+                Ok(None)
+            };
+        }
+        let held = budget
+            .reserve(declared.unwrap_or(0).saturating_mul(2))
+            .ok_or(BUSY)?;
+        Ok(Some(Rewrite {
+            kind,
+            direction,
+            strict,
+            codings,
+            hold: match direction {
+                Direction::Request => Some(Bytes::new()),
+                Direction::Response => None,
+            },
+            buf: BytesMut::with_capacity(declared.unwrap_or(0) as usize),
+            cap,
+            held,
+            passing: false,
+            untouched: None,
+        }))
+    }
+
+    /// For a request body: `Some` when it is JSON and has a body. Decided
+    /// before the upstream is chosen, so a body that cannot be read is
+    /// refused before anything is sent.
+    pub fn for_request(
+        rules: &JsonRules,
+        client: &RequestHeader,
+        cap: usize,
+        budget: &Arc<Budget>,
+    ) -> Result<Option<Self>, Refusal> {
+        let has_body = match declared_length(&client.headers) {
+            Some(n) => n > 0,
+            None => client.headers.contains_key(http::header::TRANSFER_ENCODING),
+        };
+        Self::plan(
+            Direction::Request,
+            body_kind(header(&client.headers, http::header::CONTENT_TYPE)),
+            rules.removes(),
+            &client.headers,
+            has_body,
+            cap,
+            budget,
+        )
+    }
+
+    /// The upstream request carries the rewritten body: sent chunked, and
+    /// decoded when it was encoded.
+    pub fn prepare_request(&self, upstream: &mut RequestHeader) {
+        upstream.remove_header(&http::header::CONTENT_LENGTH);
+        if !self.codings.is_empty() {
+            upstream.remove_header(&http::header::CONTENT_ENCODING);
+        }
+    }
+
+    /// For a response: `Some` when a rule applies to its type and it has a
+    /// body. Its framing becomes chunked, a coding is undone, and XML to be
+    /// converted is labelled JSON now, since the header leaves before the
+    /// body arrives.
+    pub fn for_response(
+        rules: &ResponseBodyRules,
+        head_request: bool,
+        resp: &mut ResponseHeader,
+        cap: usize,
+        budget: &Arc<Budget>,
+    ) -> Result<Option<Self>, Refusal> {
+        let status = resp.status.as_u16();
+        if rules.removes() && status == 206 {
+            return Err(PARTIAL_REFUSED);
+        }
+        let has_body = !(head_request || status < 200 || status == 204 || status == 304)
+            && declared_length(&resp.headers) != Some(0);
+        let kind = match body_kind(header(&resp.headers, http::header::CONTENT_TYPE)) {
+            BodyKind::Json if !rules.json.is_empty() => BodyKind::Json,
+            BodyKind::Xml if rules.xml_to_json => BodyKind::Xml,
+            _ => BodyKind::Other,
+        };
+        let Some(rewrite) = Self::plan(
+            Direction::Response,
+            kind,
+            rules.removes(),
+            &resp.headers,
+            has_body,
+            cap,
+            budget,
+        )?
+        else {
+            return Ok(None);
+        };
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        if !rewrite.codings.is_empty() {
+            resp.remove_header(&http::header::CONTENT_ENCODING);
+        }
+        // The bytes change: a strong validator would claim otherwise.
+        if let Some(etag) = resp.headers.get(http::header::ETAG).cloned() {
+            if !etag.as_bytes().starts_with(b"W/") {
+                let mut weak = b"W/".to_vec();
+                weak.extend_from_slice(etag.as_bytes());
+                if let Ok(v) = http::HeaderValue::from_bytes(&weak) {
+                    let _ = resp.insert_header(http::header::ETAG, v);
+                }
+            }
+        }
+        if kind == BodyKind::Xml {
+            let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
+        }
+        Ok(Some(rewrite))
+    }
+
+    /// Feeds one chunk; `body` becomes what to send on now.
+    pub fn on_chunk(
+        &mut self,
+        rules: &JsonRules,
+        body: &mut Option<Bytes>,
+        end: bool,
+    ) -> Result<(), Refusal> {
+        if self.passing {
+            return Ok(());
+        }
+        if let Some(chunk) = body.take() {
+            if self.buf.len() + chunk.len() > self.cap {
+                if self.strict || !self.codings.is_empty() {
+                    return Err(self.direction.too_large());
+                }
+                // Only renames: the body streams on as it is.
+                self.passing = true;
+                self.untouched = Some("over max_transform_size");
+                let mut all = std::mem::take(&mut self.buf);
+                all.extend_from_slice(&chunk);
+                *body = Some(all.freeze());
+                return Ok(());
+            }
+            if !self.held.grow_to(2 * (self.buf.len() + chunk.len()) as u64) {
+                return Err(BUSY);
+            }
+            self.buf.extend_from_slice(&chunk);
+        }
+        if !end {
+            *body = self.hold.clone();
+            return Ok(());
+        }
+        let all = std::mem::take(&mut self.buf).freeze();
+        let out = self.finish(rules, all)?;
+        *body = (!out.is_empty()).then_some(out);
+        Ok(())
+    }
+
+    /// The whole body, rewritten.
+    fn finish(&mut self, rules: &JsonRules, all: Bytes) -> Result<Bytes, Refusal> {
+        let plain = if self.codings.is_empty() {
+            all
+        } else {
+            let decoded = decode::decode(&self.codings, &all, self.cap).map_err(|e| match e {
+                decode::DecodeError::TooLarge(_) => self.direction.too_large(),
+                _ => self.direction.unreadable(),
+            })?;
+            if !self.held.grow_to((all.len() + 2 * decoded.len()) as u64) {
+                return Err(BUSY);
+            }
+            Bytes::from(decoded)
+        };
+        if plain.is_empty() {
+            return Ok(plain);
+        }
+        let json = match self.kind {
+            BodyKind::Xml => {
+                let held = &mut self.held;
+                match xml_to_json(&plain, &mut |n| held.grow(n as u64)) {
+                    Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+                    Err(XmlError::TooCostly) => return Err(BUSY),
+                    Err(XmlError::Malformed) if self.strict => {
+                        return Err(self.direction.unreadable())
+                    }
+                    Err(XmlError::Malformed) => {
+                        self.untouched = Some("malformed body");
+                        return Ok(plain);
+                    }
+                }
+            }
+            _ => plain,
+        };
+        match rules.rewrite(&json) {
+            Ok(std::borrow::Cow::Borrowed(_)) => Ok(json),
+            Ok(std::borrow::Cow::Owned(out)) => Ok(Bytes::from(out)),
+            Err(_) if self.strict => Err(self.direction.unreadable()),
+            Err(_) => {
+                self.untouched = Some("malformed body");
+                Ok(json)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transform::json::FieldPath;
+    use serde_json::json;
+
+    fn rules(remove: &[&str]) -> JsonRules {
+        JsonRules::new(
+            remove
+                .iter()
+                .map(|p| FieldPath::parse(p).unwrap())
+                .collect(),
+            vec![],
+        )
+    }
+
+    fn no_limit(_: usize) -> bool {
+        true
+    }
+
+    #[test]
+    fn xml_becomes_json() {
+        let xml = br#"<?xml version="1.0"?>
+<order id="7" status="open">
+  <item sku="a1">Pen</item>
+  <item sku="b2">Ink</item>
+  <note>Fragile &amp; urgent</note>
+  <empty/>
+  <total currency="EUR">12.50</total>
+</order>"#;
+        assert_eq!(
+            xml_to_json(xml, &mut no_limit).unwrap(),
+            json!({"order": {
+                "@id": "7", "@status": "open",
+                "item": [{"@sku": "a1", "#text": "Pen"}, {"@sku": "b2", "#text": "Ink"}],
+                "note": "Fragile & urgent",
+                "empty": null,
+                "total": {"@currency": "EUR", "#text": "12.50"}
+            }})
+        );
+        let malformed = |x: &[u8]| xml_to_json(x, &mut no_limit) == Err(XmlError::Malformed);
+        assert!(malformed(b"<a><b></a>"));
+        assert!(malformed(b"<a/><b/>"));
+        assert!(malformed(b"not xml at all"));
+        let deep = format!("{}{}", "<a>".repeat(200), "</a>".repeat(200));
+        assert!(malformed(deep.as_bytes()));
+        let ok = format!("{}{}", "<a>".repeat(100), "</a>".repeat(100));
+        assert!(xml_to_json(ok.as_bytes(), &mut no_limit).is_ok());
+    }
+
+    #[test]
+    fn xml_trees_are_held_to_their_bound() {
+        let doc = format!("<r>{}</r>", "<b/>".repeat(10_000));
+        let mut spent = 0;
+        assert!(xml_to_json(doc.as_bytes(), &mut |n| {
+            spent += n;
+            true
+        })
+        .is_ok());
+        assert!(spent > 10_000 * XML_NODE_COST);
+        let mut left = 100_000usize;
+        assert_eq!(
+            xml_to_json(doc.as_bytes(), &mut |n| match left.checked_sub(n) {
+                Some(l) => {
+                    left = l;
+                    true
+                }
+                None => false,
+            }),
+            Err(XmlError::TooCostly)
+        );
+    }
+
+    fn response(fields: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (n, v) in fields {
+            resp.insert_header(n.to_string(), *v).unwrap();
+        }
+        resp
+    }
+
+    #[test]
+    fn strict_rules_refuse_what_they_cannot_read() {
+        let budget = Budget::new(1 << 20);
+        let strict = ResponseBodyRules {
+            json: rules(&["password"]),
+            xml_to_json: false,
+        };
+        let mut big = response(&[
+            ("content-type", "application/json"),
+            ("content-length", "5000"),
+        ]);
+        assert_eq!(
+            Rewrite::for_response(&strict, false, &mut big, 1000, &budget)
+                .unwrap_err()
+                .status,
+            502
+        );
+        let mut odd = response(&[
+            ("content-type", "application/json"),
+            ("content-encoding", "compress"),
+        ]);
+        assert!(Rewrite::for_response(&strict, false, &mut odd, 1000, &budget).is_err());
+        let mut partial = response(&[("content-type", "text/plain")]);
+        partial.set_status(206).unwrap();
+        assert_eq!(
+            Rewrite::for_response(&strict, false, &mut partial, 1000, &budget).unwrap_err(),
+            PARTIAL_REFUSED
+        );
+        // Malformed at the end.
+        let mut ok = response(&[("content-type", "application/json")]);
+        let mut rw = Rewrite::for_response(&strict, false, &mut ok, 1000, &budget)
+            .unwrap()
+            .unwrap();
+        let mut chunk = Some(Bytes::from_static(b"{\"password\":"));
+        rw.on_chunk(&strict.json, &mut chunk, false).unwrap();
+        assert_eq!(chunk, None);
+        let mut end = None;
+        assert_eq!(
+            rw.on_chunk(&strict.json, &mut end, true)
+                .unwrap_err()
+                .status,
+            502
+        );
+    }
+
+    #[test]
+    fn renaming_rules_let_what_they_cannot_read_pass() {
+        let budget = Budget::new(1 << 20);
+        let lenient = ResponseBodyRules {
+            json: JsonRules::new(vec![], vec![(FieldPath::parse("a").unwrap(), "b".into())]),
+            xml_to_json: false,
+        };
+        let mut resp = response(&[("content-type", "application/json")]);
+        let mut rw = Rewrite::for_response(&lenient, false, &mut resp, 4, &budget)
+            .unwrap()
+            .unwrap();
+        let mut chunk = Some(Bytes::from_static(b"{\"a\":"));
+        rw.on_chunk(&lenient.json, &mut chunk, false).unwrap();
+        assert_eq!(chunk, Some(Bytes::from_static(b"{\"a\":")));
+        assert_eq!(rw.untouched, Some("over max_transform_size"));
+        let mut rest = Some(Bytes::from_static(b"1}"));
+        rw.on_chunk(&lenient.json, &mut rest, true).unwrap();
+        assert_eq!(rest, Some(Bytes::from_static(b"1}")));
+    }
+
+    #[test]
+    fn bodies_hold_their_share_of_the_budget() {
+        let budget = Budget::new(100);
+        let strict = rules(&["x"]);
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        req.insert_header("content-type", "application/json")
+            .unwrap();
+        req.insert_header("content-length", "40").unwrap();
+        let rw = Rewrite::for_request(&strict, &req, 1000, &budget)
+            .unwrap()
+            .unwrap();
+        assert_eq!(budget.used(), 80);
+        assert_eq!(
+            Rewrite::for_request(&strict, &req, 1000, &budget).unwrap_err(),
+            BUSY
+        );
+        drop(rw);
+        assert_eq!(budget.used(), 0);
+        // Chunked: reserved as it arrives.
+        req.remove_header("content-length");
+        req.insert_header("transfer-encoding", "chunked").unwrap();
+        let mut rw = Rewrite::for_request(&strict, &req, 1000, &budget)
+            .unwrap()
+            .unwrap();
+        let mut chunk = Some(Bytes::from(vec![b' '; 40]));
+        rw.on_chunk(&strict, &mut chunk, false).unwrap();
+        assert_eq!(
+            chunk,
+            Some(Bytes::new()),
+            "requests hold with an empty chunk"
+        );
+        let mut more = Some(Bytes::from(vec![b' '; 20]));
+        assert_eq!(rw.on_chunk(&strict, &mut more, false).unwrap_err(), BUSY);
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(
+            body_kind(Some(b"application/json; charset=utf-8")),
+            BodyKind::Json
+        );
+        assert_eq!(body_kind(Some(b"application/problem+json")), BodyKind::Json);
+        assert_eq!(body_kind(Some(b"text/xml")), BodyKind::Xml);
+        assert_eq!(body_kind(Some(b"text/plain")), BodyKind::Other);
+        assert_eq!(body_kind(None), BodyKind::Other);
+    }
 }

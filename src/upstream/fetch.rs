@@ -22,20 +22,53 @@ impl SharedConnector {
     }
 }
 
+/// Why a response body was not read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0} is larger than {1} bytes")]
+    TooLarge(String, usize),
+    #[error("the memory for bodies is spent")]
+    OverBudget,
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// The whole body, or an error once it passes `cap` bytes.
 pub async fn read_body(
     session: &mut HttpSession,
     cap: usize,
     what: &str,
 ) -> Result<BytesMut, String> {
-    let mut body = BytesMut::new();
+    read_body_within(session, cap, what, &mut |_| true)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// As [`read_body`], asking `hold` before the body grows to each new total
+/// (a budget's reservation), and giving up when it refuses.
+pub async fn read_body_within(
+    session: &mut HttpSession,
+    cap: usize,
+    what: &str,
+    hold: &mut (dyn FnMut(usize) -> bool + Send),
+) -> Result<BytesMut, ReadError> {
+    let declared = session
+        .response_header()
+        .and_then(|r| crate::transform::body::declared_length(&r.headers))
+        .filter(|n| *n <= cap as u64)
+        .unwrap_or(0);
+    let mut body = BytesMut::with_capacity(declared as usize);
     while let Some(chunk) = session
         .read_response_body()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ReadError::Failed(e.to_string()))?
     {
-        if body.len() + chunk.len() > cap {
-            return Err(format!("{what} is larger than {cap} bytes"));
+        let total = body.len() + chunk.len();
+        if total > cap {
+            return Err(ReadError::TooLarge(what.to_string(), cap));
+        }
+        if !hold(total) {
+            return Err(ReadError::OverBudget);
         }
         body.extend_from_slice(&chunk);
     }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod h2client;
 pub mod jwt;
 
 use std::convert::Infallible;
@@ -448,6 +449,21 @@ impl Gateway {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The gateway's resident memory now and its peak so far, in KiB (from
+    /// `/proc`).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     /// Sends raw bytes on a new connection and returns everything the
