@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::apps::HttpServerOptions;
-use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
@@ -19,7 +18,7 @@ use crate::background::ConfigFollower;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::listener::{HeadGuard, HeadLimits};
+use crate::listener::{Gate, HeadGuard, HeadLimits};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
@@ -37,6 +36,13 @@ pub struct RunOptions {
     pub daemon: bool,
     /// The configuration file, read again on a reload.
     pub conf: std::path::PathBuf,
+}
+
+/// The HTTP/2 layer's own bound on a decoded header block: well above
+/// `max_header_size`, so that heads over it reach the proxy's check and get
+/// its problem document, yet bounded (each open stream may hold one).
+fn h2_header_list_limit(max_header_size: usize) -> u32 {
+    (max_header_size.max(64 << 10) + (64 << 10)).min(u32::MAX as usize) as u32
 }
 
 fn seconds_ceil(d: std::time::Duration) -> u64 {
@@ -117,7 +123,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             Arc::clone(&settings),
             cache,
             Arc::clone(&metrics),
-            log,
+            log.clone(),
             client.clone(),
             buffered,
         ),
@@ -128,6 +134,11 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let mut server_options = HttpServerOptions::default();
     server_options.h2_idle_timeout = Some(settings.keepalive_timeout);
     proxy.server_options = Some(server_options);
+    // HTTP/2 heads are held to max_header_size by the proxy, with a problem
+    // document; the HTTP/2 layer answers a bare 431 only past this.
+    let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
+    h2.max_header_list_size(h2_header_list_limit(settings.max_header_size));
+    proxy.h2_options = Some(h2);
     let guarded = HeadGuard::new(
         proxy,
         HeadLimits {
@@ -136,31 +147,40 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             max_headers: settings.max_headers,
             keepalive_timeout: settings.keepalive_timeout,
         },
+        log,
+        Arc::clone(&metrics),
     );
-    let mut public = Service::new("gatehouse proxy".to_string(), guarded);
+    let mut tls = Vec::new();
+    let mut addrs = Vec::new();
     for listener in &config.listeners {
         let addr = listener.addr.to_string();
         match &listener.tls {
             // Plain HTTP/1 reads land straight in Pingora's own head and
             // body buffers; an L4 read buffer would only add a copy, and
             // Pingora's default one is 64 KiB, zeroed, per connection.
-            None => public.add_listener(
-                ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)),
-            ),
+            None => {
+                addrs.push(ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)))
+            }
+            // TLS is accepted by the gate, within header_timeout.
             Some(files) => {
-                let tls_error = |e: pingora_core::BError| StartError::Tls {
-                    addr: addr.clone(),
-                    message: e.to_string(),
-                };
-                let mut tls = TlsSettings::intermediate(
-                    &files.cert.display().to_string(),
-                    &files.key.display().to_string(),
-                )
-                .map_err(tls_error)?;
-                tls.enable_h2();
-                public.add_tls_with_settings(&addr, None, tls);
+                let acceptor =
+                    crate::listener::tls_acceptor(&files.cert, &files.key).map_err(|message| {
+                        StartError::Tls {
+                            addr: addr.clone(),
+                            message,
+                        }
+                    })?;
+                tls.push((listener.addr, acceptor));
+                addrs.push(ListenerConfig::tcp(addr));
             }
         }
+    }
+    let mut public = Service::new(
+        "gatehouse proxy".to_string(),
+        Gate::new(guarded, tls, settings.header_timeout),
+    );
+    for listener in addrs {
+        public.add_listener(listener);
     }
     server.add_service(public);
 
