@@ -13,6 +13,8 @@ pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod forwarding;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;

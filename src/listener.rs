@@ -555,6 +555,18 @@ fn check_framing(
     Ok(Framing::Length(n))
 }
 
+/// [`check_head`] for the fuzz targets and property tests.
+pub fn check_head_for_fuzzing(head: &[u8], max_headers: usize) -> Result<String, u16> {
+    check_head(head, max_headers.min(MAX_FIELDS))
+        .map(|f| format!("{f:?}"))
+        .map_err(|(status, _)| status.as_u16())
+}
+
+/// [`head_end`] for the fuzz targets.
+pub fn head_end_for_fuzzing(buf: &[u8]) -> Option<usize> {
+    head_end(buf)
+}
+
 /// Upper bound of `server.max_headers`, checked when the file is compiled.
 pub const MAX_FIELDS: usize = 250;
 

@@ -168,8 +168,12 @@ fn route(
         host,
         headers: &map,
     };
-    let (text, matched) =
-        gatehouse::routing::explain(&config.runtime.router, &request, uri.query());
+    let (text, matched) = gatehouse::routing::explain(
+        &config.runtime.router,
+        &request,
+        uri.query(),
+        config.server.path_params,
+    );
     print!("{text}");
     Ok(if matched {
         ExitCode::SUCCESS

@@ -332,3 +332,33 @@ fn cache_body_and_aggregate_errors() {
     );
     has("routes[3].aggregate.parts[2].path", "needs auth");
 }
+
+#[test]
+fn hostile_input_settings_are_checked() {
+    let server = |lines: &str| format!("server:\n{lines}{}", route(""));
+    let e = single_error(&server("  path_params: strip\n"));
+    assert!(
+        e.contains("server.path_params") && e.contains("use reject or keep"),
+        "{e}"
+    );
+    let e = single_error(&server("  body_timeout: 0s\n"));
+    assert!(e.contains("server.body_timeout"), "{e}");
+    let e = single_error(&server("  max_buffered: 512KiB\n"));
+    assert!(
+        e.contains("server.max_buffered") && e.contains("at least 1MiB"),
+        "{e}"
+    );
+    // One body under a rule holds itself and what it becomes.
+    let e = single_error(&server(
+        "  max_buffered: 4MiB\n  max_transform_size: 3MiB\n",
+    ));
+    assert!(
+        e.contains("server.max_buffered") && e.contains("twice max_transform_size"),
+        "{e}"
+    );
+    let (code, stdout, stderr) = check_config(
+        &server("  path_params: keep\n  body_timeout: 5s\n  max_buffered: 8MiB\n"),
+        &[],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}

@@ -551,4 +551,28 @@ fn route_explains_the_choice() {
     let (code, out) = route_cli(&conf, &["GET", "/../etc"]);
     assert_eq!(code, 1);
     assert!(out.contains("400"), "{out}");
+    // Path parameters are refused as the proxy refuses them, or kept.
+    let (code, out) = route_cli(
+        &conf,
+        &["GET", "http://api.example.com/v1/users;jsessionid=1/7"],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refused with 400") && out.contains("; parameter"),
+        "{out}"
+    );
+    let keep = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("listen:", "server:\n  path_params: keep\nlisten:");
+    std::fs::write(&conf, keep).unwrap();
+    let (code, out) = route_cli(
+        &conf,
+        &["GET", "http://api.example.com/v1/users;jsessionid=1/7"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("route: users\n"), "{out}");
+    assert!(
+        out.contains("forwarded as: /api/users;jsessionid=1/7"),
+        "{out}"
+    );
 }

@@ -50,15 +50,26 @@ const SECTIONS: &[&str] = &[
     "routes",
 ];
 
+/// Resolves a `host:port` target (the system's resolver, or one a test or
+/// fuzz target gives).
+pub type Resolve<'a> = &'a dyn Fn(&str) -> std::io::Result<Vec<SocketAddr>>;
+
+/// The system's resolver.
+pub fn system_resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
+    address.to_socket_addrs().map(Iterator::collect)
+}
+
 pub(super) fn compile(
     doc: &Document,
     base: &Path,
     previous: Option<&Runtime>,
+    resolve: Resolve<'_>,
 ) -> Result<Config, ConfigErrors> {
     let mut cx = Compiler {
         doc,
         base,
         previous,
+        resolve,
         errors: ConfigErrors::default(),
     };
     let empty = serde_json::Map::new();
@@ -146,6 +157,7 @@ struct Compiler<'d> {
     /// The running configuration, on a reload: what did not change is
     /// carried over with its state.
     previous: Option<&'d Runtime>,
+    resolve: Resolve<'d>,
     errors: ConfigErrors,
 }
 
@@ -335,6 +347,21 @@ impl Compiler<'_> {
             } else {
                 s.max_transform_size = m.0 as usize;
             }
+        }
+        // A body under a rule holds itself and what it becomes.
+        if 2 * s.max_transform_size as u64 > s.max_buffered {
+            let at = if raw.max_buffered.is_some() {
+                "server.max_buffered"
+            } else {
+                "server.max_transform_size"
+            };
+            self.error(
+                at,
+                format!(
+                    "max_buffered ({} bytes) must hold twice max_transform_size ({} bytes)",
+                    s.max_buffered, s.max_transform_size
+                ),
+            );
         }
         s.error_log = raw
             .error_log
@@ -644,8 +671,8 @@ impl Compiler<'_> {
             );
             return None;
         }
-        match address.to_socket_addrs() {
-            Ok(mut addrs) => match addrs.next() {
+        match (self.resolve)(address) {
+            Ok(addrs) => match addrs.into_iter().next() {
                 Some(a) => Some(a),
                 None => {
                     self.error(path, format!("target \"{address}\" resolves to no address"));

@@ -4,6 +4,8 @@
 //! YAML path and line; nothing here panics on bad input.
 
 mod compile;
+
+pub use compile::Resolve;
 pub mod error;
 pub mod raw;
 pub mod source;
@@ -132,8 +134,14 @@ pub fn load_after(path: &Path, previous: Option<&Runtime>) -> Result<Config, Loa
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    compile_text(&text, &base, &|name| std::env::var(name).ok(), previous)
-        .map_err(LoadError::Invalid)
+    compile_text(
+        &text,
+        &base,
+        &|name| std::env::var(name).ok(),
+        previous,
+        &compile::system_resolve,
+    )
+    .map_err(LoadError::Invalid)
 }
 
 /// Compiles configuration text; relative file paths are taken from `base`.
@@ -142,7 +150,17 @@ pub fn load_str(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    compile_text(text, base, env, None)
+    compile_text(text, base, env, None, &compile::system_resolve)
+}
+
+/// As [`load_str`], resolving target names with `resolve`.
+pub fn load_str_resolving(
+    text: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve: compile::Resolve<'_>,
+) -> Result<Config, ConfigErrors> {
+    compile_text(text, base, env, None, resolve)
 }
 
 fn compile_text(
@@ -150,7 +168,8 @@ fn compile_text(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     previous: Option<&Runtime>,
+    resolve: compile::Resolve<'_>,
 ) -> Result<Config, ConfigErrors> {
     let doc = source::Document::parse(text, env).map_err(ConfigErrors)?;
-    compile::compile(&doc, base, previous)
+    compile::compile(&doc, base, previous, resolve)
 }

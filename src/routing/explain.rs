@@ -74,12 +74,36 @@ fn failed(checks: &[(String, bool)]) -> String {
 }
 
 /// The explanation, and whether a route matched.
-pub fn explain(router: &Router, req: &RouteRequest<'_>, query: Option<&str>) -> (String, bool) {
+pub fn explain(
+    router: &Router,
+    req: &RouteRequest<'_>,
+    query: Option<&str>,
+    path_params: crate::config::PathParams,
+) -> (String, bool) {
+    use super::normalize::{path_params as params_in, without_params, Params};
+    use crate::config::PathParams;
     let mut out = String::new();
-    let path = match normalize_path(req.path) {
+    let sent = match normalize_path(req.path) {
         Ok(p) => p.into_owned(),
         Err(e) => {
             let _ = writeln!(out, "{} {}: refused with 400: {e}", req.method, req.path);
+            return (out, false);
+        }
+    };
+    // Routes match the path as a Java upstream reads it: see `normalize`.
+    let path = match (params_in(&sent), path_params) {
+        (Params::None, _) | (Params::Encoded, PathParams::Keep) => sent.clone(),
+        (Params::Present, PathParams::Keep) => {
+            let routed = without_params(&sent);
+            let _ = writeln!(out, "path parameters kept: routes match {routed}");
+            routed
+        }
+        (_, PathParams::Reject) => {
+            let _ = writeln!(
+                out,
+                "{} {}: refused with 400: the path holds a ; parameter (server.path_params: reject)",
+                req.method, req.path
+            );
             return (out, false);
         }
     };
@@ -108,7 +132,7 @@ pub fn explain(router: &Router, req: &RouteRequest<'_>, query: Option<&str>) -> 
                     let _ = writeln!(out, "  {name}: {why} does not match");
                 }
             }
-            describe_route(&mut out, route, &path, query);
+            describe_route(&mut out, route, &sent, &path, query);
             return (out, true);
         }
         before.push((route.name.to_string(), failed(&c)));
@@ -148,7 +172,7 @@ fn common_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
-fn describe_route(out: &mut String, route: &Route, path: &str, query: Option<&str>) {
+fn describe_route(out: &mut String, route: &Route, sent: &str, path: &str, query: Option<&str>) {
     match &route.target {
         Target::Upstream(up) => {
             let targets: Vec<String> = up
@@ -163,7 +187,11 @@ fn describe_route(out: &mut String, route: &Route, path: &str, query: Option<&st
                 })
                 .collect();
             let _ = writeln!(out, "upstream: {} -> {}", up.name, targets.join(", "));
-            let _ = writeln!(out, "forwarded as: {}", route.rewrite.apply(path, query));
+            let _ = writeln!(
+                out,
+                "forwarded as: {}",
+                route.rewrite.apply_kept(sent, path, query)
+            );
         }
         Target::Aggregate(agg) => {
             let _ = writeln!(out, "aggregate (timeout {:?}):", agg.timeout);

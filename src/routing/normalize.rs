@@ -277,4 +277,128 @@ mod tests {
         assert_eq!(n("/public/a;b/c"), Ok("/public/a;b/c".into()));
         assert_eq!(n("*"), Err(PathError::NotAbsolute));
     }
+
+    /// An independent statement of what the normalized path must be: the
+    /// unreserved escapes decoded (others upper-cased), then RFC 3986
+    /// 5.2.4's dot-segment removal over the segments with empty ones
+    /// dropped; `None` when it climbs above the root.
+    fn reference(path: &str) -> Option<String> {
+        let mut decoded = String::new();
+        let b = path.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                let v = u8::from_str_radix(&path[i + 1..i + 3], 16).ok()?;
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    decoded.push(v as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+            } else {
+                let ch = path[i..].chars().next()?;
+                decoded.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+        let mut out: Vec<&str> = Vec::new();
+        let mut trailing = false;
+        for seg in decoded.split('/').skip(1) {
+            trailing = matches!(seg, "" | "." | "..");
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    out.pop()?;
+                }
+                s => out.push(s),
+            }
+        }
+        let mut text: String = out.iter().map(|s| format!("/{s}")).collect();
+        if text.is_empty() || trailing {
+            text.push('/');
+        }
+        Some(text)
+    }
+
+    fn prefix_matches(prefix: &str, path: &str) -> bool {
+        let prefix = prefix.trim_end_matches('/');
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    fn segment() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("a".to_string()),
+            Just("admin".to_string()),
+            Just("public".to_string()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("".to_string()),
+            Just("%2e".to_string()),
+            Just("%2E%2e".to_string()),
+            Just(".%2e".to_string()),
+            Just("%61dmin".to_string()),
+            Just("%7E".to_string()),
+            Just("%3F".to_string()),
+            Just("%25".to_string()),
+            Just("%252e".to_string()),
+            Just("x;y".to_string()),
+            Just("caf%C3%A9".to_string()),
+            "[a-z0-9._~%-]{0,6}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Normalizing twice changes nothing.
+        #[test]
+        fn normalizing_is_idempotent(segs in proptest::collection::vec(segment(), 0..8)) {
+            let path = format!("/{}", segs.join("/"));
+            if let Ok(once) = normalize_path(&path) {
+                let twice = normalize_path(&once).map(|p| p.into_owned());
+                proptest::prop_assert_eq!(twice, Ok(once.clone().into_owned()));
+            }
+        }
+
+        /// The result never climbs above the root, holds no dot or empty
+        /// segment, and is what an upstream resolving the path itself
+        /// would reach; a path that climbs above the root is refused.
+        #[test]
+        fn normalizing_resolves_like_the_rfc_and_never_climbs(
+            segs in proptest::collection::vec(segment(), 0..8)
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            let reference = reference(&path);
+            match normalize_path(&path) {
+                Ok(n) => {
+                    proptest::prop_assert!(n.starts_with('/'));
+                    let inner = n.trim_end_matches('/');
+                    for seg in inner.split('/').skip(1) {
+                        proptest::prop_assert!(!matches!(seg, "" | "." | ".."), "{n}");
+                    }
+                    proptest::prop_assert_eq!(Some(n.into_owned()), reference);
+                }
+                Err(PathError::AboveRoot) => proptest::prop_assert!(reference.is_none()),
+                // Refused for what it holds (encoded slash, bad escape, ...).
+                Err(_) => {}
+            }
+        }
+
+        /// A prefix route sees the path as the upstream will resolve it: a
+        /// path matches a prefix after normalizing exactly when its
+        /// resolution does.
+        #[test]
+        fn prefix_matches_see_the_resolved_path(
+            segs in proptest::collection::vec(segment(), 0..8),
+            prefix in proptest::sample::select(vec!["/", "/admin", "/public", "/a", "/admin/a"]),
+        ) {
+            let path = format!("/{}", segs.join("/"));
+            if let (Ok(n), Some(r)) = (normalize_path(&path), reference(&path)) {
+                proptest::prop_assert_eq!(prefix_matches(prefix, &n), prefix_matches(prefix, &r));
+            }
+        }
+    }
 }

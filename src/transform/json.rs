@@ -179,15 +179,17 @@ impl JsonRules {
     pub fn rewrite<'a>(&self, body: &'a [u8]) -> Result<Cow<'a, [u8]>, JsonError> {
         let unmarked = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         let text = std::str::from_utf8(unmarked).map_err(|_| JsonError::NotUtf8)?;
+        // One strict pass over the whole document first: below, keys are
+        // read as bytes (to take lone surrogates), and serde_json does not
+        // refuse raw control characters in those. (Found by fuzzing.)
+        let mut de = serde_json::Deserializer::from_str(text);
+        <&RawValue>::deserialize(&mut de)?;
+        de.end()?;
         let mut out = Vec::with_capacity(text.len());
         let mut changed = false;
         // Only an object has fields; anything else is just checked.
         if text.trim_start().starts_with('{') {
             write_object(&mut out, text, &self.root, &mut changed)?;
-        } else {
-            let mut de = serde_json::Deserializer::from_str(text);
-            <&RawValue>::deserialize(&mut de)?;
-            de.end()?;
         }
         Ok(if changed {
             Cow::Owned(out)
@@ -555,6 +557,8 @@ mod tests {
             b"[1,]",
             b"{\"a\":\"\\x\"}",
             b"NaN",
+            b"{\"a\x06b\":1}",
+            b"{\"a\":\"\x00\"}",
         ] {
             assert!(
                 r.rewrite(doc).is_err(),

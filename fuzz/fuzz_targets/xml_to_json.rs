@@ -1,0 +1,14 @@
+//! XML to JSON: never panics, holds its tree to the budget, and writes one
+//! JSON document.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(json) = gatehouse::fuzzing::xml_to_json(data, 1 << 20) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+            "{json}"
+        );
+    }
+});
