@@ -85,6 +85,12 @@ impl Held {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Gives everything back, keeping the (empty) reservation.
+    pub fn release(&mut self) {
+        self.budget.give_back(self.bytes);
+        self.bytes = 0;
+    }
 }
 
 impl Drop for Held {
@@ -112,6 +118,10 @@ mod tests {
         assert!(c.grow_to(100));
         assert!(c.grow_to(10));
         assert_eq!(c.bytes(), 100);
+        c.release();
+        assert_eq!(b.used(), 0);
+        drop(c);
+        assert_eq!(b.used(), 0);
     }
 
     #[test]

@@ -20,6 +20,22 @@ pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub const X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
 pub const X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
 
+/// Forwarding fields the gateway does not set but frameworks believe
+/// (Spring's ForwardedHeaderFilter, Tomcat's RemoteIpValve, Rack, Werkzeug's
+/// ProxyFix build links and redirects from them): passed on only from a
+/// trusted proxy, and then part of the cache key.
+pub const BELIEVED_FROM_PROXIES: [&str; 9] = [
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-original-host",
+    "front-end-https",
+];
+
 /// The names as sent. Pingora keeps a field's case, and takes a `&'static
 /// str` name without the copy it makes of a `HeaderName`'s.
 pub mod sent {
@@ -174,12 +190,34 @@ impl Forwarded<'_> {
             let _ = req.insert_header(sent::X_REAL_IP, text);
         }
         let _ = req.insert_header(sent::FORWARDED, self.forwarded_field());
-        if req.headers.contains_key(&X_ORIGINAL_URL) {
-            req.remove_header(&X_ORIGINAL_URL);
+        // One pass over the fields present: most requests carry none of these.
+        let trusted = self.peer_trusted;
+        crate::transform::headers::remove_fields(req, |n| {
+            *n == X_ORIGINAL_URL
+                || *n == X_REWRITE_URL
+                || (!trusted && BELIEVED_FROM_PROXIES.contains(&n.as_str()))
+        });
+    }
+
+    /// What a trusted proxy told the upstream of the original request
+    /// beyond scheme and host (its `Forwarded` chain and the fields of
+    /// [`BELIEVED_FROM_PROXIES`]), as one line for the cache key; empty
+    /// for any other peer, whose fields never pass.
+    pub fn proxy_told(&self) -> String {
+        let mut out = String::new();
+        if !self.peer_trusted {
+            return out;
         }
-        if req.headers.contains_key(&X_REWRITE_URL) {
-            req.remove_header(&X_REWRITE_URL);
+        let names = std::iter::once("forwarded").chain(BELIEVED_FROM_PROXIES);
+        for name in names {
+            for v in self.client.get_all(name) {
+                out.push(' ');
+                out.push_str(name);
+                out.push('=');
+                out.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
         }
+        out
     }
 
     /// `Forwarded` (RFC 7239): a trusted proxy's elements, then ours,

@@ -86,8 +86,18 @@ enum Framing {
     Length(u64),
     /// Chunked: the end is found by Pingora's body parser.
     Chunked,
-    /// An upgrade: after the head, bytes flow both ways untouched.
+    /// An upgrade without a body: after a `101`, bytes flow both ways.
     Upgrade,
+}
+
+impl Framing {
+    /// Whether the connection must close after this request: where the
+    /// request ends is Pingora's to find (a chunked body), or the
+    /// connection may stop being HTTP (an upgrade). What the client sent
+    /// after it is then never read as a request.
+    fn closes(self) -> bool {
+        !matches!(self, Framing::Length(_))
+    }
 }
 
 /// What reading a head came to.
@@ -193,6 +203,13 @@ where
             accepted_at(&stream)
         };
         let mut framed = Framed::of(stream)?;
+        // The head's own deadline (from the accept) covers what the gate's did.
+        framed.deadline = None;
+        if framed.close_after {
+            // The last request's end was not ours to find: close rather
+            // than read what followed it as a request.
+            return None;
+        }
         // Every open connection holds this while it waits for a request;
         // most heads fit in 1 KiB, and a longer one grows it. A pipelined
         // request already read starts it.
@@ -210,34 +227,29 @@ where
         };
         // What belongs to this request goes to Pingora's parser; the start
         // of a pipelined next one waits in `framed`.
-        let chunked = match framing {
+        match framing {
             Framing::Length(n) => {
                 let in_buf = ((buf.len() - len) as u64).min(n);
                 let ahead = buf.split_off(len + in_buf as usize);
                 framed.begin(Some(n - in_buf), ahead, self.limits.max_header_size);
-                false
             }
-            Framing::Chunked => {
+            Framing::Chunked | Framing::Upgrade => {
                 framed.begin(None, BytesMut::new(), self.limits.max_header_size);
-                true
             }
-            Framing::Upgrade => {
-                framed.begin(None, BytesMut::new(), self.limits.max_header_size);
-                false
-            }
-        };
+        }
+        framed.close_after = framing.closes();
         let mut session = ServerSession::new_http1(Box::new(framed));
         // Pingora's default for a new connection is 60 s; ours is configured.
-        // After a chunked body the next request's start may already be in
-        // Pingora's buffer: that connection is not kept.
-        let keep = keepalive
-            .filter(|_| !chunked)
-            .map(|_| self.limits.keepalive_timeout.as_secs().max(1));
-        session.set_keepalive(keep);
+        // (Pingora re-reads the client's wish as it parses the head; the
+        // proxy turns keep-alive off after a chunked body, so its answer
+        // says `Connection: close`.)
+        session.set_keepalive(keepalive.map(|_| self.limits.keepalive_timeout.as_secs().max(1)));
         session.set_keepalive_reuses_remaining(reuses);
         session.set_connection_user_context(user_ctx);
-        // Bytes after a chunked body are kept aside, not taken for an error.
-        session.set_pipelining_enabled(chunked);
+        // Where the request's end is Pingora's to find, bytes after it are
+        // kept aside (and dropped with the connection), not taken for an
+        // error that would fail the request.
+        session.set_pipelining_enabled(framing.closes());
         session.set_pipelined_prefix(buf);
         self.inner.process_new_http(session, shutdown).await
     }
@@ -335,6 +347,28 @@ fn request_line(buf: &[u8]) -> (String, String) {
     (method, text(target, 1024))
 }
 
+/// [`head_end`], searching from `from` on: bytes before it were searched
+/// and held no end (but may hold the start of one), and the request line
+/// starts before it.
+fn head_end_from(buf: &[u8], from: usize) -> Option<usize> {
+    if from == 0 {
+        return head_end(buf);
+    }
+    // The request line has begun before `from` (leading blank lines are
+    // only skipped at the start), so an end is a blank line after it.
+    let body = buf.get(from..)?;
+    let start = from;
+    for nl in memchr::memchr_iter(b'\n', body) {
+        let at = start + nl;
+        match (buf.get(at + 1), buf.get(at + 2)) {
+            (Some(b'\n'), _) => return Some(at + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(at + 3),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Where the head ends (index just past the blank line), if it has.
 fn head_end(buf: &[u8]) -> Option<usize> {
     // Blank lines before the request line are allowed (RFC 9112 2.2).
@@ -385,9 +419,16 @@ impl<A> HeadGuard<A> {
                 deadline = Instant::now() + limits.header_timeout;
             }
         }
+        // Where the next search for the end starts: a head trickled in small
+        // pieces is scanned once, not once per piece. Only past the start
+        // of the request line: blank lines before it are no end.
+        let mut scanned = 0;
         let end = loop {
-            if let Some(end) = head_end(buf) {
+            if let Some(end) = head_end_from(buf, scanned) {
                 break end;
+            }
+            if scanned > 0 || buf.first().is_some_and(|b| *b != b'\r' && *b != b'\n') {
+                scanned = buf.len().saturating_sub(3).max(1);
             }
             if buf.len() > limits.max_header_size {
                 return Head::Refuse(
@@ -521,9 +562,7 @@ fn check_framing(
     headers: &[httparse::Header<'_>],
 ) -> Result<Framing, Refusal> {
     let bad = |detail| Err((StatusCode::BAD_REQUEST, detail));
-    if named(headers, "upgrade").next().is_some() {
-        return Ok(Framing::Upgrade);
-    }
+    let upgrade = named(headers, "upgrade").next().is_some();
     if let Some(last) = named(headers, "transfer-encoding").last() {
         if version == Some(0) {
             return bad("HTTP/1.0 requests cannot use Transfer-Encoding");
@@ -552,6 +591,10 @@ fn check_framing(
         .and_then(|l| std::str::from_utf8(l).ok())
         .and_then(|l| l.parse().ok())
         .unwrap_or(0);
+    // An upgrade with a body is framed by its body, like any request.
+    if upgrade && n == 0 {
+        return Ok(Framing::Upgrade);
+    }
     Ok(Framing::Length(n))
 }
 
@@ -567,6 +610,9 @@ pub fn head_end_for_fuzzing(buf: &[u8]) -> Option<usize> {
     head_end(buf)
 }
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_PREFACE_LEN: usize = 24;
+
 /// Upper bound of `server.max_headers`, checked when the file is compiled.
 pub const MAX_FIELDS: usize = 250;
 
@@ -581,6 +627,13 @@ pub struct Framed {
     allowance: Option<u64>,
     ahead: BytesMut,
     ahead_cap: usize,
+    /// The last request's end was not found here (chunked, upgrade): the
+    /// connection closes after it.
+    close_after: bool,
+    /// Until the connection's first bytes have come (an HTTP/2 preface),
+    /// reads fail at this deadline, which Pingora's HTTP/2 handshake does
+    /// not otherwise have.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl std::fmt::Debug for Framed {
@@ -610,7 +663,16 @@ impl Framed {
             allowance: None,
             ahead: BytesMut::new(),
             ahead_cap: 0,
+            close_after: false,
+            deadline: None,
         }
+    }
+
+    /// A new connection whose first `bytes` must arrive by `deadline`.
+    fn with_deadline(inner: Stream, deadline: Instant, bytes: usize) -> Framed {
+        let mut framed = Framed::new(inner);
+        framed.deadline = Some((Box::pin(tokio::time::sleep_until(deadline)), bytes));
+        framed
     }
 
     /// What was read of the next request, to start its head; in between
@@ -639,7 +701,27 @@ impl AsyncRead for Framed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Some((sleep, _)) = this.deadline.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the first bytes did not come within header_timeout",
+                )));
+            }
+        }
         match this.allowance {
+            None if this.deadline.is_some() => {
+                let before = buf.filled().len();
+                let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+                let got = buf.filled().len() - before;
+                if let Some((_, left)) = this.deadline.as_mut() {
+                    *left = left.saturating_sub(got);
+                    if *left == 0 {
+                        this.deadline = None;
+                    }
+                }
+                poll
+            }
             None => Pin::new(&mut this.inner).poll_read(cx, buf),
             Some(0) => this.read_ahead(cx),
             Some(left) => {
@@ -839,7 +921,13 @@ where
                 let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 let handshake = pingora_core::protocols::tls::server::handshake(acceptor, *l4);
                 match tokio::time::timeout_at(deadline, handshake).await {
-                    Ok(Ok(tls)) => Box::new(tls) as Stream,
+                    // An HTTP/2 client must also send its preface in time;
+                    // an HTTP/1 head is timed by the head guard.
+                    Ok(Ok(tls)) => Box::new(Framed::with_deadline(
+                        Box::new(tls),
+                        deadline,
+                        H2_PREFACE_LEN,
+                    )) as Stream,
                     Ok(Err(e)) => {
                         log::debug!("TLS handshake failed: {e}");
                         return None;
@@ -987,6 +1075,16 @@ mod tests {
         );
         assert_eq!(request_line(b""), ("-".to_string(), "-".to_string()));
         assert_eq!(method_label("BREW"), "OTHER");
+    }
+
+    #[test]
+    fn a_trickled_head_is_searched_from_where_the_last_search_stopped() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        for from in 1..27 {
+            assert_eq!(head_end_from(head, from.min(24)), Some(27), "from {from}");
+        }
+        assert_eq!(head_end_from(b"GET / HTTP/1.1\nHost: a\n\n", 20), Some(24));
+        assert_eq!(head_end_from(b"GET / HTTP/1.1\r\nHost: a\r\n", 10), None);
     }
 
     #[test]

@@ -239,8 +239,8 @@ impl Proxy {
         // Routes match what a Java upstream would serve: `;` parameters are
         // refused, or (`path_params: keep`) ignored for matching.
         let routed: Option<String> = match (path_params(&path), self.settings.path_params) {
-            (PathParamsFound::None, _) | (PathParamsFound::Encoded, PathParams::Keep) => None,
-            (PathParamsFound::Present, PathParams::Keep) => Some(without_params(&path)),
+            (PathParamsFound::None, _) => None,
+            (_, PathParams::Keep) => Some(without_params(&path)),
             (_, PathParams::Reject) => {
                 return ctx.problem(
                     StatusCode::BAD_REQUEST,
@@ -292,6 +292,8 @@ impl Proxy {
             ctx.normalized_path = Some(p);
         }
         ctx.route = Some(route);
+        let chunked =
+            !session.is_http2() && req.headers.contains_key(http::header::TRANSFER_ENCODING);
         match declared_length(&req.headers) {
             Some(len) if len > max_body => {
                 return ctx.problem(
@@ -305,6 +307,11 @@ impl Proxy {
         // Each read of a body must come within body_timeout of the last: a
         // client trickling it cannot hold an upstream connection for long.
         session.set_read_timeout(Some(self.settings.body_timeout));
+        // After a chunked HTTP/1 body the connection closes (`listener`
+        // cannot tell where the next request starts): the answer says so.
+        if chunked {
+            session.set_keepalive(None);
+        }
         Phase::Continue
     }
 
@@ -327,9 +334,11 @@ impl Proxy {
             }
         }
         if let Some(rules) = &route.request_body {
+            let has_body = !session.is_body_empty();
             match Rewrite::for_request(
                 rules,
                 session.req_header(),
+                has_body,
                 self.settings.max_transform_size,
                 &self.buffered,
             ) {
@@ -549,7 +558,21 @@ impl Proxy {
             .await;
         ctx.answered_by_route = true;
         match outcome {
-            Ok(answer) => {
+            Ok(mut answer) => {
+                // The answer is the route's response: its body rules apply.
+                if let Some(rules) = &route.response_body {
+                    match rules.json.rewrite(&answer.body) {
+                        Ok(std::borrow::Cow::Owned(out)) => answer.body = Bytes::from(out),
+                        Ok(std::borrow::Cow::Borrowed(_)) => {}
+                        // The parts were each checked to be JSON: not seen.
+                        Err(_) => {
+                            return ctx.problem(
+                                StatusCode::BAD_GATEWAY,
+                                "the parts' answer cannot be read for this route's body rules",
+                            )
+                        }
+                    }
+                }
                 if let Some((c, policy, key, path)) = cache_slot {
                     ctx.x_cache = Some("MISS");
                     // Only a complete answer the parts allow to be kept, and

@@ -275,6 +275,39 @@ fn request_body_rules_read_every_document_and_refuse_the_rest() {
             "{sent}"
         );
     }
+    // Field names match without case, as Go's encoding/json binds them.
+    for (sent, expected) in [
+        (r#"{"ROLE":"admin","ok":1}"#, r#"{"ok":1}"#),
+        (r#"{"rOlE":"admin","ok":1}"#, r#"{"ok":1}"#),
+        (r#"{"User":{"ROLE":"admin"}}"#, r#"{"User":{}}"#),
+    ] {
+        c.post(gw.url("/u"))
+            .header("content-type", "application/json")
+            .body(sent)
+            .send()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&app.last().body),
+            expected,
+            "{sent}"
+        );
+    }
+    // A JSON body sent as text/plain, or with no type, is read too (many
+    // frameworks decode it as JSON anyway); one that is not JSON passes.
+    for content_type in [Some("text/plain"), None] {
+        let mut req = c.post(gw.url("/u")).body(r#"{"role":"admin","ok":1}"#);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        assert_eq!(req.send().unwrap().status(), 200);
+        assert_eq!(app.last().body, br#"{"ok":1}"#, "{content_type:?}");
+    }
+    c.post(gw.url("/u"))
+        .header("content-type", "text/plain")
+        .body("role=admin")
+        .send()
+        .unwrap();
+    assert_eq!(app.last().body, b"role=admin");
     // Encoded bodies are decoded, filtered and sent plain.
     let doc = br#"{"role":"admin","ok":true}"#;
     for (coding, bytes) in [
@@ -309,6 +342,19 @@ fn request_body_rules_read_every_document_and_refuse_the_rest() {
         ("bad gzip", b"not gzip".to_vec(), Some("gzip")),
     ];
     let before = app.count();
+    // Two types: which one would the upstream read?
+    let r = send_raw(
+        gw.addr,
+        "POST",
+        "/u",
+        &[
+            ("Content-Type", "text/plain"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", "16"),
+        ],
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(app.count(), before);
     for (what, body, coding) in refused {
         let mut req = c
             .post(gw.url("/u"))
@@ -329,6 +375,31 @@ fn request_body_rules_read_every_document_and_refuse_the_rest() {
         .send()
         .unwrap();
     assert_problem(r, 400);
+    // HTTP/2 need not declare a body's length: it is read all the same.
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), &["gw.test"]);
+    let tls_gw = gateway(&format!(
+        "upstreams:\n  app:\n    targets: [{}]\nroutes:\n  - name: rules\n    match: {{ path_prefix: / }}\n    upstream: app\n    request_body: {{ remove_fields: [role] }}\n",
+        app.addr
+    ))
+    .tls(&cert, &key)
+    .start();
+    let h2_req = http::Request::builder()
+        .method("POST")
+        .uri("https://gw.test/u")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let r = h2client::send_with_body(
+        tls_gw.tls_addr.unwrap(),
+        &cert,
+        h2_req,
+        Some(br#"{"role":"admin","ok":2}"#.to_vec()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(app.last().body, br#"{"ok":2}"#);
+    let before = app.count();
     // A sentinel: the refused requests were never recorded, though the
     // upstream is alive.
     c.post(gw.url("/u"))
@@ -447,6 +518,9 @@ fn forwarding_fields_are_the_gateways_own() {
         ("X-Original-URL", "/admin"),
         ("X-Rewrite-URL", "/admin"),
         ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Forwarded-Port", "6666"),
+        ("X-Forwarded-Prefix", "/evil"),
+        ("Front-End-Https", "on"),
     ];
     let gw = gateway(&body).start();
     assert_eq!(send_raw(gw.addr, "GET", "/a", &forged).status, 200);
@@ -458,6 +532,9 @@ fn forwarding_fields_are_the_gateways_own() {
     assert_eq!(seen.header_all("x-real-ip"), vec!["127.0.0.1"]);
     assert_eq!(seen.header("x-original-url"), None);
     assert_eq!(seen.header("x-rewrite-url"), None);
+    for believed in ["x-forwarded-port", "x-forwarded-prefix", "front-end-https"] {
+        assert_eq!(seen.header(believed), None, "{believed} from a client");
+    }
 
     // Behind a trusted proxy, its chain is extended.
     let gw = gateway(&body)
@@ -472,6 +549,42 @@ fn forwarding_fields_are_the_gateways_own() {
     assert_eq!(seen.header_all("x-real-ip"), vec!["203.0.113.7"]);
     assert_eq!(seen.header("x-original-url"), None);
     assert_eq!(seen.header("x-rewrite-url"), None);
+    assert_eq!(seen.header("x-forwarded-port"), Some("6666"));
+    assert_eq!(seen.header("x-forwarded-prefix"), Some("/evil"));
+}
+
+/// What a trusted proxy tells the upstream of the original request is in
+/// the cache key too: a page built for one `X-Forwarded-Port` or
+/// `Forwarded` host is not served for another.
+#[test]
+fn cache_keys_hold_what_a_trusted_proxy_told_the_upstream() {
+    let app = TestUpstream::with_handler("app", |r| {
+        let told = |n: &str| r.header(n).unwrap_or("-").to_string();
+        Reply::typed(
+            200,
+            "text/plain",
+            &format!("{} {}", told("x-forwarded-port"), told("forwarded")),
+        )
+    });
+    let gw = gateway(&format!(
+        "upstreams:\n  app:\n    targets: [{}]\ncache:\n  max_size: 4MiB\nroutes:\n  - name: cached\n    match: {{ path_prefix: /c }}\n    upstream: app\n    cache: {{ ttl: 30s }}\n",
+        app.addr
+    ))
+    .server("trusted_proxies: [127.0.0.1]")
+    .start();
+    let get = |extra: &[(&str, &str)]| {
+        let mut h = vec![("Host", "api.test")];
+        h.extend_from_slice(extra);
+        send_raw(gw.addr, "GET", "/c/page", &h)
+    };
+    assert_eq!(x_cache(&get(&[("X-Forwarded-Port", "6666")])), "MISS");
+    let other = get(&[("X-Forwarded-Port", "443")]);
+    assert_eq!(x_cache(&other), "MISS");
+    assert!(other.body.starts_with("443 "), "{other:?}");
+    assert_eq!(x_cache(&get(&[("Forwarded", "host=evil.test")])), "MISS");
+    let plain = get(&[]);
+    assert_eq!(x_cache(&plain), "MISS");
+    assert_eq!(x_cache(&get(&[])), "HIT");
 }
 
 /// A key published right after a scheduled JWK set fetch is found by an
@@ -530,4 +643,23 @@ fn a_dot_placeholder_is_the_clients_error() {
     let r = client().get(gw.url("/agg?u=7")).send().unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(parts.count(), 2);
+}
+
+/// An aggregate answer is the route's response: its body rules apply to it
+/// like to any other, before it is cached.
+#[test]
+fn body_rules_apply_to_aggregate_answers() {
+    let parts = TestUpstream::with_handler("parts", |_| {
+        Reply::typed(200, "application/json", r#"{"id":1,"password":"hunter2"}"#)
+    });
+    let gw = gateway(&format!(
+        "upstreams:\n  parts:\n    targets: [{}]\ncache:\n  max_size: 4MiB\nroutes:\n  - name: agg\n    match: {{ path: /agg }}\n    cache: {{ ttl: 30s }}\n    response_body: {{ remove_fields: [\"user.password\", \"orders.password\"] }}\n    aggregate:\n      parts:\n        - {{ key: user, upstream: parts, path: /u }}\n        - {{ key: orders, upstream: parts, path: /o }}\n",
+        parts.addr
+    ))
+    .start();
+    for x_cache in ["MISS", "HIT"] {
+        let r = client().get(gw.url("/agg")).send().unwrap();
+        assert_eq!(r.headers()["x-cache"], x_cache);
+        assert_eq!(r.text().unwrap(), r#"{"user":{"id":1},"orders":{"id":1}}"#);
+    }
 }

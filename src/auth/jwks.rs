@@ -82,6 +82,12 @@ pub struct RemoteJwks {
     fetched: watch::Sender<u64>,
     /// When the last early refresh was asked for.
     last_early: Mutex<Option<Instant>>,
+    /// Early refreshes asked for so far.
+    asked: AtomicU64,
+    /// How many of those the last finished fetch answers: the `asked`
+    /// count when it started. A fetch already under way when a refresh is
+    /// asked for answers none of it (it may hold the old keys).
+    answered: watch::Sender<u64>,
     wake: Notify,
     /// Bumped each time a different key set is stored.
     generation: AtomicU64,
@@ -98,6 +104,8 @@ impl RemoteJwks {
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetched: watch::Sender::new(0),
             last_early: Mutex::new(None),
+            asked: AtomicU64::new(0),
+            answered: watch::Sender::new(0),
             wake: Notify::new(),
             generation: AtomicU64::new(0),
             last_body: Mutex::new(None),
@@ -122,24 +130,30 @@ impl RemoteJwks {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Asks for an early fetch. Returns a receiver that changes when it is
-    /// done, or `None` when another early fetch was asked for too recently.
-    pub fn request_refresh(&self) -> Option<watch::Receiver<u64>> {
-        let mut last = self.last_early.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < EARLY_REFRESH_GAP) {
-            return None;
+    /// Asks for an early fetch and waits, at most `wait`, for a fetch that
+    /// started after the asking. False when another early fetch was asked
+    /// for too recently (nothing is fetched, nothing waited for).
+    pub async fn refresh_now(&self, wait: Duration) -> bool {
+        {
+            let mut last = self.last_early.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < EARLY_REFRESH_GAP) {
+                return false;
+            }
+            *last = Some(Instant::now());
         }
-        *last = Some(Instant::now());
-        let rx = self.fetched.subscribe();
+        let mine = self.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut answered = self.answered.subscribe();
         self.wake.notify_one();
-        Some(rx)
+        let _ = tokio::time::timeout(wait, answered.wait_for(|n| *n >= mine)).await;
+        true
     }
 
     /// Fetches now, then on schedule or when woken, until dropped.
     pub async fn run(self: Arc<Self>, client: SharedConnector) {
         loop {
-            // Only early refreshes are spaced apart (`request_refresh`): a key
+            // Only early refreshes are spaced apart (`refresh_now`): a key
             // published right after a scheduled fetch is still looked for.
+            let answers = self.asked.load(Ordering::Acquire);
             let next = match self.fetch(&client).await {
                 Ok((set, body)) => {
                     let mut last = self.last_body.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,6 +175,7 @@ impl RemoteJwks {
                 }
             };
             self.fetched.send_modify(|n| *n += 1);
+            self.answered.send_modify(|n| *n = (*n).max(answers));
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
                 _ = self.wake.notified() => {}
@@ -268,16 +283,17 @@ mod tests {
         assert!(JwksUrl::parse("/just/a/path").is_err());
     }
 
-    #[test]
-    fn early_refreshes_are_rate_limited() {
+    #[tokio::test]
+    async fn early_refreshes_are_rate_limited() {
         let jwks = RemoteJwks::new(
             JwksUrl::parse("http://127.0.0.1:1/").unwrap(),
             vec![Algorithm::RS256],
             Duration::from_secs(600),
         );
-        assert!(jwks.request_refresh().is_some());
+        let no_wait = Duration::ZERO;
+        assert!(jwks.refresh_now(no_wait).await);
         for _ in 0..100 {
-            assert!(jwks.request_refresh().is_none());
+            assert!(!jwks.refresh_now(no_wait).await);
         }
     }
 }

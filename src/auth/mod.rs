@@ -265,10 +265,9 @@ impl Provider {
                     Err(AuthError::Invalid("unknown_key")) => {
                         drop(set);
                         // The identity provider may have rotated its keys.
-                        let Some(mut fetched) = remote.request_refresh() else {
+                        if !remote.refresh_now(KID_REFRESH_WAIT).await {
                             return Err(AuthError::Invalid("unknown_key"));
-                        };
-                        let _ = tokio::time::timeout(KID_REFRESH_WAIT, fetched.changed()).await;
+                        }
                         self.check(token, header.alg, &remote.keys(), kid)?
                     }
                     other => other?,

@@ -124,8 +124,10 @@ pub fn request_cacheable(method: &Method) -> bool {
 
 /// What the upstream is told of where a request was sent: the scheme and
 /// the host with its port, as it receives them (`Host`, and
-/// `X-Forwarded-Proto` and `-Host`, which may come from a trusted proxy).
-/// An upstream may build links from any of them, so all are in the key.
+/// `X-Forwarded-Proto` and `-Host`, which may come from a trusted proxy),
+/// and what else a trusted proxy told it (`Forwarded`, `X-Forwarded-Port`,
+/// ...). An upstream may build links from any of them, so all are in the
+/// key.
 pub fn origin(forwarded: &crate::forwarding::Forwarded<'_>) -> String {
     let host = forwarded.host.as_ref().map_or(&b""[..], |h| h.as_bytes());
     let mut out = String::with_capacity(16 + 2 * host.len());
@@ -137,6 +139,7 @@ pub fn origin(forwarded: &crate::forwarding::Forwarded<'_>) -> String {
         out.push(' ');
         out.push_str(&String::from_utf8_lossy(told.as_bytes()).to_ascii_lowercase());
     }
+    out.push_str(&forwarded.proxy_told());
     out
 }
 

@@ -92,8 +92,8 @@ pub fn explain(
     };
     // Routes match the path as a Java upstream reads it: see `normalize`.
     let path = match (params_in(&sent), path_params) {
-        (Params::None, _) | (Params::Encoded, PathParams::Keep) => sent.clone(),
-        (Params::Present, PathParams::Keep) => {
+        (Params::None, _) => sent.clone(),
+        (_, PathParams::Keep) => {
             let routed = without_params(&sent);
             let _ = writeln!(out, "path parameters kept: routes match {routed}");
             routed

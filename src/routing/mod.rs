@@ -16,7 +16,7 @@ use prometheus::Histogram;
 
 pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
 pub use normalize::{
-    normalize_path, path_params, without_params, Params as PathParamsFound, PathError,
+    normalize_path, path_params, segment_name, without_params, Params as PathParamsFound, PathError,
 };
 
 /// The percent-decoded values of a query parameter, in order.
@@ -121,11 +121,22 @@ impl PathRewrite {
                     rest = if routed.len() == path.len() {
                         &path[strip.len()..]
                     } else {
-                        let segments = strip.trim_end_matches('/').matches('/').count();
-                        let cut = path
-                            .match_indices('/')
-                            .nth(segments)
-                            .map_or(path.len(), |(i, _)| i);
+                        // Past as many named segments of `path` as the
+                        // prefix has (segments of parameters only count
+                        // for none, as in `without_params`).
+                        let wanted = strip.trim_end_matches('/').matches('/').count();
+                        let mut named = 0;
+                        let mut cut = path.len();
+                        for (at, _) in path.match_indices('/') {
+                            if named == wanted {
+                                cut = at;
+                                break;
+                            }
+                            let segment = path[at + 1..].split('/').next().unwrap_or("");
+                            if !segment_name(segment).is_empty() {
+                                named += 1;
+                            }
+                        }
                         &path[cut..]
                     };
                 }
@@ -266,5 +277,10 @@ mod tests {
             "/a;b/c?q=1"
         );
         assert_eq!(strip_only.apply_kept("/v1;x", "/v1", None), "/");
+        assert_eq!(
+            strip_only.apply_kept("/;p/v1;x/a", "/v1/a", None),
+            "/a",
+            "a segment of parameters only is no segment"
+        );
     }
 }

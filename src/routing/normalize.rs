@@ -82,15 +82,35 @@ pub fn path_params(path: &str) -> Params {
     }
 }
 
-/// The path with each segment's `;...` part removed: what routes match
-/// under `path_params: keep`.
+/// A segment without its parameters: up to its first `;`, or `%3B`, which
+/// servers that decode before splitting read as one too.
+pub fn segment_name(segment: &str) -> &str {
+    let raw = segment.find(';').unwrap_or(segment.len());
+    let encoded = segment
+        .as_bytes()
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'3' && (w[2] == b'B' || w[2] == b'b'))
+        .unwrap_or(segment.len());
+    &segment[..raw.min(encoded)]
+}
+
+/// The path with each segment's parameters removed, as Tomcat and Spring
+/// read it: a segment that was only parameters (`/;x/admin`) is gone, so
+/// `/;x/admin/secret` routes as `/admin/secret`. What routes match under
+/// `path_params: keep`.
 pub fn without_params(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
-    for (i, segment) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(segment) = segments.next() {
+        let name = segment_name(segment);
+        if name.is_empty() && segments.peek().is_some() {
+            continue;
         }
-        out.push_str(segment.split(';').next().unwrap_or(""));
+        out.push('/');
+        out.push_str(name);
+    }
+    if out.is_empty() {
+        out.push('/');
     }
     out
 }
@@ -246,6 +266,12 @@ mod tests {
         );
         assert_eq!(without_params("/a;x/b;y=1;z/c/"), "/a/b/c/");
         assert_eq!(without_params("/a/b"), "/a/b");
+        // A segment of parameters only is gone, as Tomcat collapses it.
+        assert_eq!(without_params("/;x/admin/secret"), "/admin/secret");
+        assert_eq!(without_params("/;x"), "/");
+        assert_eq!(without_params("/a/;x/"), "/a/");
+        assert_eq!(without_params("/admin%3Bx/secret"), "/admin/secret");
+        assert_eq!(without_params("/admin%3bx"), "/admin");
     }
 
     #[test]

@@ -45,6 +45,10 @@ impl ResponseBodyRules {
 pub enum BodyKind {
     Json,
     Xml,
+    /// No type, or `text/plain`, on a request to a route whose rules
+    /// remove fields: many frameworks decode such a body as JSON anyway,
+    /// so it is read as JSON when it is, and passes when it is not.
+    MaybeJson,
     Other,
 }
 
@@ -286,12 +290,27 @@ pub struct Rewrite {
     buf: BytesMut,
     cap: usize,
     /// What this body holds of `max_buffered`: twice what arrived (the
-    /// body and what it becomes), and its decoded and converted forms.
+    /// body and what it becomes), and its decoded and converted forms;
+    /// given back once the body is passed on.
     held: Held,
     /// Over the cap on a route that only renames: streaming untouched.
     passing: bool,
     /// Why the body passed untouched, if it did (for the access log).
     pub untouched: Option<&'static str>,
+}
+
+/// No `Content-Type`, or `text/plain` (with any parameters).
+fn is_untyped_or_plain(content_type: Option<&[u8]>) -> bool {
+    match content_type {
+        None => true,
+        Some(ct) => std::str::from_utf8(ct).is_ok_and(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("text/plain")
+        }),
+    }
 }
 
 fn header(headers: &http::HeaderMap, name: http::HeaderName) -> Option<&[u8]> {
@@ -321,6 +340,7 @@ impl Rewrite {
         has_body: bool,
         cap: usize,
         budget: &Arc<Budget>,
+        reserve_declared: bool,
     ) -> Result<Option<Self>, Refusal> {
         if !has_body || kind == BodyKind::Other {
             return Ok(None);
@@ -339,9 +359,12 @@ impl Rewrite {
                 Ok(None)
             };
         }
-        let held = budget
-            .reserve(declared.unwrap_or(0).saturating_mul(2))
-            .ok_or(BUSY)?;
+        let upfront = if reserve_declared {
+            declared.unwrap_or(0).saturating_mul(2)
+        } else {
+            0
+        };
+        let held = budget.reserve(upfront).ok_or(BUSY)?;
         Ok(Some(Rewrite {
             kind,
             direction,
@@ -359,27 +382,40 @@ impl Rewrite {
         }))
     }
 
-    /// For a request body: `Some` when it is JSON and has a body. Decided
-    /// before the upstream is chosen, so a body that cannot be read is
-    /// refused before anything is sent.
+    /// For a request body (`has_body`: Pingora expects one; an HTTP/2
+    /// request need not declare its length): `Some` when it is JSON, or, on
+    /// a route whose rules remove fields, may be. Decided before the
+    /// upstream is chosen, so a body that cannot be read is refused before
+    /// anything is sent. Its budget is reserved as it arrives: a slow
+    /// client declaring a large length holds nothing.
     pub fn for_request(
         rules: &JsonRules,
         client: &RequestHeader,
+        has_body: bool,
         cap: usize,
         budget: &Arc<Budget>,
     ) -> Result<Option<Self>, Refusal> {
-        let has_body = match declared_length(&client.headers) {
-            Some(n) => n > 0,
-            None => client.headers.contains_key(http::header::TRANSFER_ENCODING),
+        let strict = rules.removes();
+        let mut types = client.headers.get_all(http::header::CONTENT_TYPE).iter();
+        let content_type = types.next().map(|v| v.as_bytes());
+        if strict && types.next().is_some() {
+            // Which one would the upstream read? Refuse to guess.
+            return Err(Direction::Request.unreadable());
+        }
+        let kind = match body_kind(content_type) {
+            BodyKind::Other if strict && is_untyped_or_plain(content_type) => BodyKind::MaybeJson,
+            BodyKind::Json => BodyKind::Json,
+            _ => BodyKind::Other,
         };
         Self::plan(
             Direction::Request,
-            body_kind(header(&client.headers, http::header::CONTENT_TYPE)),
-            rules.removes(),
+            kind,
+            strict,
             &client.headers,
             has_body,
             cap,
             budget,
+            false,
         )
     }
 
@@ -414,6 +450,8 @@ impl Rewrite {
             BodyKind::Xml if rules.xml_to_json => BodyKind::Xml,
             _ => BodyKind::Other,
         };
+        // Reserved at once from a declared length: a 503 then comes while
+        // the head is still held.
         let Some(rewrite) = Self::plan(
             Direction::Response,
             kind,
@@ -422,6 +460,7 @@ impl Rewrite {
             has_body,
             cap,
             budget,
+            true,
         )?
         else {
             return Ok(None);
@@ -481,6 +520,8 @@ impl Rewrite {
         }
         let all = std::mem::take(&mut self.buf).freeze();
         let out = self.finish(rules, all)?;
+        // Passed on: no longer held by the rule.
+        self.held.release();
         *body = (!out.is_empty()).then_some(out);
         Ok(())
     }
@@ -522,6 +563,11 @@ impl Rewrite {
         match rules.rewrite(&json) {
             Ok(std::borrow::Cow::Borrowed(_)) => Ok(json),
             Ok(std::borrow::Cow::Owned(out)) => Ok(Bytes::from(out)),
+            // Not JSON, and not said to be: not the rules' to refuse.
+            Err(_) if self.kind == BodyKind::MaybeJson => {
+                self.untouched = Some("not JSON");
+                Ok(json)
+            }
             Err(_) if self.strict => Err(self.direction.unreadable()),
             Err(_) => {
                 self.untouched = Some("malformed body");
@@ -685,22 +731,11 @@ mod tests {
         req.insert_header("content-type", "application/json")
             .unwrap();
         req.insert_header("content-length", "40").unwrap();
-        let rw = Rewrite::for_request(&strict, &req, 1000, &budget)
+        // A request reserves as its body arrives, not for its declared length.
+        let mut rw = Rewrite::for_request(&strict, &req, true, 1000, &budget)
             .unwrap()
             .unwrap();
-        assert_eq!(budget.used(), 80);
-        assert_eq!(
-            Rewrite::for_request(&strict, &req, 1000, &budget).unwrap_err(),
-            BUSY
-        );
-        drop(rw);
         assert_eq!(budget.used(), 0);
-        // Chunked: reserved as it arrives.
-        req.remove_header("content-length");
-        req.insert_header("transfer-encoding", "chunked").unwrap();
-        let mut rw = Rewrite::for_request(&strict, &req, 1000, &budget)
-            .unwrap()
-            .unwrap();
         let mut chunk = Some(Bytes::from(vec![b' '; 40]));
         rw.on_chunk(&strict, &mut chunk, false).unwrap();
         assert_eq!(
@@ -708,8 +743,83 @@ mod tests {
             Some(Bytes::new()),
             "requests hold with an empty chunk"
         );
+        assert_eq!(budget.used(), 80);
         let mut more = Some(Bytes::from(vec![b' '; 20]));
         assert_eq!(rw.on_chunk(&strict, &mut more, false).unwrap_err(), BUSY);
+        drop(rw);
+        assert_eq!(budget.used(), 0);
+        // Passed on, a body holds nothing.
+        let mut rw = Rewrite::for_request(&strict, &req, true, 1000, &budget)
+            .unwrap()
+            .unwrap();
+        let mut all = Some(Bytes::from_static(b"{\"x\":1,\"y\":2}"));
+        rw.on_chunk(&strict, &mut all, true).unwrap();
+        assert_eq!(all, Some(Bytes::from_static(b"{\"y\":2}")));
+        assert_eq!(budget.used(), 0);
+        // A response reserves its declared length at once.
+        let response_rules = ResponseBodyRules {
+            json: rules(&["x"]),
+            xml_to_json: false,
+        };
+        let mut resp = response(&[
+            ("content-type", "application/json"),
+            ("content-length", "40"),
+        ]);
+        let rw = Rewrite::for_response(&response_rules, false, &mut resp, 1000, &budget)
+            .unwrap()
+            .unwrap();
+        assert_eq!(budget.used(), 80);
+        drop(rw);
+    }
+
+    #[test]
+    fn requests_without_a_json_type_are_read_where_fields_are_removed() {
+        let budget = Budget::new(1 << 20);
+        let strict = rules(&["role"]);
+        let lenient = JsonRules::new(vec![], vec![(FieldPath::parse("a").unwrap(), "b".into())]);
+        let request = |ct: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for c in ct {
+                req.append_header("content-type", *c).unwrap();
+            }
+            req
+        };
+        let run = |rules: &JsonRules, req: &RequestHeader, body: &'static [u8]| {
+            let mut rw = Rewrite::for_request(rules, req, true, 1000, &budget)
+                .unwrap()
+                .expect("read");
+            let mut b = Some(Bytes::from_static(body));
+            rw.on_chunk(rules, &mut b, true).unwrap();
+            b
+        };
+        for ct in [&[][..], &["text/plain"], &["Text/Plain; charset=utf-8"]] {
+            let req = request(ct);
+            assert_eq!(
+                run(&strict, &req, br#"{"role":"admin","ok":1}"#),
+                Some(Bytes::from_static(br#"{"ok":1}"#))
+            );
+            // Not JSON: not the rules' business.
+            assert_eq!(
+                run(&strict, &req, b"role=admin"),
+                Some(Bytes::from_static(b"role=admin"))
+            );
+            assert!(Rewrite::for_request(&lenient, &req, true, 1000, &budget)
+                .unwrap()
+                .is_none());
+        }
+        assert!(
+            Rewrite::for_request(&strict, &request(&["text/csv"]), true, 1000, &budget)
+                .unwrap()
+                .is_none()
+        );
+        // Two types: which would the upstream read?
+        let two = request(&["text/plain", "application/json"]);
+        assert_eq!(
+            Rewrite::for_request(&strict, &two, true, 1000, &budget)
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 
     #[test]

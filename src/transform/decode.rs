@@ -67,8 +67,11 @@ fn decode_one(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Deco
     };
     match coding {
         Coding::Gzip => read(&mut flate2::read::MultiGzDecoder::new(body)),
-        Coding::Deflate => read(&mut flate2::read::ZlibDecoder::new(body))
-            .or_else(|_| read(&mut flate2::read::DeflateDecoder::new(body))),
+        Coding::Deflate => match read(&mut flate2::read::ZlibDecoder::new(body)) {
+            // Not zlib: perhaps raw deflate. (Too large is too large.)
+            Err(DecodeError::Corrupt(_)) => read(&mut flate2::read::DeflateDecoder::new(body)),
+            other => other,
+        },
         Coding::Brotli => read(&mut brotli::Decompressor::new(body, 4096)),
         Coding::Zstd => {
             let mut d =

@@ -9,6 +9,11 @@
 //! rewriting a body costs about its own size again. serde_json does the
 //! reading: its raw values skip a value without recursing, and its byte
 //! keys accept lone surrogates.
+//!
+//! Field names match without case (Unicode case folding): Go's
+//! `encoding/json`, ASP.NET Core and Jackson's case-insensitive mode bind
+//! `{"ROLE": ...}` or `{"ſecret": ...}` to a field named `role` or `secret`,
+//! so a rule removing `role` removes those too.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -96,7 +101,7 @@ impl Node {
     fn field(&self, name: &[u8]) -> Option<&Field> {
         self.fields
             .iter()
-            .find(|(n, _)| n.as_bytes() == name)
+            .find(|(n, _)| same_name(n, name))
             .map(|(_, f)| f)
     }
 
@@ -124,6 +129,20 @@ impl Node {
 
     fn renames(&self) -> bool {
         self.fields.iter().any(|(_, f)| f.rename.is_some())
+    }
+}
+
+/// Whether a key (decoded, possibly WTF-8) names the rule's field: equal
+/// without case, as binders compare them.
+fn same_name(rule: &str, key: &[u8]) -> bool {
+    if rule.as_bytes() == key {
+        return true;
+    }
+    match std::str::from_utf8(key) {
+        Ok(key) if key.is_ascii() && rule.is_ascii() => key.eq_ignore_ascii_case(rule),
+        Ok(key) => unicase::eq(key, rule),
+        // A lone surrogate is in no configured name.
+        Err(_) => false,
     }
 }
 
@@ -276,7 +295,7 @@ fn present_renames<'n>(text: &str, node: &'n Node) -> Result<Vec<&'n str>, serde
                     .0
                     .fields
                     .iter()
-                    .find(|(n, f)| f.rename.is_some() && n.as_bytes() == &*key.0)
+                    .find(|(n, f)| f.rename.is_some() && same_name(n, &key.0))
                 {
                     found.push(name.as_str());
                 }
@@ -325,7 +344,7 @@ impl<'de> Visitor<'de> for ObjectWriter<'_, '_, '_> {
                     *changed = true;
                     Cow::Borrowed(to.as_bytes())
                 }
-                _ if taken.iter().any(|t| t.as_bytes() == &*key.0) => {
+                _ if taken.iter().any(|t| same_name(t, &key.0)) => {
                     *changed = true;
                     continue;
                 }
@@ -513,9 +532,16 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_compared_decoded_and_every_duplicate_goes() {
-        let r = rules(&["role"], &[]);
+    fn keys_are_compared_decoded_without_case_and_every_duplicate_goes() {
+        let r = rules(&["role", "secret", "user.key"], &[]);
         assert_eq!(apply(&r, r#"{"r\u006fle":1,"ok":1}"#), r#"{"ok":1}"#);
+        // As Go's encoding/json binds them: any case, and the Unicode folds.
+        assert_eq!(apply(&r, r#"{"ROLE":1,"Role":2,"ok":1}"#), r#"{"ok":1}"#);
+        assert_eq!(apply(&r, "{\"\u{17F}ecret\":1,\"ok\":1}"), r#"{"ok":1}"#);
+        assert_eq!(
+            apply(&r, r#"{"USER":{"\u212Aey":1,"id":2}}"#),
+            r#"{"USER":{"id":2}}"#
+        );
         assert_eq!(apply(&r, r#"{"role":1,"role":2,"ok":1}"#), r#"{"ok":1}"#);
         // A kept key with a lone surrogate keeps it.
         assert_eq!(apply(&r, r#"{"role":1,"\udead":1}"#), r#"{"\udead":1}"#);

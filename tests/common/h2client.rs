@@ -30,6 +30,17 @@ impl H2Response {
 /// Sends `req` (its URI's authority becomes `:authority`) on a new HTTP/2
 /// connection to `addr`, trusting the certificate in `cert` for `gw.test`.
 pub fn send(addr: SocketAddr, cert: &Path, req: http::Request<()>) -> Result<H2Response, String> {
+    send_with_body(addr, cert, req, None)
+}
+
+/// As [`send`], with a body in DATA frames (and no `content-length`
+/// unless `req` carries one).
+pub fn send_with_body(
+    addr: SocketAddr,
+    cert: &Path,
+    req: http::Request<()>,
+    body: Option<Vec<u8>>,
+) -> Result<H2Response, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -61,7 +72,14 @@ pub fn send(addr: SocketAddr, cert: &Path, req: http::Request<()>) -> Result<H2R
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let (response, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
+        let (response, mut stream) = client
+            .send_request(req, body.is_none())
+            .map_err(|e| e.to_string())?;
+        if let Some(body) = body {
+            stream
+                .send_data(bytes::Bytes::from(body), true)
+                .map_err(|e| e.to_string())?;
+        }
         let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
             .await
             .map_err(|_| "no response in 10 s".to_string())?
@@ -96,4 +114,49 @@ pub fn get(
         req = req.header(*n, *v);
     }
     send(addr, cert, req.body(()).unwrap())
+}
+
+/// Completes a TLS handshake offering `alpn`, then sends nothing: how long
+/// the server keeps the connection open (`None`: still open after 20 s).
+pub fn silent_after_handshake(
+    addr: SocketAddr,
+    cert: &Path,
+    alpn: &[u8],
+) -> Option<std::time::Duration> {
+    use tokio::io::AsyncReadExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(cert).expect("read the test certificate"))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    rt.block_on(async move {
+        let started = std::time::Instant::now();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("gw.test").unwrap(), tcp)
+            .await
+            .expect("the handshake");
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            // The server's session tickets or settings may come first.
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        read.ok().map(|_| started.elapsed())
+    })
 }
