@@ -532,7 +532,7 @@ fn check_authority(
         if host.contains(&b'@') {
             return bad("the Host field holds user info");
         }
-        if !host.is_empty() && http::uri::Authority::try_from(host).is_err() {
+        if !is_authority(host) {
             return bad("the Host field is not a host");
         }
     }
@@ -553,6 +553,36 @@ fn check_authority(
             Ok(())
         }
     }
+}
+
+/// Whether `host` is made of the characters an authority (RFC 3986
+/// 3.2: reg-name or IP literal, and a port) is made of; an empty one is
+/// allowed (RFC 9112 3.2). User info is refused before this.
+fn is_authority(host: &[u8]) -> bool {
+    host.iter().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// The body framing must be unambiguous: Pingora refuses the same heads,

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: repeatable for the same
+# binary and inputs, however loaded the machine is (wall-clock benchmarks on
+# a shared 2-core VM are not). gatehouse runs under valgrind in front of an
+# nginx upstream; a keep-alive client sends N and then 2N requests, and the
+# difference of the two totals divided by N is the cost of one request, with
+# start-up and shutdown cancelled out.
+#
+#   bench/instructions.sh                        # the plain route, metrics and access log on
+#   ROUTE=/auth/v1/users/7 bench/instructions.sh # the RS256 auth + rate limit route
+#   QUIET=1 bench/instructions.sh                # metrics off, no access log
+#   GATEHOUSE_BIN=/path/to/other/gatehouse bench/instructions.sh   # compare builds
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GATEHOUSE_BIN=${GATEHOUSE_BIN:-$ROOT/target/release/gatehouse}
+NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
+N=${N:-2000}
+ROUTE=${ROUTE:-/v1/users/7}
+QUIET=${QUIET:-0}
+for tool in valgrind python3 curl openssl; do
+    command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
+done
+[[ -x $GATEHOUSE_BIN ]] || { echo "instructions: build it: cargo build --release" >&2; exit 1; }
+[[ -x $NGINX_BIN ]] || { echo "instructions: nginx not found (set NGINX_BIN)" >&2; exit 1; }
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-instr.XXXXXX")
+cleanup() {
+    [[ -f $WORK/upstream.pid ]] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+    [[ ${KEEP_WORK:-0} == 1 ]] && echo "instructions: work dir kept: $WORK" >&2 || rm -rf "$WORK"
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(port); GH=$(port); ADMIN=$(port)
+cat >"$WORK/upstream.conf" <<EOF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/body;
+    proxy_temp_path $WORK/proxy;
+    server {
+        listen 127.0.0.1:$UP;
+        default_type application/json;
+        location / { return 200 '{"ok":true,"service":"bench","id":7,"v":1}'; }
+    }
+}
+EOF
+"$NGINX_BIN" -c "$WORK/upstream.conf" -p "$WORK"
+
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+header=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
+payload=$(printf '{"sub":"bench-user","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
+sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$ROOT/tests/keys/rsa1.pem" | b64url)
+TOKEN="$header.$payload.$sig"
+
+observe="access_log: $WORK/access.log"
+server_extra=""
+if [[ $QUIET == 1 ]]; then observe="access_log: off"; server_extra="  metrics: false"; fi
+cat >"$WORK/gatehouse.yaml" <<EOF
+server:
+  threads: 1
+  pid_file: $WORK/gatehouse.pid
+  upgrade_sock: $WORK/upgrade.sock
+$server_extra
+listen: [127.0.0.1:$GH]
+admin: { listen: 127.0.0.1:$ADMIN }
+$observe
+upstreams:
+  app: { targets: [127.0.0.1:$UP] }
+auth:
+  jwt:
+    bench: { algorithms: [RS256], public_key_file: $ROOT/tests/keys/rsa1.pub.pem }
+routes:
+  - name: auth-limited
+    match: { path_prefix: /auth }
+    upstream: app
+    strip_prefix: /auth
+    auth: bench
+    rate_limit: { requests: 1000000000, per: 1s, key: ip }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+  - name: plain
+    match: { path_prefix: / }
+    upstream: app
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+EOF
+
+# Total instructions of one gatehouse run serving COUNT requests.
+run() {
+    local count=$1 out=$WORK/callgrind.$1 pid
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$GATEHOUSE_BIN" -c "$WORK/gatehouse.yaml" >"$WORK/gh.$count.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 600); do
+        curl -sf -o /dev/null "http://127.0.0.1:$GH/" && break
+        sleep 0.2
+    done
+    python3 - "$GH" "$ROUTE" "$count" "$TOKEN" <<'PY'
+import http.client, sys
+port, route, count, token = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+c = http.client.HTTPConnection("127.0.0.1", port)
+for _ in range(count):
+    c.request("GET", route, headers={"Authorization": "Bearer " + token})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+PY
+    kill -INT "$pid"
+    wait "$pid" || true
+    grep -h '^totals:\|^summary:' "$out"* | awk '{s += $2} END {print s}'
+}
+one=$(run "$N")
+two=$(run $((2 * N)))
+python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, N=$N, $(basename "$GATEHOUSE_BIN") at $GATEHOUSE_BIN)')"
