@@ -11,6 +11,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use pingora_http::RequestHeader;
 
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -55,7 +56,7 @@ pub struct RequestId(HeaderValue);
 
 impl RequestId {
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        if let Some(v) = headers.get(crate::respond::REQUEST_ID) {
+        if let Some(v) = headers.get(REQUEST_ID) {
             let b = v.as_bytes();
             if !b.is_empty()
                 && b.len() <= 128

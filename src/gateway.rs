@@ -9,13 +9,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::auth::Provider;
-use crate::routing::Router;
+use crate::route::Routes;
 use crate::upstream::Upstream;
 
 /// Everything a reload may replace.
 #[derive(Debug, Default)]
 pub struct Runtime {
-    pub router: Router,
+    pub router: Routes,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub providers: BTreeMap<String, Arc<Provider>>,
 }

@@ -168,7 +168,7 @@ fn route(
         host,
         headers: &map,
     };
-    let (text, matched) = gatehouse::routing::explain(
+    let (text, matched) = gatehouse::route::explain(
         &config.runtime.router,
         &request,
         uri.query(),

@@ -20,21 +20,23 @@ use crate::aggregate;
 use crate::auth::{self, Claims};
 use crate::budget::Budget;
 use crate::cache::{self, Cache};
-use crate::config::PathParams;
 use crate::config::ServerSettings;
+use crate::forwarding::REQUEST_ID;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
 use crate::metrics::{self, Metrics, UpstreamOutcome};
 use crate::ratelimit::{Decision, RateLimit, Subject};
-use crate::respond::{Phase, Response, REQUEST_ID};
+use crate::respond::{Phase, Response};
+use crate::route::Route;
 use crate::routing::Params;
 use crate::routing::{
-    normalize_path, path_params, without_params, PathParamsFound, Route, RouteOutcome, RouteRequest,
+    normalize_path, path_params, without_params, PathParams, PathParamsFound, RouteOutcome,
+    RouteRequest,
 };
 use crate::transform::body::{declared_length, Refusal, Rewrite};
 use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
 use crate::upstream::fetch::SharedConnector;
-use crate::upstream::{HashKey, InFlight, Pick};
+use crate::upstream::{InFlight, Pick};
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
 
@@ -148,6 +150,7 @@ impl RequestCtx {
             client_ip: self.client_ip,
             headers,
             claims: self.claims.as_deref(),
+            consumer: None,
         });
         self.limit = Some(decision);
         if !decision.allowed {
@@ -617,27 +620,6 @@ impl Proxy {
             }
         }
     }
-
-    fn hash_input<'a>(
-        &self,
-        session: &'a Session,
-        claims: Option<&'a Claims>,
-        key: &HashKey,
-        ip: &'a [u8],
-    ) -> &'a [u8] {
-        match key {
-            HashKey::ClientIp => ip,
-            HashKey::Header(name) => session
-                .req_header()
-                .headers
-                .get(name)
-                .map_or(ip, |v| v.as_bytes()),
-            HashKey::Claim(name) => match claims.and_then(|c| c.get(name)) {
-                Some(serde_json::Value::String(s)) => s.as_bytes(),
-                _ => ip,
-            },
-        }
-    }
 }
 
 /// The status for an error that ended a request, and whether it is the
@@ -732,24 +714,13 @@ impl ProxyHttp for Proxy {
         };
         // Each attempt replays the body from its start.
         ctx.body_seen = 0;
-        let mut ip_buf = [0u8; 16];
-        let ip_bytes: &[u8] = match ctx.client_ip {
-            Some(IpAddr::V4(v4)) => {
-                ip_buf[..4].copy_from_slice(&v4.octets());
-                &ip_buf[..4]
-            }
-            Some(IpAddr::V6(v6)) => {
-                ip_buf.copy_from_slice(&v6.octets());
-                &ip_buf
-            }
-            None => &[],
-        };
-        let key = if upstream.uses_hash_key() {
-            self.hash_input(session, ctx.claims.as_deref(), &upstream.hash_key, ip_bytes)
-        } else {
-            &[]
-        };
-        match upstream.pick(key, &ctx.tried) {
+        let key = upstream.key_of(&crate::subject::Subject {
+            client_ip: ctx.client_ip,
+            headers: &session.req_header().headers,
+            claims: ctx.claims.as_deref(),
+            consumer: None,
+        });
+        match upstream.pick(&key, &ctx.tried) {
             Pick::Target(index) => {
                 ctx.in_flight = Some(upstream.begin(index));
                 Ok(upstream.peer(index, left))

@@ -8,8 +8,6 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde::Serialize;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
 /// What a module decided in a request phase.
 #[must_use]
 pub enum Phase {

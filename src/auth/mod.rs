@@ -27,8 +27,7 @@ use keys::{KeySet, NoKey};
 
 use crate::transform::headers::remove_fields;
 
-/// A verified token's claims.
-pub type Claims = serde_json::Map<String, Value>;
+pub use crate::subject::Claims;
 
 /// Tokens longer than this are refused unread.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;

@@ -28,8 +28,9 @@ use crate::gateway::Runtime;
 use crate::metrics::Series;
 use crate::ratelimit::{LimitKey, RateLimit};
 use crate::respond::StaticResponse;
+use crate::route::{Route, Target};
 use crate::routing::{
-    HostPattern, MethodSet, PathPattern, PathRewrite, Route, RouteMatcher, Router, Segment, Target,
+    HostPattern, MethodSet, PathPattern, PathRewrite, RouteMatcher, Router, Segment,
 };
 use crate::transform::body::ResponseBodyRules;
 use crate::transform::headers::{Deprecation, HeaderRules};
@@ -135,7 +136,7 @@ pub(super) fn compile(
         listeners,
         admin,
         runtime: Runtime {
-            router: Router::new(routes),
+            router: Router::new(routes.into_iter().map(Arc::new).collect()),
             upstreams,
             providers,
         },
@@ -690,30 +691,13 @@ impl Compiler<'_> {
     }
 
     fn hash_key(&mut self, path: &str, key: &str) -> Option<HashKey> {
-        if key == "ip" {
-            return Some(HashKey::ClientIp);
-        }
-        if let Some(name) = key.strip_prefix("header:") {
-            return match HeaderName::from_bytes(name.trim().as_bytes()) {
-                Ok(h) => Some(HashKey::Header(h)),
-                Err(_) => {
-                    self.error(path, format!("\"{name}\" is not a valid header name"));
-                    None
-                }
-            };
-        }
-        if let Some(claim) = key.strip_prefix("claim:") {
-            if claim.is_empty() {
-                self.error(path, "hash_key claim: needs a claim name");
-                return None;
+        match HashKey::parse(key, false, "hash_key") {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.error(path, e);
+                None
             }
-            return Some(HashKey::Claim(claim.to_string()));
         }
-        self.error(
-            path,
-            format!("unknown hash_key \"{key}\"; use ip, header:NAME or claim:NAME"),
-        );
-        None
     }
 
     fn load_ca(
@@ -1255,7 +1239,7 @@ impl Compiler<'_> {
         }
         let key = match raw.key.as_deref() {
             None => LimitKey::ClientIp,
-            Some(k) => match LimitKey::parse(k) {
+            Some(k) => match LimitKey::parse(k, true, "rate limit key") {
                 Ok(k) => k,
                 Err(e) => {
                     self.error(&key_path(path, "key"), e);

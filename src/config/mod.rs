@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use crate::routing::PathParams;
+
 pub use error::{ConfigError, ConfigErrors, LoadError, Position};
 
 use crate::gateway::Runtime;
@@ -86,17 +88,6 @@ impl Default for ServerSettings {
             group: None,
         }
     }
-}
-
-/// What `;` path parameters (`/a;jsessionid=1/b`) do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathParams {
-    /// `400`: Java servers strip them before routing, so a route matched
-    /// with them would not be the route the upstream serves.
-    Reject,
-    /// Routes match the path with each segment's `;...` part ignored; the
-    /// upstream receives it unchanged.
-    Keep,
 }
 
 /// A public listener.

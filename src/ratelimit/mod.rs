@@ -20,61 +20,14 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::HeaderName;
-
 pub const SUB_WINDOWS: u64 = 8;
 /// Keys counted at once per limit; about 100 bytes each when full.
 pub const MAX_KEYS: u64 = 65_536;
 const SLOTS: usize = SUB_WINDOWS as usize + 1;
 
-/// What a limit is counted per.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LimitKey {
-    ClientIp,
-    /// A request header; a request without it is counted by client IP.
-    Header(HeaderName),
-    /// A claim of the verified token; without one, by client IP.
-    Claim(String),
-    /// One budget for the whole route.
-    Route,
-}
-
-impl std::fmt::Display for LimitKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LimitKey::ClientIp => f.write_str("ip"),
-            LimitKey::Header(h) => write!(f, "header:{h}"),
-            LimitKey::Claim(c) => write!(f, "claim:{c}"),
-            LimitKey::Route => f.write_str("route"),
-        }
-    }
-}
-
-impl LimitKey {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "ip" => Ok(LimitKey::ClientIp),
-            "route" => Ok(LimitKey::Route),
-            _ => {
-                if let Some(name) = s.strip_prefix("header:") {
-                    HeaderName::from_bytes(name.trim().as_bytes())
-                        .map(LimitKey::Header)
-                        .map_err(|_| format!("\"{name}\" is not a valid header name"))
-                } else if let Some(claim) = s.strip_prefix("claim:") {
-                    if claim.is_empty() {
-                        Err("claim: needs a claim name".into())
-                    } else {
-                        Ok(LimitKey::Claim(claim.to_string()))
-                    }
-                } else {
-                    Err(format!(
-                        "unknown rate limit key \"{s}\"; use ip, header:NAME, claim:NAME or route"
-                    ))
-                }
-            }
-        }
-    }
-}
+/// What a limit is counted per: the request key every keyed policy shares.
+pub use crate::subject::RequestKey as LimitKey;
+pub use crate::subject::Subject;
 
 /// The outcome of counting one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,9 +123,13 @@ impl RateLimit {
 
     /// Counts one request for `key` at `now`.
     pub fn check_at<K: Hash>(&self, key: K, now: Instant) -> Decision {
-        // Keyed per limit: a client cannot aim two keys at one hash, and 64
-        // bits make an accidental collision among the keys held negligible.
-        let key = self.key_hasher.hash_one(key);
+        self.count_hashed(self.key_hasher.hash_one(key), now)
+    }
+
+    /// Counts one request for a key hashed with `key_hasher`: keyed per
+    /// limit, so a client cannot aim two keys at one hash, and 64 bits make
+    /// an accidental collision among the keys held negligible.
+    fn count_hashed(&self, key: u64, now: Instant) -> Decision {
         let elapsed = now.saturating_duration_since(self.epoch);
         let sub_nanos = self.sub_len.as_nanos();
         let period = (elapsed.as_nanos() / sub_nanos) as u64;
@@ -256,56 +213,15 @@ impl RateLimit {
     }
 }
 
-/// What a limit key may be taken from.
-pub struct Subject<'a> {
-    pub client_ip: Option<std::net::IpAddr>,
-    pub headers: &'a http::HeaderMap,
-    pub claims: Option<&'a crate::auth::Claims>,
-}
-
-impl LimitKey {
-    /// Whether the key needs a verified token (so counting waits for auth).
-    pub fn needs_claims(&self) -> bool {
-        matches!(self, LimitKey::Claim(_))
-    }
-}
-
-/// An IPv6 client is counted by its /64: one host usually holds a whole
-/// /64 and could otherwise rotate addresses to escape its limit.
-fn ip_key(ip: Option<std::net::IpAddr>) -> [u8; 16] {
-    match ip {
-        Some(std::net::IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
-        Some(std::net::IpAddr::V6(v6)) => {
-            let mut o = v6.octets();
-            o[8..].fill(0);
-            o
-        }
-        None => [0; 16],
-    }
-}
-
 impl RateLimit {
-    /// Counts a request of `subject`. A missing header or claim falls back
-    /// to the client IP: a missing key never means unlimited.
+    /// Counts a request of `subject` by the limit's key (a missing header
+    /// or claim falls back to the client IP: a missing key never means
+    /// unlimited).
     pub fn admit(&self, subject: &Subject<'_>) -> Decision {
-        let ip = ip_key(subject.client_ip);
-        // The tag keeps a header value from ever counting as someone's IP.
-        match &self.key {
-            LimitKey::ClientIp => self.check((0u8, &ip[..])),
-            LimitKey::Route => self.check((3u8, &[] as &[u8])),
-            LimitKey::Header(name) => match subject.headers.get(name) {
-                Some(v) => self.check((1u8, v.as_bytes())),
-                None => self.check((0u8, &ip[..])),
-            },
-            LimitKey::Claim(name) => match subject.claims.and_then(|c| c.get(name)) {
-                Some(serde_json::Value::String(s)) => self.check((2u8, s.as_bytes())),
-                Some(v) => {
-                    let text = v.to_string();
-                    self.check((2u8, text.as_bytes()))
-                }
-                None => self.check((0u8, &ip[..])),
-            },
-        }
+        use std::hash::BuildHasher;
+        let mut hasher = self.key_hasher.build_hasher();
+        self.key.hash_into(subject, &mut hasher);
+        self.count_hashed(std::hash::Hasher::finish(&hasher), Instant::now())
     }
 }
 
@@ -405,20 +321,5 @@ mod tests {
         for i in 0..100u32 {
             assert!(limit.check_at(("honest", i), t0).allowed);
         }
-    }
-
-    #[test]
-    fn keys() {
-        assert_eq!(LimitKey::parse("ip"), Ok(LimitKey::ClientIp));
-        assert_eq!(LimitKey::parse("route"), Ok(LimitKey::Route));
-        assert_eq!(
-            LimitKey::parse("claim:sub"),
-            Ok(LimitKey::Claim("sub".into()))
-        );
-        assert!(matches!(
-            LimitKey::parse("header:X-Api-Key"),
-            Ok(LimitKey::Header(_))
-        ));
-        assert!(LimitKey::parse("cookie:x").is_err());
     }
 }

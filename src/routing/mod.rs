@@ -1,22 +1,20 @@
 //! Routing: path normalization, route selection in specificity order, and
 //! the path rewrite sent upstream. Joins the `request_filter` phase (choose
 //! the route, or answer 400/404/405) and `upstream_request_filter` (rewrite).
+//! It matches and rewrites only: what a route does is `route`'s, and the
+//! router holds routes of any type that has a matcher.
 
-mod explain;
 mod matcher;
 mod normalize;
 
-pub use explain::explain;
-
-use std::sync::Arc;
-use std::time::Duration;
-
 use http::{HeaderMap, Method};
-use prometheus::Histogram;
 
-pub use matcher::{HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment};
+pub use matcher::{
+    header_matches, HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment,
+};
 pub use normalize::{
-    normalize_path, path_params, segment_name, without_params, Params as PathParamsFound, PathError,
+    normalize_path, path_params, segment_name, without_params, Params as PathParamsFound,
+    PathError, PathParams,
 };
 
 /// The percent-decoded values of a query parameter, in order.
@@ -29,68 +27,6 @@ pub fn query_values<'q: 'n, 'n>(
         .filter_map(|pair| pair.split_once('='))
         .filter(move |(n, _)| *n == name)
         .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy())
-}
-
-use crate::aggregate::Aggregate;
-use crate::auth::RouteAuth;
-use crate::cache::CachePolicy;
-use crate::metrics::Series;
-use crate::ratelimit::RateLimit;
-use crate::respond::StaticResponse;
-use crate::transform::body::ResponseBodyRules;
-use crate::transform::headers::{Deprecation, HeaderRules};
-use crate::transform::json::JsonRules;
-use crate::upstream::Upstream;
-
-/// A compiled route: what it matches and how its requests are handled.
-#[derive(Debug)]
-pub struct Route {
-    /// Unique; the label in metrics and logs.
-    pub name: Arc<str>,
-    pub matcher: RouteMatcher,
-    pub target: Target,
-    pub rewrite: PathRewrite,
-    /// Deadline for the whole upstream exchange; overrides the upstream's
-    /// `read_timeout`.
-    pub timeout: Option<Duration>,
-    pub max_body: u64,
-    pub request_headers: HeaderRules,
-    pub response_headers: HeaderRules,
-    pub deprecation: Option<Deprecation>,
-    pub fallback: Option<StaticResponse>,
-    pub auth: Option<RouteAuth>,
-    pub rate_limit: Option<Arc<RateLimit>>,
-    /// Every header named by any provider's `forward_claims`: removed from
-    /// each client request, on every route.
-    pub identity_headers: Arc<[http::HeaderName]>,
-    pub request_body: Option<JsonRules>,
-    pub response_body: Option<ResponseBodyRules>,
-    pub cache: Option<CachePolicy>,
-    /// This route's `gatehouse_request_duration_seconds` series.
-    pub duration_series: Series<Histogram>,
-}
-
-/// Where a route's requests go.
-#[derive(Debug)]
-pub enum Target {
-    Upstream(Arc<Upstream>),
-    Aggregate(Aggregate),
-}
-
-impl Route {
-    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
-        match &self.target {
-            Target::Upstream(u) => Some(u),
-            Target::Aggregate(_) => None,
-        }
-    }
-
-    pub fn aggregate(&self) -> Option<&Aggregate> {
-        match &self.target {
-            Target::Aggregate(a) => Some(a),
-            Target::Upstream(_) => None,
-        }
-    }
 }
 
 /// `strip_prefix` then `add_prefix`, applied to the normalized path.
@@ -172,8 +108,8 @@ pub struct RouteRequest<'a> {
     pub headers: &'a HeaderMap,
 }
 
-pub enum RouteOutcome<'r> {
-    Matched(&'r Arc<Route>),
+pub enum RouteOutcome<'r, T> {
+    Matched(&'r T),
     /// A route matches everything but the method; `allow` lists the methods
     /// that would have matched.
     MethodNotAllowed {
@@ -182,40 +118,47 @@ pub enum RouteOutcome<'r> {
     NotFound,
 }
 
-/// Routes in the order they are tried: most specific first.
-#[derive(Debug, Default)]
-pub struct Router {
-    routes: Vec<Arc<Route>>,
+/// What the router needs of a route: its conditions.
+pub trait Routable {
+    fn matcher(&self) -> &RouteMatcher;
 }
 
-impl Router {
+/// Routes in the order they are tried: most specific first.
+#[derive(Debug)]
+pub struct Router<T> {
+    routes: Vec<T>,
+}
+
+impl<T> Default for Router<T> {
+    fn default() -> Self {
+        Router { routes: Vec::new() }
+    }
+}
+
+impl<T: Routable> Router<T> {
     /// Orders `routes` (given in file order) by specificity: exact path,
     /// then regex, then prefix (longer first); then more conditions; ties
     /// keep file order.
-    pub fn new(routes: Vec<Route>) -> Self {
-        let mut indexed: Vec<(usize, Route)> = routes.into_iter().enumerate().collect();
+    pub fn new(routes: Vec<T>) -> Self {
+        let mut indexed: Vec<(usize, T)> = routes.into_iter().enumerate().collect();
         indexed.sort_by_key(|(index, route)| {
-            let (kind, within) = route.matcher.path.specificity();
-            (
-                kind,
-                within,
-                std::cmp::Reverse(route.matcher.condition_count()),
-                *index,
-            )
+            let m = route.matcher();
+            let (kind, within) = m.path.specificity();
+            (kind, within, std::cmp::Reverse(m.condition_count()), *index)
         });
         Router {
-            routes: indexed.into_iter().map(|(_, r)| Arc::new(r)).collect(),
+            routes: indexed.into_iter().map(|(_, r)| r).collect(),
         }
     }
 
-    pub fn routes(&self) -> &[Arc<Route>] {
+    pub fn routes(&self) -> &[T] {
         &self.routes
     }
 
-    pub fn find(&self, req: &RouteRequest<'_>) -> RouteOutcome<'_> {
+    pub fn find(&self, req: &RouteRequest<'_>) -> RouteOutcome<'_, T> {
         let mut allowed: Option<Vec<&Method>> = None;
         for route in &self.routes {
-            let m = &route.matcher;
+            let m = route.matcher();
             if !m.path.matches(req.path, None) || !m.matches_host_and_headers(req.host, req.headers)
             {
                 continue;

@@ -57,6 +57,17 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(resolve_segments(&decoded)?))
 }
 
+/// What `;` path parameters (`/a;jsessionid=1/b`) do (`server.path_params`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathParams {
+    /// `400`: Java servers strip them before routing, so a route matched
+    /// with them would not be the route the upstream serves.
+    Reject,
+    /// Routes match the path as Tomcat and Spring read it; the upstream
+    /// receives it unchanged.
+    Keep,
+}
+
 /// What `;` path parameters a normalized path holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Params {

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
 use pingora_load_balancing::{Backend, LoadBalancer};
@@ -21,15 +20,9 @@ use crate::metrics::{Series, UpstreamOutcome};
 
 pub use health::HealthCheckSettings;
 
-/// How `balance: consistent_hash` keys a request.
-#[derive(Debug, Clone)]
-pub enum HashKey {
-    ClientIp,
-    /// A request header; a request without it is keyed by client IP.
-    Header(HeaderName),
-    /// A claim of the verified token; without one, by client IP.
-    Claim(String),
-}
+/// How `balance: consistent_hash` keys a request: the request key rate
+/// limits use too.
+pub use crate::subject::RequestKey as HashKey;
 
 /// One target of an upstream.
 pub struct Target {
@@ -260,6 +253,16 @@ impl Upstream {
 
     pub fn uses_hash_key(&self) -> bool {
         matches!(self.balancer, Balancer::Consistent(_))
+    }
+
+    /// The consistent-hashing key of a request (empty for the other
+    /// algorithms, which do not read it).
+    pub fn key_of(&self, subject: &crate::subject::Subject<'_>) -> [u8; 8] {
+        if self.uses_hash_key() {
+            self.hash_key.stable_hash(subject).to_le_bytes()
+        } else {
+            [0; 8]
+        }
     }
 
     fn index_of(&self, backend: &Backend) -> Option<usize> {

@@ -3,9 +3,9 @@
 
 use std::fmt::Write;
 
-use super::matcher::header_matches;
-use super::{
-    normalize_path, HostPattern, PathPattern, Route, RouteRequest, Router, Segment, Target,
+use super::{Route, Routes, Target};
+use crate::routing::{
+    header_matches, normalize_path, HostPattern, PathParams, PathPattern, RouteRequest, Segment,
 };
 
 fn describe_path(p: &PathPattern) -> String {
@@ -75,13 +75,12 @@ fn failed(checks: &[(String, bool)]) -> String {
 
 /// The explanation, and whether a route matched.
 pub fn explain(
-    router: &Router,
+    router: &Routes,
     req: &RouteRequest<'_>,
     query: Option<&str>,
-    path_params: crate::config::PathParams,
+    path_params: PathParams,
 ) -> (String, bool) {
-    use super::normalize::{path_params as params_in, without_params, Params};
-    use crate::config::PathParams;
+    use crate::routing::{path_params as params_in, without_params, PathParamsFound as Params};
     let mut out = String::new();
     let sent = match normalize_path(req.path) {
         Ok(p) => p.into_owned(),

@@ -1,0 +1,109 @@
+//! A compiled route: where its requests go and the policies they meet.
+//! The router (`routing`) only finds it; what happens then is here, and in
+//! the policy modules each field comes from.
+//!
+//! Policies are a fixed, ordered set of typed fields rather than a list of
+//! policy objects: each is a compiled runtime type with a method per phase
+//! it joins, returning that phase's verdict (`respond::Phase`), and
+//! `proxy` calls them in the order below. A typed field costs a route that
+//! does not use it one `None` check, and its phase methods are called
+//! directly (no virtual call, no shared context to downcast); a new policy
+//! is one new field, one module, and a line per phase in `proxy`.
+//!
+//! The order a request meets them:
+//!
+//! 1. routing: path normalized and matched (`routing`), the head's limits
+//!    (`listener`);
+//! 2. `rate_limit` by IP or header, before authentication, so floods of bad
+//!    tokens are limited too;
+//! 3. `auth` (JWT), then `rate_limit` by claim;
+//! 4. body rules prepared (`request_body`; `response_body` drops `Range`);
+//! 5. `aggregate` answers here, from the cache or its parts; else
+//! 6. `cache` (a hit answers), then the upstream (`upstream`, `timeout`);
+//! 7. on the way up: forwarding fields, identity headers, `request_headers`,
+//!    `request_body`;
+//! 8. on the way back: `response_body`, `response_headers`, `deprecation`,
+//!    the rate-limit headers;
+//! 9. `fallback` when the upstream cannot answer.
+
+mod explain;
+
+pub use explain::explain;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Histogram;
+
+use crate::routing::{PathRewrite, Routable, RouteMatcher, Router};
+
+use crate::aggregate::Aggregate;
+use crate::auth::RouteAuth;
+use crate::cache::CachePolicy;
+use crate::metrics::Series;
+use crate::ratelimit::RateLimit;
+use crate::respond::StaticResponse;
+use crate::transform::body::ResponseBodyRules;
+use crate::transform::headers::{Deprecation, HeaderRules};
+use crate::transform::json::JsonRules;
+use crate::upstream::Upstream;
+
+/// A compiled route: what it matches and how its requests are handled.
+#[derive(Debug)]
+pub struct Route {
+    /// Unique; the label in metrics and logs.
+    pub name: Arc<str>,
+    pub matcher: RouteMatcher,
+    pub target: Target,
+    pub rewrite: PathRewrite,
+    /// Deadline for the whole upstream exchange; overrides the upstream's
+    /// `read_timeout`.
+    pub timeout: Option<Duration>,
+    pub max_body: u64,
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
+    pub deprecation: Option<Deprecation>,
+    pub fallback: Option<StaticResponse>,
+    pub auth: Option<RouteAuth>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// Every header named by any provider's `forward_claims`: removed from
+    /// each client request, on every route.
+    pub identity_headers: Arc<[http::HeaderName]>,
+    pub request_body: Option<JsonRules>,
+    pub response_body: Option<ResponseBodyRules>,
+    pub cache: Option<CachePolicy>,
+    /// This route's `gatehouse_request_duration_seconds` series.
+    pub duration_series: Series<Histogram>,
+}
+
+/// Where a route's requests go.
+#[derive(Debug)]
+pub enum Target {
+    Upstream(Arc<Upstream>),
+    Aggregate(Aggregate),
+}
+
+impl Route {
+    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
+        match &self.target {
+            Target::Upstream(u) => Some(u),
+            Target::Aggregate(_) => None,
+        }
+    }
+
+    pub fn aggregate(&self) -> Option<&Aggregate> {
+        match &self.target {
+            Target::Aggregate(a) => Some(a),
+            Target::Upstream(_) => None,
+        }
+    }
+}
+
+impl Routable for Arc<Route> {
+    fn matcher(&self) -> &RouteMatcher {
+        &self.matcher
+    }
+}
+
+/// The live routes, most specific first.
+pub type Routes = Router<Arc<Route>>;
