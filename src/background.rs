@@ -12,28 +12,28 @@ use pingora_core::services::background::BackgroundService;
 use crate::auth::jwks::RemoteJwks;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::upstream::fetch::SharedConnector;
+use crate::outbound::Client;
 use crate::upstream::{health, Upstream};
 
 pub struct ConfigFollower {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     /// For JWK set fetches (shared with aggregate parts).
-    client: SharedConnector,
+    client: Client,
     /// For every upstream's health checks. Their own, so its pool stays
     /// empty (a check never returns its connection): each check connects
     /// anew, testing the connect too, where a connection an aggregate part
     /// had pooled would hide a target that no longer accepts any.
-    health_checks: SharedConnector,
+    health_checks: Client,
 }
 
 impl ConfigFollower {
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, client: SharedConnector) -> Self {
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, client: Client) -> Self {
         ConfigFollower {
             gateway,
             metrics,
             client,
-            health_checks: SharedConnector::default(),
+            health_checks: Client::fresh_connections(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

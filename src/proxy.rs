@@ -25,6 +25,7 @@ use crate::forwarding::REQUEST_ID;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::gateway::Gateway;
 use crate::metrics::{self, Metrics, UpstreamOutcome};
+use crate::outbound::Client;
 use crate::ratelimit::{Decision, RateLimit, Subject};
 use crate::respond::{Phase, Response};
 use crate::route::Route;
@@ -35,7 +36,6 @@ use crate::routing::{
 };
 use crate::transform::body::{declared_length, Refusal, Rewrite};
 use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
-use crate::upstream::fetch::SharedConnector;
 use crate::upstream::{InFlight, Pick};
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
@@ -49,7 +49,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     log: AccessLog,
     /// For aggregate parts; shared with health checks and JWK set fetches.
-    parts: SharedConnector,
+    parts: Client,
     /// `server.max_buffered`: bodies held whole for body rules and
     /// aggregation.
     buffered: Arc<Budget>,
@@ -62,7 +62,7 @@ impl Proxy {
         cache: Option<Cache>,
         metrics: Arc<Metrics>,
         log: AccessLog,
-        parts: SharedConnector,
+        parts: Client,
         buffered: Arc<Budget>,
     ) -> Self {
         Proxy {
@@ -552,12 +552,7 @@ impl Proxy {
             forwarded: Some(&forwarded),
         };
         let outcome = agg
-            .run(
-                self.parts.connector(),
-                &input,
-                &self.buffered,
-                &mut ctx.answer_held,
-            )
+            .run(&self.parts, &input, &self.buffered, &mut ctx.answer_held)
             .await;
         ctx.answered_by_route = true;
         match outcome {

@@ -20,9 +20,9 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{Gate, HeadGuard, HeadLimits};
 use crate::metrics::Metrics;
+use crate::outbound::Client;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
-use crate::upstream::fetch::SharedConnector;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -108,8 +108,8 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
         Arc::clone(&metrics),
         config.server.threads,
     );
-    // One connector for aggregate parts and JWK set fetches (see `SharedConnector`).
-    let client = SharedConnector::default();
+    // One client for aggregate parts and JWK set fetches (see `outbound`).
+    let client = Client::pooled();
     let reloader = Arc::new(Reloader::new(
         options.conf.clone(),
         Arc::clone(&gateway),

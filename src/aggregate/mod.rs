@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
-use pingora_core::connectors::http::Connector;
 use pingora_http::RequestHeader;
 use serde_json::Value;
 
 use crate::auth::Claims;
 use crate::budget::{Budget, Held};
 use crate::forwarding::Forwarded;
+use crate::outbound::{Body, Client, OutboundError};
 use crate::respond::Response;
 use crate::routing::Params;
 use crate::upstream::{Pick, Upstream};
@@ -276,7 +276,7 @@ impl Aggregate {
     /// to be kept until it is sent.
     pub async fn run(
         &self,
-        connector: &Connector,
+        client: &Client,
         input: &Input<'_>,
         budget: &Arc<Budget>,
         answer_held: &mut Option<Held>,
@@ -301,7 +301,7 @@ impl Aggregate {
             .map(|(i, (part, path))| async move {
                 let call = async {
                     let path = path.as_ref().map_err(|w| PartError::Failed(w.clone()))?;
-                    call(connector, part, path, input, deadline, budget).await
+                    call(client, part, path, input, deadline, budget).await
                 };
                 let result = match tokio::time::timeout_at(deadline.into(), call).await {
                     Ok(r) => r,
@@ -382,7 +382,7 @@ fn json_text(body: Bytes) -> Option<Bytes> {
 /// Fails on a connect error, a non-2xx status, or a body that is not JSON.
 /// The error text stays in the logs, never in the answer.
 async fn call(
-    connector: &Connector,
+    client: &Client,
     part: &Part,
     path: &str,
     input: &Input<'_>,
@@ -391,7 +391,6 @@ async fn call(
 ) -> Result<Fetched, PartError> {
     let upstream = &part.upstream;
     let mut tried = Vec::new();
-    let mut stale_retry = true;
     loop {
         let index = match upstream.pick(&[], &tried) {
             Pick::Target(i) => i,
@@ -401,18 +400,6 @@ async fn call(
         let left = deadline.saturating_duration_since(Instant::now());
         let peer = upstream.peer(index, Some(left));
         let _in_flight = upstream.begin(index);
-        let (mut session, reused) = match connector.get_http_session(&*peer).await {
-            Ok(s) => s,
-            Err(e) => {
-                tried.push(index);
-                if tried.len() > upstream.retries {
-                    return Err(format!("connect failed: {e}").into());
-                }
-                continue;
-            }
-        };
-        session.set_read_timeout(peer.options.read_timeout);
-        session.set_write_timeout(peer.options.write_timeout);
         let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 5))
             .map_err(|e| e.to_string())?;
         for (name, value) in &input.headers {
@@ -432,47 +419,34 @@ async fn call(
             .map_err(|e| e.to_string())?;
         req.insert_header(http::header::ACCEPT, "application/json")
             .map_err(|e| e.to_string())?;
-        let sent = async {
-            session.write_request_header(Box::new(req)).await?;
-            session.finish_request_body().await?;
-            session.read_response_header().await
-        };
-        if let Err(e) = sent.await {
-            // The upstream may have closed a pooled connection meanwhile.
-            if reused && stale_retry {
-                stale_retry = false;
+        let mut held = budget.reserve(0).ok_or(PartError::Busy)?;
+        let answer = client
+            .send(
+                &peer,
+                &req,
+                Body::Keep {
+                    cap: MAX_PART_BODY,
+                    hold: &mut |total| held.grow_to(total as u64),
+                },
+            )
+            .await;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(OutboundError::Connect(e)) => {
+                tried.push(index);
+                if tried.len() > upstream.retries {
+                    return Err(format!("connect failed: {e}").into());
+                }
                 continue;
             }
-            return Err(e.to_string().into());
+            Err(OutboundError::OverBudget) => return Err(PartError::Busy),
+            Err(e) => return Err(e.to_string().into()),
+        };
+        if !(200..300).contains(&answer.status()) {
+            return Err(format!("status {}", answer.status()).into());
         }
-        let status = session.response_header().map_or(0, |r| r.status.as_u16());
-        if !(200..300).contains(&status) {
-            return Err(format!("status {status}").into());
-        }
-        let cache = session
-            .response_header()
-            .map_or(Some(None), crate::cache::origin_lifetime);
-        let declared = session
-            .response_header()
-            .and_then(|r| crate::transform::body::declared_length(&r.headers));
-        let mut held = budget
-            .reserve(declared.unwrap_or(0).min(MAX_PART_BODY as u64))
-            .ok_or(PartError::Busy)?;
-        let body = crate::upstream::fetch::read_body_within(
-            &mut session,
-            MAX_PART_BODY,
-            "the body",
-            &mut |total| held.grow_to(total as u64),
-        )
-        .await
-        .map_err(|e| match e {
-            crate::upstream::fetch::ReadError::OverBudget => PartError::Busy,
-            other => PartError::Failed(other.to_string()),
-        })?;
-        connector
-            .release_http_session(session, &*peer, peer.options.idle_timeout)
-            .await;
-        let json = json_text(body.freeze()).ok_or_else(|| "body is not JSON".to_string())?;
+        let cache = crate::cache::origin_lifetime(&answer.head);
+        let json = json_text(answer.body.freeze()).ok_or_else(|| "body is not JSON".to_string())?;
         return Ok(Fetched {
             json,
             _held: held,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::upstream::fetch::SharedConnector;
+use crate::outbound::{Body, Client};
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use jsonwebtoken::Algorithm;
@@ -149,7 +149,7 @@ impl RemoteJwks {
     }
 
     /// Fetches now, then on schedule or when woken, until dropped.
-    pub async fn run(self: Arc<Self>, client: SharedConnector) {
+    pub async fn run(self: Arc<Self>, client: Client) {
         loop {
             // Only early refreshes are spaced apart (`refresh_now`): a key
             // published right after a scheduled fetch is still looked for.
@@ -187,7 +187,7 @@ impl RemoteJwks {
         }
     }
 
-    async fn fetch(&self, client: &SharedConnector) -> Result<(KeySet, bytes::Bytes), String> {
+    async fn fetch(&self, client: &Client) -> Result<(KeySet, bytes::Bytes), String> {
         let body = tokio::time::timeout(FETCH_TIMEOUT, self.get(client))
             .await
             .map_err(|_| "timed out".to_string())??
@@ -195,7 +195,7 @@ impl RemoteJwks {
         Ok((KeySet::from_jwks(&body, &self.algorithms)?, body))
     }
 
-    async fn get(&self, client: &SharedConnector) -> Result<BytesMut, String> {
+    async fn get(&self, client: &Client) -> Result<BytesMut, String> {
         let u = &self.url;
         let addr = tokio::net::lookup_host((u.host.as_str(), u.port))
             .await
@@ -206,11 +206,6 @@ impl RemoteJwks {
         peer.options.connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.total_connection_timeout = Some(FETCH_TIMEOUT);
         peer.options.read_timeout = Some(FETCH_TIMEOUT);
-        let (mut session, _) = client
-            .connector()
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| e.to_string())?;
         let mut req = RequestHeader::build("GET", u.path_and_query.as_bytes(), None)
             .map_err(|e| e.to_string())?;
         let name = if u.host.contains(':') {
@@ -231,26 +226,21 @@ impl RemoteJwks {
         for (n, v) in headers {
             req.insert_header(n, v).map_err(|e| e.to_string())?;
         }
-        session
-            .write_request_header(Box::new(req))
+        let answer = client
+            .send(
+                &peer,
+                &req,
+                Body::Keep {
+                    cap: MAX_JWKS_SIZE,
+                    hold: &mut |_| true,
+                },
+            )
             .await
             .map_err(|e| e.to_string())?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = session
-            .response_header()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
-        if status != 200 {
-            return Err(format!("status {status}"));
+        if answer.status() != 200 {
+            return Err(format!("status {}", answer.status()));
         }
-        crate::upstream::fetch::read_body(&mut session, MAX_JWKS_SIZE, "the JWK set").await
+        Ok(answer.body)
     }
 }
 

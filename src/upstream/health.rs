@@ -15,8 +15,8 @@ use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::Backend;
 
-use super::fetch::SharedConnector;
 use super::{Upstream, UpstreamTls};
+use crate::outbound::{Body, Client, OutboundError};
 
 /// A compiled `health_check` block.
 #[derive(Debug, Clone)]
@@ -76,10 +76,10 @@ enum Probe {
     },
 }
 
-/// Where an upstream's checks find the connector they share with every
-/// other upstream's; filled by the background checker before its first
-/// pass (see [`SharedConnector`]).
-pub(crate) type ConnectorSlot = Arc<OnceLock<SharedConnector>>;
+/// Where an upstream's checks find the client they share with every other
+/// upstream's (`Client::fresh_connections`); filled by the background
+/// checker before its first pass.
+pub(crate) type ConnectorSlot = Arc<OnceLock<Client>>;
 
 /// One upstream's check, run by Pingora's load balancer for each target.
 struct TargetCheck {
@@ -103,25 +103,25 @@ impl TargetCheck {
         };
         let mut peer = self.peer_template.clone();
         peer._address = target.addr.clone();
-        // A new connection: checks never give theirs back to the pool.
-        let (mut session, _) = client.connector().get_http_session(&peer).await?;
-        let Probe::Http { request, expect } = &self.probe else {
-            return Ok(());
+        let failed = |e: OutboundError| {
+            Error::explain(ErrorType::Custom("HealthCheckFailed"), e.to_string())
         };
-        session.set_write_timeout(peer.options.write_timeout);
-        session.write_request_header(request.clone()).await?;
-        session.finish_request_body().await?;
-        session.set_read_timeout(peer.options.read_timeout);
-        session.read_response_header().await?;
-        let status = session.response_header().map_or(0, |r| r.status.as_u16());
-        if status != *expect {
+        // A new connection: checks never give theirs back to the pool.
+        let (request, expect) = match &self.probe {
+            Probe::Connect => return client.connect(&peer).await.map_err(failed),
+            Probe::Http { request, expect } => (request, *expect),
+        };
+        // The whole answer, within the timeout.
+        let answer = client
+            .send(&peer, request, Body::Discard)
+            .await
+            .map_err(failed)?;
+        if answer.status() != expect {
             return Error::e_explain(
-                ErrorType::CustomCode("unexpected health check status", status),
+                ErrorType::CustomCode("unexpected health check status", answer.status()),
                 format!("expected {expect}"),
             );
         }
-        // The whole answer, within the timeout; the connection is not kept.
-        while session.read_response_body().await?.is_some() {}
         Ok(())
     }
 }
@@ -214,7 +214,7 @@ impl HealthCheckSettings {
 }
 
 /// Checks `upstream` every `interval` until no configuration holds it.
-pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration, client: SharedConnector) {
+pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration, client: Client) {
     loop {
         let Some(up) = upstream.upgrade() else {
             return;

@@ -3,7 +3,6 @@
 //! `upstream_peer` phase (pick a target, retrying on another one after a
 //! failed connect) and runs health checks in the background (`health`).
 
-pub mod fetch;
 pub mod health;
 
 use std::net::SocketAddr;
@@ -386,7 +385,7 @@ impl Upstream {
         self.health_interval
     }
 
-    pub(crate) async fn run_health_check_pass(&self, client: &fetch::SharedConnector) {
+    pub(crate) async fn run_health_check_pass(&self, client: &crate::outbound::Client) {
         self.health_connector.get_or_init(|| client.clone());
         self.backends().run_health_check(true).await;
     }
