@@ -628,6 +628,35 @@ fn check_framing(
     Ok(Framing::Length(n))
 }
 
+/// The HTTP/2 head limits (for an HTTP/2 session), as HTTP/1 heads are
+/// held to as they arrive:
+/// more than `max_headers` fields, or more than `max_header_size` bytes of
+/// names, values and path, is a `431`. (HTTP/2 heads arrive decoded, so
+/// they are measured once Pingora has them.)
+pub fn check_h2_head(
+    session: &pingora_proxy::Session,
+    (max_headers, max_header_size): (usize, usize),
+) -> Result<(), (StatusCode, &'static str)> {
+    if !session.is_http2() {
+        return Ok(());
+    }
+    let req = session.req_header();
+    let count = req.headers.len();
+    let size: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri.path().len();
+    if count > max_headers || size > max_header_size {
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is too large",
+        ));
+    }
+    Ok(())
+}
+
 /// [`check_head`] for the fuzz targets and property tests.
 pub fn check_head_for_fuzzing(head: &[u8], max_headers: usize) -> Result<String, u16> {
     check_head(head, max_headers.min(MAX_FIELDS))

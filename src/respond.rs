@@ -1,9 +1,11 @@
 //! Responses the gateway writes itself: RFC 9457 problems, route fallbacks,
-//! and the `Phase` result that every module returns from a request phase.
+//! the `Phase` result that every module returns from a request phase, and
+//! the answer to an error that ended a request (`fail_to_proxy`).
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::StatusCode;
+use pingora_core::{Error, ErrorSource, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde::Serialize;
@@ -114,6 +116,63 @@ impl StaticResponse {
             status: self.status,
             headers: vec![(CONTENT_TYPE, self.content_type.clone())],
             body: self.body.clone(),
+        }
+    }
+}
+
+/// The status for an error that ended a request, and whether it is the
+/// upstream's fault (a route fallback may then answer instead). `0`: the
+/// client is gone, nothing to answer.
+pub fn classify(e: &Error) -> (u16, bool) {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => (*code, matches!(code, 502..=504)),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            (504, true)
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => (502, true),
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                    (0, false)
+                }
+                ErrorType::ReadTimedout => (408, false),
+                _ => (400, false),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => (500, false),
+        },
+    }
+}
+
+fn detail_for(status: u16) -> &'static str {
+    match status {
+        400 => "the request is malformed",
+        408 => "the request was not received in time",
+        413 => "the request body is too large",
+        502 => "the upstream could not be reached",
+        503 => "no healthy upstream target is available",
+        504 => "the upstream did not answer in time",
+        _ => "the request could not be processed",
+    }
+}
+
+/// The answer to an error that ended a request with `status`: a body
+/// rule's own refusal (never a fallback: the upstream did not fail), the
+/// route's `fallback` when the upstream is at fault, else a problem.
+pub fn failure(
+    status: u16,
+    upstream_fault: bool,
+    refusal: Option<(StatusCode, &str)>,
+    fallback: Option<&StaticResponse>,
+    request_id: &str,
+) -> Response {
+    match (refusal, fallback) {
+        (Some((status, detail)), _) => Response::problem(status, detail, request_id),
+        (None, Some(fallback)) if upstream_fault => fallback.to_response(),
+        (None, _) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Response::problem(code, detail_for(status), request_id)
         }
     }
 }

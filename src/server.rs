@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::listener::{Gate, HeadGuard, HeadLimits};
 use crate::metrics::Metrics;
+use crate::observe::Observer;
 use crate::outbound::Client;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
@@ -118,15 +119,14 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     ));
 
     let mut proxy = HttpProxy::new(
-        Proxy::new(
-            Arc::clone(&gateway),
-            Arc::clone(&settings),
+        Proxy {
+            gateway: Arc::clone(&gateway),
+            settings: Arc::clone(&settings),
             cache,
-            Arc::clone(&metrics),
-            log.clone(),
-            client.clone(),
+            observer: Observer::new(Arc::clone(&metrics), log.clone(), settings.metrics),
+            parts: client.clone(),
             buffered,
-        ),
+        },
         conf,
     );
     proxy.handle_init_modules();

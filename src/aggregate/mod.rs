@@ -13,6 +13,10 @@
 //! the size of its parts. Part bodies and the answer are held within
 //! `server.max_buffered` (past it: `503`).
 
+mod answer;
+
+pub use answer::{Answered, Asked};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

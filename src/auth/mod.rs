@@ -366,7 +366,7 @@ fn same_but_underscores(sent: &str, identity: &str) -> bool {
 
 pub fn forward_identity(
     identity_headers: &[HeaderName],
-    auth: Option<(&Provider, &Claims)>,
+    verified: Option<(&RouteAuth, &Claims)>,
     upstream: &mut RequestHeader,
 ) {
     if identity_headers.is_empty() {
@@ -379,11 +379,28 @@ pub fn forward_identity(
             .iter()
             .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
     });
-    if let Some((provider, claims)) = auth {
-        for (header, value) in provider.claim_headers(claims) {
+    if let Some((auth, claims)) = verified {
+        for (header, value) in auth.provider.claim_headers(claims) {
             let _ = upstream.insert_header(header, value);
         }
     }
+}
+
+/// What a request the gateway makes on a client's behalf (an aggregate
+/// part) carries of who asked: the request id, the client's
+/// `Authorization`, and the verified token's claim headers.
+pub fn part_headers(
+    request_id: &HeaderValue,
+    authorization: Option<&HeaderValue>,
+    verified: Option<(&RouteAuth, &Claims)>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = vec![(crate::forwarding::REQUEST_ID, request_id.clone())];
+    headers.extend(authorization.map(|v| (http::header::AUTHORIZATION, v.clone())));
+    if let Some((auth, claims)) = verified {
+        let claimed = auth.provider.claim_headers(claims);
+        headers.extend(claimed.map(|(name, value)| (name.clone(), value)));
+    }
+    headers
 }
 
 /// A route's `auth`: the provider, plus claims and scopes a token must carry.

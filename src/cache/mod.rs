@@ -103,6 +103,23 @@ impl Cache {
         })
     }
 
+    /// Where the gateway's own answer to `req` (aggregation) is kept, when
+    /// its method may use the cache; `primary` is its [`primary_key`].
+    pub fn slot(
+        &self,
+        req: &RequestHeader,
+        primary: String,
+        path: &str,
+        policy: &CachePolicy,
+    ) -> Option<Slot<'_>> {
+        request_cacheable(&req.method).then(|| Slot {
+            cache: self,
+            key: entry_key(primary),
+            path: path.to_owned(),
+            ttl: policy.ttl,
+        })
+    }
+
     /// Turns the cache on for this request. Concurrent misses for one key
     /// wait on the lock, so only one goes upstream.
     pub fn enable(&self, session: &mut Session) {
@@ -115,6 +132,16 @@ impl Cache {
             .cache
             .set_max_file_size_bytes(self.storage.max_entry());
     }
+}
+
+/// Where an answer the gateway builds itself may be kept, and for how long
+/// at most.
+pub struct Slot<'a> {
+    pub cache: &'a Cache,
+    pub key: HashBinary,
+    /// The routed path, for purges by prefix.
+    pub path: String,
+    pub ttl: Duration,
 }
 
 /// Whether a request may use the cache at all.
@@ -179,12 +206,6 @@ pub fn primary_key(
     key
 }
 
-/// Whether and how long to keep a response: only 200; never `no-store`,
-/// `private`, `no-cache`, `Vary: *` or `Set-Cookie`; for as long as the
-/// route's `ttl`, or a shorter `s-maxage`/`max-age`. A response to a
-/// request with `Authorization` on a route the gateway does not
-/// authenticate is kept only when marked `public`, `s-maxage` or
-/// `must-revalidate` (RFC 9111 3.5).
 /// How long an upstream's `Cache-Control` lets a shared cache keep its
 /// response: `None` not at all (`no-store`, `private`, `no-cache`),
 /// `Some(None)` no limit given, else `s-maxage` (or `max-age`) less the
@@ -212,6 +233,12 @@ pub fn origin_lifetime(resp: &ResponseHeader) -> Option<Option<Duration>> {
     }))
 }
 
+/// Whether and how long to keep a response: only 200; never `no-store`,
+/// `private`, `no-cache`, `Vary: *` or `Set-Cookie`; for as long as the
+/// route's `ttl`, or a shorter `s-maxage`/`max-age`. A response to a
+/// request with `Authorization` on a route the gateway does not
+/// authenticate is kept only when marked `public`, `s-maxage` or
+/// `must-revalidate` (RFC 9111 3.5).
 pub fn cacheability(
     policy: &CachePolicy,
     req: &RequestHeader,

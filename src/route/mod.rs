@@ -27,8 +27,12 @@
 //! 9. `fallback` when the upstream cannot answer.
 
 mod explain;
+mod guard;
+mod select;
 
 pub use explain::explain;
+pub use guard::{guard, Guarded};
+pub use select::{select, Selected};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -38,6 +38,20 @@ impl ResponseBodyRules {
     pub fn removes(&self) -> bool {
         self.json.removes()
     }
+
+    /// Before the upstream is asked: when fields are removed, the client's
+    /// `Range` and `If-Range` go (a slice of the body would slip past the
+    /// rules); the client gets the whole filtered body.
+    pub fn drop_ranges(&self, req: &mut RequestHeader) {
+        if !self.removes() {
+            return;
+        }
+        for name in [http::header::RANGE, http::header::IF_RANGE] {
+            if req.headers.contains_key(&name) {
+                req.remove_header(&name);
+            }
+        }
+    }
 }
 
 /// What a body is, by its `Content-Type`.
@@ -326,6 +340,43 @@ pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// A request body held to its route's `max_body`: a declared length is
+/// judged at once, a body without one is counted as it arrives.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BodyCount {
+    /// Set when no length was declared.
+    limit: Option<u64>,
+    seen: u64,
+}
+
+impl BodyCount {
+    /// `None` when the declared length is over `max_body` (a `413`).
+    pub fn admit(headers: &http::HeaderMap, max_body: u64) -> Option<Self> {
+        match declared_length(headers) {
+            Some(len) if len > max_body => None,
+            Some(_) => Some(BodyCount::default()),
+            None => Some(BodyCount {
+                limit: Some(max_body),
+                seen: 0,
+            }),
+        }
+    }
+
+    /// Counts a chunk; false once the body is over the limit.
+    pub fn on_chunk(&mut self, len: usize) -> bool {
+        let Some(limit) = self.limit else {
+            return true;
+        };
+        self.seen += len as u64;
+        self.seen <= limit
+    }
+
+    /// Each attempt upstream replays the body from its start.
+    pub fn restart(&mut self) {
+        self.seen = 0;
+    }
 }
 
 impl Rewrite {

@@ -391,6 +391,79 @@ impl Upstream {
     }
 }
 
+/// Why a request found no target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTarget {
+    /// The route's deadline passed before a connect could be tried (504).
+    DeadlinePassed,
+    /// Every target is unhealthy (503).
+    NoneHealthy,
+    /// Every target failed to connect (502).
+    Exhausted,
+}
+
+impl NoTarget {
+    pub fn status(self) -> u16 {
+        match self {
+            NoTarget::DeadlinePassed => 504,
+            NoTarget::NoneHealthy => 503,
+            NoTarget::Exhausted => 502,
+        }
+    }
+}
+
+impl Upstream {
+    /// The target for a request's next attempt (not one in `tried`), keyed
+    /// by `key` for consistent hashing, its timeouts cut to what is left
+    /// before `deadline`; counted in flight until the returned guard drops.
+    pub fn choose(
+        self: &Arc<Self>,
+        key: &[u8],
+        tried: &[usize],
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(InFlight, Box<HttpPeer>), NoTarget> {
+        let left = match deadline {
+            Some(deadline) => match deadline.checked_duration_since(std::time::Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(NoTarget::DeadlinePassed),
+            },
+            None => None,
+        };
+        match self.pick(key, tried) {
+            Pick::Target(index) => Ok((self.begin(index), self.peer(index, left))),
+            Pick::NoneHealthy => Err(NoTarget::NoneHealthy),
+            Pick::Exhausted => Err(NoTarget::Exhausted),
+        }
+    }
+
+    /// The retry rule, after the connect of `failed` failed: logged,
+    /// counted (when `counted`), remembered in `tried`; true when another
+    /// target should be tried. Nothing was sent, so any method may retry,
+    /// up to `retries` times, while an untried healthy target is left.
+    pub fn retry_after_failed_connect(
+        &self,
+        failed: InFlight,
+        tried: &mut Vec<usize>,
+        request_id: &str,
+        why: &str,
+        counted: Option<&IntCounterVec>,
+    ) -> bool {
+        // No longer in flight.
+        let failed = failed.index;
+        log::warn!(
+            "request {request_id}: connect to {} (upstream {}) failed: {why}",
+            self.targets[failed].label,
+            self.name,
+        );
+        if let Some(family) = counted {
+            self.count_request(failed, UpstreamOutcome::ConnectError, family);
+        }
+        tried.push(failed);
+        let another = (0..self.targets.len()).any(|i| !tried.contains(&i) && self.is_healthy(i));
+        tried.len() <= self.retries && another
+    }
+}
+
 /// A request in flight to one target; see [`Upstream::begin`].
 pub struct InFlight {
     upstream: Arc<Upstream>,

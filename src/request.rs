@@ -1,0 +1,208 @@
+//! What the gateway knows of one request as it moves through the phases:
+//! filled by the modules in the order `proxy` calls them, read by the ones
+//! after (and by `observe` at the end).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+use ipnet::IpNet;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use crate::budget::Held;
+use crate::cache::{self, Cache, CachePolicy, Slot};
+use crate::forwarding::{self, Forwarded, RequestId};
+use crate::ratelimit::Decision;
+use crate::respond::{Phase, Response};
+use crate::route::{Route, Selected};
+use crate::routing::Params;
+use crate::subject::{Claims, Subject};
+use crate::transform::body::{BodyCount, Refusal, Rewrite};
+use crate::upstream::InFlight;
+
+const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
+
+/// Per-request state, filled as the request moves through the phases.
+#[derive(Default)]
+pub struct RequestCtx {
+    pub request_id: RequestId,
+    pub client_ip: Option<IpAddr>,
+    /// The connecting peer, IPv4-mapped addresses made plain.
+    pub peer: Option<IpAddr>,
+    pub peer_trusted: bool,
+    pub route: Option<Arc<Route>>,
+    /// Path and query for the upstream when they differ from the client's.
+    pub upstream_uri: Option<String>,
+    /// The routed path, when normalization changed the client's.
+    pub normalized_path: Option<String>,
+    pub deadline: Option<Instant>,
+    /// Targets whose connect failed, for retries.
+    pub tried: Vec<usize>,
+    pub in_flight: Option<InFlight>,
+    /// The request body against the route's `max_body`.
+    pub body: BodyCount,
+    /// The verified token's claims, on a route with `auth`.
+    pub claims: Option<Arc<Claims>>,
+    /// The rate limit count, for the `RateLimit-*` headers.
+    pub limit: Option<Decision>,
+    /// Path parameters, for an aggregate route's placeholders.
+    pub params: Params,
+    /// `X-Cache` of an answer the route built itself (aggregation).
+    pub x_cache: Option<&'static str>,
+    /// The answer came from the route (aggregation): its response header
+    /// rules apply.
+    pub answered_by_route: bool,
+    pub start: Option<Instant>,
+    /// Bodies held back for a body rule.
+    /// Boxed: rare, and the context travels inside every request's future.
+    pub request_rewrite: Option<Box<Rewrite>>,
+    pub response_rewrite: Option<Box<Rewrite>>,
+    /// A body rule refused a body in a body phase: the answer to give.
+    pub refusal: Option<Refusal>,
+    /// An aggregate answer's share of `max_buffered`, until it is sent.
+    pub answer_held: Option<Held>,
+}
+
+impl RequestCtx {
+    /// The context of a request that starts now.
+    pub fn begin() -> Box<Self> {
+        Box::new(RequestCtx {
+            start: Some(Instant::now()),
+            ..RequestCtx::default()
+        })
+    }
+
+    /// Whether the cache may serve `req`: a GET or HEAD on a cached route
+    /// (and, on a route with auth, entries are per user: no user, no cache).
+    pub fn uses_cache(&self, req: &RequestHeader) -> bool {
+        self.route.as_ref().is_some_and(|route| {
+            route.cache.is_some()
+                && (route.auth.is_none() || self.user().is_some())
+                && cache::request_cacheable(&req.method)
+        })
+    }
+
+    /// Who sent the request: its id (the client's, when well formed), the
+    /// connecting peer, and the client address that peer vouches for when
+    /// it is a trusted proxy.
+    pub fn identify(&mut self, session: &Session, trusted_proxies: &[IpNet]) {
+        let req = session.req_header();
+        self.request_id = RequestId::from_headers(&req.headers);
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+            .map(|a| a.ip().to_canonical())
+        {
+            self.peer = Some(peer);
+            self.peer_trusted = forwarding::is_trusted(peer, trusted_proxies);
+            self.client_ip = Some(forwarding::client_ip(peer, &req.headers, trusted_proxies));
+        }
+    }
+
+    /// Keeps what routing worked out.
+    pub fn routed(&mut self, selected: Selected) {
+        self.route = Some(selected.route);
+        self.upstream_uri = selected.upstream_uri;
+        self.normalized_path = selected.normalized_path;
+        self.params = selected.params;
+        self.deadline = selected.deadline;
+    }
+
+    pub fn problem(&self, status: StatusCode, detail: &str) -> Phase {
+        Phase::Respond(Response::problem(status, detail, self.request_id.as_str()))
+    }
+
+    /// Headers every response of the route carries, whoever wrote it.
+    pub fn decorate(&self, resp: &mut ResponseHeader) {
+        if let Some(route) = &self.route {
+            if let Some(d) = &route.deprecation {
+                d.apply(resp);
+            }
+            if self.answered_by_route {
+                route.response_headers.apply(resp);
+            }
+            // Set from the cache phase for proxied answers; the gateway's
+            // own answers (errors, refusals) never come from the cache.
+            if route.cache.is_some() {
+                let x = self.x_cache.unwrap_or("BYPASS");
+                let _ = resp.insert_header(X_CACHE, x);
+            }
+        }
+        if let Some(limit) = &self.limit {
+            limit.headers(resp);
+        }
+    }
+
+    /// The verified token's `sub`, when it is a string.
+    pub fn user(&self) -> Option<&str> {
+        self.claims.as_ref()?.get("sub")?.as_str()
+    }
+
+    /// What request keys (rate limits, consistent hashing) are taken from.
+    pub fn subject<'a>(&'a self, headers: &'a http::HeaderMap) -> Subject<'a> {
+        Subject {
+            client_ip: self.client_ip,
+            headers,
+            claims: self.claims.as_deref(),
+            consumer: None,
+        }
+    }
+
+    /// The path as routed (normalized once, in `request_filter`).
+    pub fn routed_path<'a>(&'a self, req: &'a RequestHeader) -> &'a str {
+        self.normalized_path
+            .as_deref()
+            .unwrap_or_else(|| req.uri.path())
+    }
+
+    /// Ends a phase with a body rule's refusal, answered by `fail_to_proxy`.
+    pub fn refuse<T>(&mut self, refusal: Refusal) -> Result<T> {
+        self.refusal = Some(refusal);
+        Error::e_explain(
+            ErrorType::HTTPStatus(refusal.status.as_u16()),
+            "refused by a body rule",
+        )
+    }
+
+    /// Whether the route's deadline has passed.
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Where the gateway's own answer to this request (aggregation) may be
+    /// kept.
+    pub fn cache_slot<'c>(&self, session: &Session, cache: Option<&'c Cache>) -> Option<Slot<'c>> {
+        let policy = self.route.as_ref()?.cache.as_ref()?;
+        let req = session.req_header();
+        cache?.slot(
+            req,
+            self.cache_key(session, policy),
+            self.routed_path(req),
+            policy,
+        )
+    }
+
+    /// The cache's primary key for this request (`cache::primary_key`).
+    pub fn cache_key(&self, session: &Session, policy: &CachePolicy) -> String {
+        let req = session.req_header();
+        let origin = cache::origin(&self.forwarded(session));
+        cache::primary_key(req, &origin, self.routed_path(req), policy, self.user())
+    }
+
+    /// The forwarding fields for this request's upstream side.
+    pub fn forwarded<'a>(&self, session: &'a Session) -> Forwarded<'a> {
+        let client = session.req_header();
+        Forwarded {
+            peer: self.peer,
+            peer_trusted: self.peer_trusted,
+            client_ip: self.client_ip,
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+            client: &client.headers,
+            host: forwarding::raw_host_value(client),
+        }
+    }
+}

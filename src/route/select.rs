@@ -1,0 +1,109 @@
+//! Choosing the route of a request: its path normalized (or refused), its
+//! `;` parameters refused or set aside, the router asked, and what the
+//! upstream will be sent worked out. Joins `request_filter`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderValue, ALLOW};
+use http::StatusCode;
+use pingora_http::RequestHeader;
+
+use super::{Route, Routes};
+use crate::respond::Response;
+use crate::routing::{
+    normalize_path, path_params, without_params, Params, PathParams, PathParamsFound, RouteOutcome,
+    RouteRequest,
+};
+
+/// The route chosen for a request, and what routing worked out.
+pub struct Selected {
+    pub route: Arc<Route>,
+    /// Path and query for the upstream, when they differ from the client's.
+    pub upstream_uri: Option<String>,
+    /// The normalized path, when it differs from the client's.
+    pub normalized_path: Option<String>,
+    /// Path parameters, for an aggregate route's placeholders.
+    pub params: Params,
+    /// When the route's `timeout` runs out.
+    pub deadline: Option<Instant>,
+}
+
+/// The route of `req`, or the answer when there is none (`400` for a path
+/// that is refused, `404`, `405` with `Allow`). `host` is the request's host
+/// without its port.
+pub fn select(
+    routes: &Routes,
+    req: &RequestHeader,
+    host: Option<&str>,
+    path_params_rule: PathParams,
+    request_id: &str,
+) -> Result<Selected, Response> {
+    let problem = |status, detail: &str| Response::problem(status, detail, request_id);
+    // The router sees the parsed path; the raw bytes must say the same.
+    if !req.raw_path_is_utf8() {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "the path is not valid UTF-8",
+        ));
+    }
+    let path = normalize_path(req.uri.path())
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, &e.to_string()))?;
+    // Routes match what a Java upstream would serve: `;` parameters are
+    // refused, or (`path_params: keep`) set aside for matching.
+    let routed: Option<String> = match (path_params(&path), path_params_rule) {
+        (PathParamsFound::None, _) => None,
+        (_, PathParams::Keep) => Some(without_params(&path)),
+        (_, PathParams::Reject) => {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                "the path holds a ; parameter, which this gateway does not route",
+            ))
+        }
+    };
+    let match_path = routed.as_deref().unwrap_or(&path);
+    let route = match routes.find(&RouteRequest {
+        method: &req.method,
+        path: match_path,
+        host,
+        headers: &req.headers,
+    }) {
+        RouteOutcome::Matched(route) => Arc::clone(route),
+        RouteOutcome::NotFound => {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "no route matches this request",
+            ))
+        }
+        RouteOutcome::MethodNotAllowed { allow } => {
+            let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
+            return Err(problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{} is not allowed here", req.method),
+            )
+            .with_header(ALLOW, allow));
+        }
+    };
+    // Anything but an origin-form target as the client wrote it is rebuilt,
+    // so the upstream gets exactly the path that was routed.
+    let rebuild = !route.rewrite.is_identity()
+        || matches!(path, Cow::Owned(_))
+        || !req.raw_path().starts_with(b"/");
+    let upstream_uri =
+        rebuild.then(|| route.rewrite.apply_kept(&path, match_path, req.uri.query()));
+    let mut params = Params::new();
+    if route.aggregate().is_some() {
+        route.matcher.path.matches(match_path, Some(&mut params));
+    }
+    Ok(Selected {
+        normalized_path: match path {
+            Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
+        },
+        deadline: route.timeout.and_then(|t| Instant::now().checked_add(t)),
+        route,
+        upstream_uri,
+        params,
+    })
+}
