@@ -8,7 +8,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use serde_json::Value;
+
 use crate::auth::Provider;
+use crate::ratelimit::RateLimit;
 use crate::route::Routes;
 use crate::upstream::Upstream;
 
@@ -18,6 +21,50 @@ pub struct Runtime {
     pub router: Routes,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub providers: BTreeMap<String, Arc<Provider>>,
+    /// What the next reload may carry over.
+    pub carried: Carried,
+}
+
+/// What a reload carries over while its configuration is unchanged: an
+/// upstream's health and connection pool, a provider's fetched keys and
+/// verified tokens, a route's rate-limit counts.
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub upstreams: Carry<Upstream>,
+    pub providers: Carry<Provider>,
+    /// By route name.
+    pub rate_limits: Carry<RateLimit>,
+}
+
+/// Items by name, each with the configuration it was built from, compared
+/// as a value (never as text).
+pub struct Carry<T>(BTreeMap<String, (Value, Arc<T>)>);
+
+impl<T> Default for Carry<T> {
+    fn default() -> Self {
+        Carry(BTreeMap::new())
+    }
+}
+
+impl<T> std::fmt::Debug for Carry<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl<T> Carry<T> {
+    /// The item `name` when it was built from exactly `source`.
+    pub fn get(&self, name: &str, source: &Value) -> Option<&Arc<T>> {
+        self.0
+            .get(name)
+            .filter(|(built_from, _)| built_from == source)
+            .map(|(_, item)| item)
+    }
+
+    pub fn keep(&mut self, name: &str, source: &Value, item: &Arc<T>) {
+        self.0
+            .insert(name.to_owned(), (source.clone(), Arc::clone(item)));
+    }
 }
 
 pub struct Gateway {

@@ -16,7 +16,10 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
 
-use crate::config::{self, Config, ConfigErrors, LoadError};
+use crate::access_log::Sink;
+use crate::config::{
+    self, AdminSettings, Config, ConfigErrors, Listener, LoadError, ServerSettings,
+};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
@@ -34,8 +37,8 @@ pub struct Reloader {
     path: PathBuf,
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
-    /// The parts fixed at start, as [`fixed_parts`] describes them.
-    started: Vec<(&'static str, String)>,
+    /// The parts fixed at start.
+    started: FixedParts,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
 }
@@ -45,7 +48,7 @@ impl Reloader {
         path: PathBuf,
         gateway: Arc<Gateway>,
         metrics: Arc<Metrics>,
-        started: Vec<(&'static str, String)>,
+        started: FixedParts,
     ) -> Self {
         Reloader {
             path,
@@ -88,11 +91,9 @@ impl Reloader {
                 return Err(errors);
             }
         };
-        let ignored: Vec<String> = fixed_parts(&config)
-            .into_iter()
-            .zip(&self.started)
-            .filter(|(now, then)| now.1 != then.1)
-            .map(|((section, _), _)| format!("{section}: changes only by an upgrade"))
+        let ignored: Vec<String> = (self.started)
+            .changed_in(&config)
+            .map(|section| format!("{section}: changes only by an upgrade"))
             .collect();
         for note in &ignored {
             log::warn!("reload: {note}");
@@ -114,21 +115,42 @@ impl Reloader {
     }
 }
 
-/// What a reload cannot change (the running process built its listeners,
-/// threads, log writer and cache from them), by section, in a comparable form.
-pub fn fixed_parts(config: &Config) -> Vec<(&'static str, String)> {
-    let listeners: Vec<String> = config
-        .listeners
-        .iter()
-        .map(|l| format!("{} {:?}", l.addr, l.tls))
-        .collect();
-    vec![
-        ("listen", listeners.join(", ")),
-        ("server", format!("{:?}", config.server)),
-        ("admin", format!("{:?}", config.admin)),
-        ("access_log", format!("{:?}", config.access_log)),
-        ("cache.max_size", format!("{:?}", config.cache_max_size)),
-    ]
+/// What a reload cannot change: the running process built its listeners,
+/// threads, log writer and cache from them.
+pub struct FixedParts {
+    listen: Vec<Listener>,
+    server: ServerSettings,
+    admin: Option<AdminSettings>,
+    access_log: Sink,
+    cache_max_size: Option<u64>,
+}
+
+impl FixedParts {
+    pub fn of(config: &Config) -> Self {
+        FixedParts {
+            listen: config.listeners.clone(),
+            server: config.server.clone(),
+            admin: config.admin.clone(),
+            access_log: config.access_log.clone(),
+            cache_max_size: config.cache_max_size,
+        }
+    }
+
+    /// The sections `config` sets otherwise.
+    pub fn changed_in(&self, config: &Config) -> impl Iterator<Item = &'static str> {
+        [
+            ("listen", self.listen != config.listeners),
+            ("server", self.server != config.server),
+            ("admin", self.admin != config.admin),
+            ("access_log", self.access_log != config.access_log),
+            (
+                "cache.max_size",
+                self.cache_max_size != config.cache_max_size,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(section, changed)| changed.then_some(section))
+    }
 }
 
 /// Reloads on `SIGHUP`.

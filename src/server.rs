@@ -96,7 +96,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     let conf = Arc::clone(&server.configuration);
 
     let settings = Arc::new(config.server.clone());
-    let fixed_at_start = crate::reload::fixed_parts(&config);
+    let fixed_at_start = crate::reload::FixedParts::of(&config);
     let gateway = Arc::new(Gateway::new(config.runtime));
     // Bodies held whole (body rules, aggregate parts, cache fills) share it.
     let buffered = crate::budget::Budget::new(config.server.max_buffered);

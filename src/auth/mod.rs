@@ -131,8 +131,6 @@ pub struct Provider {
     pub token_from: TokenSource,
     /// Claim -> header sent upstream.
     pub forward_claims: Vec<(String, HeaderName)>,
-    /// Its configuration as written: equal on a reload means unchanged.
-    pub fingerprint: String,
     cache: TokenCache,
 }
 
@@ -219,7 +217,6 @@ impl Provider {
             leeway,
             token_from,
             forward_claims,
-            fingerprint: String::new(),
             cache: TokenCache::new(TOKEN_CACHE_BYTES),
         }
     }

@@ -35,7 +35,7 @@ pub struct Config {
 }
 
 /// `server:` keys. They change only by an upgrade, never by a reload.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     pub threads: usize,
     pub pid_file: String,
@@ -91,19 +91,19 @@ impl Default for ServerSettings {
 }
 
 /// A public listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub addr: SocketAddr,
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
 }

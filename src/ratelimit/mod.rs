@@ -67,8 +67,6 @@ type KeyTable = quick_cache::sync::Cache<u64, KeyWindow>;
 
 /// One route's `rate_limit`.
 pub struct RateLimit {
-    /// Route and configuration as written: equal on a reload means unchanged.
-    pub fingerprint: String,
     pub requests: u64,
     pub per: Duration,
     pub key: LimitKey,
@@ -109,7 +107,6 @@ impl RateLimit {
             Err(_) => KeyTable::new(capacity as usize),
         };
         RateLimit {
-            fingerprint: String::new(),
             requests,
             per,
             key,

@@ -105,8 +105,6 @@ pub struct UpstreamTls {
 
 pub struct Upstream {
     pub name: Arc<str>,
-    /// Its configuration as written: equal on a reload means unchanged.
-    pub fingerprint: String,
     pub targets: Vec<Target>,
     balancer: Balancer,
     pub hash_key: HashKey,
@@ -222,7 +220,6 @@ impl Upstream {
         }
         Ok(Upstream {
             name: spec.name.into(),
-            fingerprint: String::new(),
             targets,
             balancer,
             hash_key: spec.hash_key,

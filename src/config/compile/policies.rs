@@ -1,0 +1,359 @@
+//! A route's policies: `auth`, `rate_limit`, `cache`, body and header
+//! rules, `aggregate`; and the `cache` section they size.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::*;
+use crate::aggregate::{Aggregate, Part as AggregatePart, PathTemplate};
+use crate::auth::RouteAuth;
+use crate::cache::CachePolicy;
+use crate::config::raw::*;
+use crate::config::source::{index_path, key_path};
+use crate::ratelimit::{LimitKey, RateLimit};
+use crate::routing::{PathPattern, RouteMatcher, Segment};
+use crate::transform::headers::HeaderRules;
+use crate::transform::json::{FieldPath, JsonRules};
+use crate::upstream::Upstream;
+
+/// Fields that frame a message or describe one connection.
+const FRAMING_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Compiler<'_> {
+    pub(super) fn aggregate(
+        &mut self,
+        path: &str,
+        value: &Value,
+        matcher: Option<&RouteMatcher>,
+        has_auth: bool,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+    ) -> Option<Aggregate> {
+        let raw = self.de::<RawAggregate>(path, value)?;
+        let before = self.errors.0.len();
+        let timeout = raw.timeout.map_or(Duration::from_secs(10), |d| d.0);
+        if timeout.is_zero() {
+            self.error(&key_path(path, "timeout"), "timeout must be above zero");
+        }
+        if raw.parts.is_empty() {
+            self.error(
+                &key_path(path, "parts"),
+                "an aggregate needs at least one part",
+            );
+        }
+        // The parameters the route's path binds.
+        let params: Vec<String> = match matcher.map(|m| &m.path) {
+            Some(PathPattern::Exact(segments)) => segments
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Param(n) => Some(n.clone()),
+                    Segment::Literal(_) => None,
+                })
+                .collect(),
+            Some(PathPattern::Regex(re)) => {
+                re.capture_names().flatten().map(str::to_string).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut parts = Vec::new();
+        let mut keys = HashSet::new();
+        for (i, part) in raw.parts.into_iter().enumerate() {
+            let ppath = index_path(&key_path(path, "parts"), i);
+            if part.key.is_empty() || !keys.insert(part.key.clone()) {
+                self.error(
+                    &key_path(&ppath, "key"),
+                    format!("part key \"{}\" is empty or used twice", part.key),
+                );
+            }
+            let template = match PathTemplate::parse(&part.path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error(&key_path(&ppath, "path"), e);
+                    continue;
+                }
+            };
+            for p in template.params() {
+                if !params.iter().any(|n| n == p) {
+                    self.error(
+                        &key_path(&ppath, "path"),
+                        format!("{{{p}}} is not a parameter of the route's path"),
+                    );
+                }
+            }
+            if template.needs_claims() && !has_auth {
+                self.error(
+                    &key_path(&ppath, "path"),
+                    "{claim.NAME} needs auth on the route",
+                );
+            }
+            let Some(upstream) = self.upstream_ref(
+                &key_path(&ppath, "upstream"),
+                &part.upstream,
+                upstreams,
+                declared,
+            ) else {
+                continue;
+            };
+            parts.push(AggregatePart {
+                key: part.key,
+                upstream,
+                path: template,
+                required: part.required.unwrap_or(true),
+            });
+        }
+        (self.errors.0.len() == before).then_some(Aggregate { timeout, parts })
+    }
+
+    pub(super) fn route_cache(
+        &mut self,
+        path: &str,
+        value: &Value,
+        scope: &str,
+    ) -> Option<CachePolicy> {
+        let raw = self.de::<RawRouteCache>(path, value)?;
+        if raw.ttl.0.is_zero() {
+            self.error(&key_path(path, "ttl"), "ttl must be above zero");
+            return None;
+        }
+        let mut vary = Vec::new();
+        for (i, name) in raw.vary.iter().enumerate() {
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => vary.push(h),
+                Err(_) => self.error(
+                    &index_path(&key_path(path, "vary"), i),
+                    format!("\"{name}\" is not a valid header name"),
+                ),
+            }
+        }
+        Some(CachePolicy {
+            ttl: raw.ttl.0,
+            vary,
+            scope: scope.to_string(),
+        })
+    }
+
+    /// `cache.max_size`, needed only when a route caches.
+    pub(super) fn cache_section(&mut self, value: Option<&Value>, used: bool) -> Option<u64> {
+        let raw = match value.filter(|v| !v.is_null()) {
+            Some(v) => self.de::<RawCacheGlobal>("cache", v)?,
+            None => RawCacheGlobal::default(),
+        };
+        let size = raw.max_size.map_or(256 << 20, |s| s.0);
+        if size < 1 << 20 {
+            self.error("cache.max_size", "max_size must be at least 1MiB");
+            return None;
+        }
+        used.then_some(size)
+    }
+
+    /// A body rule block; `None` when it is empty or invalid.
+    pub(super) fn body_rules(
+        &mut self,
+        path: &str,
+        value: &Value,
+        response: bool,
+    ) -> Option<(JsonRules, bool)> {
+        let raw = self.de::<RawBodyRules>(path, value)?;
+        if raw.xml_to_json && !response {
+            self.error(
+                &key_path(path, "xml_to_json"),
+                "xml_to_json applies to response_body only",
+            );
+            return None;
+        }
+        let mut remove = Vec::new();
+        let mut rename = Vec::new();
+        for (i, field) in raw.remove_fields.iter().enumerate() {
+            match FieldPath::parse(field) {
+                Ok(p) => remove.push(p),
+                Err(e) => self.error(&index_path(&key_path(path, "remove_fields"), i), e),
+            }
+        }
+        for (from, to) in &raw.rename_fields {
+            let rpath = key_path(&key_path(path, "rename_fields"), from);
+            if to.is_empty() || to.contains(['.', '[', ']']) {
+                self.error(
+                    &rpath,
+                    format!("the new name \"{to}\" must be a plain field name"),
+                );
+                continue;
+            }
+            match FieldPath::parse(from) {
+                Ok(p) => rename.push((p, to.clone())),
+                Err(e) => self.error(&rpath, e),
+            }
+        }
+        let rules = JsonRules::new(remove, rename);
+        if rules.is_empty() && !raw.xml_to_json {
+            return None;
+        }
+        Some((rules, raw.xml_to_json))
+    }
+
+    pub(super) fn route_auth(
+        &mut self,
+        path: &str,
+        value: &Value,
+        shared: &Shared<'_>,
+    ) -> Option<RouteAuth> {
+        let raw = match value {
+            Value::String(name) => RawRouteAuth {
+                jwt: name.clone(),
+                require_claims: BTreeMap::new(),
+                require_scopes: Vec::new(),
+            },
+            _ => self.de::<RawRouteAuth>(path, value)?,
+        };
+        let name_path = if value.is_string() {
+            path.to_string()
+        } else {
+            key_path(path, "jwt")
+        };
+        let Some(provider) = shared.providers.get(&raw.jwt) else {
+            // Declared but invalid: its own errors are already reported.
+            if shared.declared_providers.contains(&raw.jwt) {
+                return None;
+            }
+            let known = known_names(
+                shared.declared_providers.iter(),
+                "none are defined under auth.jwt",
+            );
+            self.error(
+                &name_path,
+                format!("unknown auth provider \"{}\"; {known}", raw.jwt),
+            );
+            return None;
+        };
+        let mut require_claims = Vec::new();
+        for (claim, accepted) in raw.require_claims {
+            let cpath = key_path(&key_path(path, "require_claims"), &claim);
+            let values = match accepted {
+                Value::Array(items) => items,
+                v => vec![v],
+            };
+            if values.is_empty()
+                || values
+                    .iter()
+                    .any(|v| v.is_array() || v.is_object() || v.is_null())
+            {
+                self.error(
+                    &cpath,
+                    "list the accepted values: strings, numbers or booleans",
+                );
+                continue;
+            }
+            require_claims.push((claim, values));
+        }
+        if raw
+            .require_scopes
+            .iter()
+            .any(|s| s.is_empty() || s.contains(' '))
+        {
+            self.error(
+                &key_path(path, "require_scopes"),
+                "a scope is one word without spaces",
+            );
+        }
+        Some(RouteAuth {
+            provider: Arc::clone(provider),
+            require_claims,
+            require_scopes: raw.require_scopes,
+        })
+    }
+
+    pub(super) fn rate_limit(&mut self, path: &str, value: &Value) -> Option<RateLimit> {
+        let raw = self.de::<RawRateLimit>(path, value)?;
+        if raw.requests == 0 {
+            self.error(&key_path(path, "requests"), "requests must be at least 1");
+            return None;
+        }
+        if raw.per.0 < Duration::from_millis(100) {
+            self.error(&key_path(path, "per"), "per must be at least 100ms");
+            return None;
+        }
+        let key = match raw.key.as_deref() {
+            None => LimitKey::ClientIp,
+            Some(k) => match LimitKey::parse(k, true, "rate limit key") {
+                Ok(k) => k,
+                Err(e) => {
+                    self.error(&key_path(path, "key"), e);
+                    return None;
+                }
+            },
+        };
+        Some(RateLimit::new(raw.requests, raw.per.0, key))
+    }
+
+    pub(super) fn header_rules(&mut self, path: &str, raw: Option<RawHeaderRules>) -> HeaderRules {
+        let mut rules = HeaderRules::default();
+        let Some(raw) = raw else {
+            return rules;
+        };
+        let name = |cx: &mut Self, p: &str, n: &str| -> Option<HeaderName> {
+            match HeaderName::from_bytes(n.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    cx.error(p, format!("\"{n}\" is not a valid header name"));
+                    None
+                }
+            }
+        };
+        for (i, n) in raw.remove.iter().enumerate() {
+            if let Some(h) = name(self, &index_path(&key_path(path, "remove"), i), n) {
+                rules.remove.push(h);
+            }
+        }
+        // Framing and connection fields belong to each hop and the gateway
+        // writes them itself: a rule that wrote one could frame a body twice
+        // (`Transfer-Encoding` next to `Content-Length`), and one that
+        // renamed one would pass a hop's field on under another name.
+        let framing = |cx: &mut Self, p: &str, h: &HeaderName| {
+            let is_framing = FRAMING_HEADERS.contains(&h.as_str());
+            if is_framing {
+                cx.error(
+                    p,
+                    format!("{h} frames the message or the connection; the gateway sets it and a header rule cannot write or rename it"),
+                );
+            }
+            !is_framing
+        };
+        for (from, to) in &raw.rename {
+            let p = key_path(&key_path(path, "rename"), from);
+            if let (Some(f), Some(t)) = (name(self, &p, from), name(self, &p, to)) {
+                // Both checked, so both are reported.
+                let (from_ok, to_ok) = (framing(self, &p, &f), framing(self, &p, &t));
+                if from_ok && to_ok {
+                    rules.rename.push((f, t));
+                }
+            }
+        }
+        for (key, map) in [("set", &raw.set), ("add", &raw.add)] {
+            for (n, v) in map {
+                let p = key_path(&key_path(path, key), n);
+                let Some(h) = name(self, &p, n) else { continue };
+                if !framing(self, &p, &h) {
+                    continue;
+                }
+                match HeaderValue::from_str(v) {
+                    Ok(value) if key == "set" => rules.set.push((h, value)),
+                    Ok(value) => rules.add.push((h, value)),
+                    Err(_) => self.error(&p, "the value is not a valid header value"),
+                }
+            }
+        }
+        rules
+    }
+}

@@ -1,0 +1,246 @@
+//! `auth.jwt`: token providers, their algorithms, keys (files or a JWK
+//! set URL) and the claims they forward. A provider fetching its keys
+//! carries them over while its configuration is unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use serde_json::Value;
+
+use super::*;
+use crate::auth::jwks::{JwksUrl, RemoteJwks};
+use crate::auth::keys::{self, KeySet};
+use crate::auth::{KeyStore, Provider, TokenSource};
+use crate::config::raw::*;
+use crate::config::source::{index_path, key_path};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+
+/// Headers that frame or route a request; a claim never replaces them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "authorization",
+    "cookie",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+impl Compiler<'_> {
+    pub(super) fn providers(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Provider>> {
+        let mut out = BTreeMap::new();
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return out;
+        };
+        let Some(raw) = self.de::<RawAuth>("auth", value) else {
+            return out;
+        };
+        for (name, item) in &raw.jwt {
+            let path = key_path("auth.jwt", name);
+            if !self.check_name(&path, "provider", name) {
+                continue;
+            }
+            let provider = self.carry(name, item, |cx| {
+                let raw = cx.de::<RawJwtProvider>(&path, item)?;
+                cx.provider(&path, name, raw)
+            });
+            if let Some(provider) = provider {
+                out.insert(name.clone(), provider);
+            }
+        }
+        out
+    }
+
+    pub(super) fn provider(
+        &mut self,
+        path: &str,
+        name: &str,
+        raw: RawJwtProvider,
+    ) -> Option<Provider> {
+        let before = self.errors.0.len();
+        let apath = key_path(path, "algorithms");
+        let mut algorithms: Vec<Algorithm> = Vec::new();
+        if raw.algorithms.is_empty() {
+            self.error(&apath, "list the accepted algorithms, like [RS256]");
+        }
+        for (i, a) in raw.algorithms.iter().enumerate() {
+            match a.parse::<Algorithm>() {
+                Ok(alg) if !algorithms.contains(&alg) => algorithms.push(alg),
+                Ok(_) => {}
+                Err(_) => self.error(
+                    &index_path(&apath, i),
+                    format!("unknown algorithm \"{a}\"; supported: HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                ),
+            }
+        }
+        let families: Vec<AlgorithmFamily> = {
+            let mut f: Vec<AlgorithmFamily> = algorithms.iter().map(|a| a.family()).collect();
+            f.dedup();
+            f
+        };
+        let sources = [
+            raw.secret.is_some(),
+            raw.public_key_file.is_some(),
+            raw.jwks_file.is_some(),
+            raw.jwks_url.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            self.error(
+                path,
+                "give exactly one of secret, public_key_file, jwks_file or jwks_url",
+            );
+            return None;
+        }
+        if raw.jwks_refresh.is_some() && raw.jwks_url.is_none() {
+            self.error(
+                &key_path(path, "jwks_refresh"),
+                "jwks_refresh applies only to jwks_url",
+            );
+        }
+        let keys = if let Some(secret) = &raw.secret {
+            let spath = key_path(path, "secret");
+            if families.iter().any(|f| *f != AlgorithmFamily::Hmac) {
+                self.error(
+                    &apath,
+                    "a secret verifies only HS256, HS384 and HS512 tokens",
+                );
+            }
+            // The secret's content never appears in a message; its length may.
+            for alg in &algorithms {
+                let need = keys::min_secret_len(*alg);
+                if secret.len() < need {
+                    self.error(
+                        &spath,
+                        format!(
+                            "{alg:?} needs a secret of at least {need} bytes; this one has {}",
+                            secret.len()
+                        ),
+                    );
+                }
+            }
+            KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            }]))
+        } else if let Some(file) = &raw.public_key_file {
+            let fpath = key_path(path, "public_key_file");
+            if families.len() != 1 || families[0] == AlgorithmFamily::Hmac {
+                self.error(&apath, "a public_key_file holds one key: list algorithms of one family (RS/PS, ES or EdDSA)");
+                return None;
+            }
+            let resolved = self.resolve_file(file);
+            let pem = match std::fs::read(&resolved) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
+                    return None;
+                }
+            };
+            match keys::from_pem(&pem, families[0]) {
+                Ok(key) => KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
+                    kid: None,
+                    alg: None,
+                    key,
+                }])),
+                Err(e) => {
+                    self.error(&fpath, format!("{}: {e}", resolved.display()));
+                    return None;
+                }
+            }
+        } else if let Some(file) = &raw.jwks_file {
+            let fpath = key_path(path, "jwks_file");
+            let resolved = self.resolve_file(file);
+            let json = match std::fs::read(&resolved) {
+                Ok(j) => j,
+                Err(e) => {
+                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
+                    return None;
+                }
+            };
+            match KeySet::from_jwks(&json, &algorithms) {
+                Ok(set) => KeyStore::Fixed(set),
+                Err(e) => {
+                    self.error(&fpath, format!("{}: {e}", resolved.display()));
+                    return None;
+                }
+            }
+        } else {
+            let url = raw.jwks_url.as_deref().unwrap_or_default();
+            let upath = key_path(path, "jwks_url");
+            let parsed = match JwksUrl::parse(url) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.error(&upath, e);
+                    return None;
+                }
+            };
+            let refresh = raw.jwks_refresh.map_or(Duration::from_secs(600), |d| d.0);
+            if refresh < Duration::from_secs(1) {
+                self.error(
+                    &key_path(path, "jwks_refresh"),
+                    "jwks_refresh must be at least 1s",
+                );
+            }
+            KeyStore::Remote(Arc::new(RemoteJwks::new(
+                parsed,
+                algorithms.clone(),
+                refresh,
+            )))
+        };
+        let audience = raw.audience.map(OneOrMany::into_vec).unwrap_or_default();
+        if audience.iter().any(String::is_empty) {
+            self.error(&key_path(path, "audience"), "an audience cannot be empty");
+        }
+        if raw.issuer.as_deref() == Some("") {
+            self.error(&key_path(path, "issuer"), "the issuer cannot be empty");
+        }
+        let leeway = raw.leeway.map_or(Duration::from_secs(30), |d| d.0);
+        if leeway > Duration::from_secs(300) {
+            self.error(&key_path(path, "leeway"), "leeway must be at most 5m");
+        }
+        let token_from = match raw.token_from.as_deref() {
+            None => TokenSource::Header,
+            Some(t) => match TokenSource::parse(t) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error(&key_path(path, "token_from"), e);
+                    TokenSource::Header
+                }
+            },
+        };
+        let mut forward_claims = Vec::new();
+        for (claim, header) in &raw.forward_claims {
+            let cpath = key_path(&key_path(path, "forward_claims"), claim);
+            match HeaderName::from_bytes(header.as_bytes()) {
+                Ok(h) if !RESERVED_HEADERS.contains(&h.as_str()) => {
+                    forward_claims.push((claim.clone(), h))
+                }
+                Ok(_) => self.error(&cpath, format!("{header} cannot carry a claim")),
+                Err(_) => self.error(&cpath, format!("\"{header}\" is not a valid header name")),
+            }
+        }
+        if self.errors.0.len() > before {
+            return None;
+        }
+        Some(Provider::new(
+            name.to_string(),
+            algorithms,
+            keys,
+            raw.issuer,
+            audience,
+            leeway,
+            token_from,
+            forward_claims,
+        ))
+    }
+}

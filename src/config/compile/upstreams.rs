@@ -1,0 +1,299 @@
+//! `upstreams`: targets resolved, balancing, TLS to the upstream, health
+//! checks. An unchanged upstream carries over its health and pool.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+use crate::config::raw::*;
+use crate::config::source::{index_path, key_path};
+use crate::upstream::{
+    BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
+};
+
+impl Compiler<'_> {
+    pub(super) fn upstreams(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Upstream>> {
+        let mut out = BTreeMap::new();
+        let map = match value {
+            None | Some(Value::Null) => return out,
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                self.error(
+                    "upstreams",
+                    "upstreams must be a mapping of names to upstreams",
+                );
+                return out;
+            }
+        };
+        for (name, item) in map {
+            let path = key_path("upstreams", name);
+            if !self.check_name(&path, "upstream", name) {
+                continue;
+            }
+            let upstream = self.carry(name, item, |cx| {
+                let raw = cx.de::<RawUpstream>(&path, item)?;
+                let spec = cx.upstream_spec(&path, name, raw)?;
+                Upstream::new(spec).map_err(|e| cx.error(&path, e)).ok()
+            });
+            if let Some(upstream) = upstream {
+                out.insert(name.clone(), upstream);
+            }
+        }
+        out
+    }
+
+    pub(super) fn upstream_spec(
+        &mut self,
+        path: &str,
+        name: &str,
+        raw: RawUpstream,
+    ) -> Option<UpstreamSpec> {
+        let errors_before = self.errors.0.len();
+        let mut targets: Vec<(SocketAddr, usize)> = Vec::new();
+        let targets_path = key_path(path, "targets");
+        if raw.targets.is_empty() {
+            self.error(&targets_path, "an upstream needs at least one target");
+        }
+        for (i, item) in raw.targets.iter().enumerate() {
+            let tpath = index_path(&targets_path, i);
+            let (address, weight) = match item {
+                Value::String(s) => (s.clone(), 1),
+                _ => match self.de::<RawTarget>(&tpath, item) {
+                    Some(t) => (t.address, t.weight.unwrap_or(1)),
+                    None => continue,
+                },
+            };
+            if !(1..=1000).contains(&weight) {
+                self.error(
+                    &key_path(&tpath, "weight"),
+                    "weight must be between 1 and 1000",
+                );
+                continue;
+            }
+            let Some(addr) = self.resolve_target(&tpath, &address) else {
+                continue;
+            };
+            if targets.iter().any(|(a, _)| *a == addr) {
+                self.error(&tpath, format!("target {addr} is listed twice"));
+                continue;
+            }
+            targets.push((addr, weight));
+        }
+        let balance = match raw.balance.as_deref() {
+            None => BalanceKind::RoundRobin,
+            Some(b) => match BalanceKind::parse(b) {
+                Some(k) => k,
+                None => {
+                    self.error(
+                        &key_path(path, "balance"),
+                        format!(
+                            "unknown balance \"{b}\"; known: round_robin, random, consistent_hash, least_connections"
+                        ),
+                    );
+                    BalanceKind::RoundRobin
+                }
+            },
+        };
+        let hash_key = match raw.hash_key.as_deref() {
+            None => HashKey::ClientIp,
+            Some(k) => {
+                let kpath = key_path(path, "hash_key");
+                if balance != BalanceKind::ConsistentHash {
+                    self.error(&kpath, "hash_key applies only to balance: consistent_hash");
+                }
+                self.hash_key(&kpath, k).unwrap_or(HashKey::ClientIp)
+            }
+        };
+        let tls = if raw.tls {
+            let verify = raw.tls_verify.unwrap_or(true);
+            let sni = raw.sni.clone().unwrap_or_default();
+            if sni.is_empty() && verify {
+                self.error(
+                    &key_path(path, "sni"),
+                    "tls needs an sni naming the targets' certificate (or tls_verify: false)",
+                );
+            }
+            let ca = raw
+                .ca_file
+                .as_deref()
+                .and_then(|f| self.load_ca(&key_path(path, "ca_file"), f));
+            Some(UpstreamTls { sni, verify, ca })
+        } else {
+            for key in ["sni", "tls_verify", "ca_file"] {
+                let set = match key {
+                    "sni" => raw.sni.is_some(),
+                    "tls_verify" => raw.tls_verify.is_some(),
+                    _ => raw.ca_file.is_some(),
+                };
+                if set {
+                    self.error(&key_path(path, key), format!("{key} needs tls: true"));
+                }
+            }
+            None
+        };
+        let health_check = raw
+            .health_check
+            .and_then(|h| self.health_check(&key_path(path, "health_check"), h));
+        let read_timeout = raw.read_timeout.map_or(Duration::from_secs(60), |d| d.0);
+        let connect_timeout = raw.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
+        for (key, d) in [
+            ("read_timeout", read_timeout),
+            ("connect_timeout", connect_timeout),
+        ] {
+            if d.is_zero() {
+                self.error(&key_path(path, key), format!("{key} must be above zero"));
+            }
+        }
+        let retries = raw.retries.unwrap_or(2);
+        if retries > 10 {
+            self.error(&key_path(path, "retries"), "retries must be at most 10");
+        }
+        if self.errors.0.len() > errors_before {
+            return None;
+        }
+        Some(UpstreamSpec {
+            name: name.to_string(),
+            targets,
+            balance,
+            hash_key,
+            connect_timeout,
+            read_timeout,
+            write_timeout: raw.write_timeout.map_or(read_timeout, |d| d.0),
+            idle_timeout: raw.idle_timeout.map(|d| d.0),
+            retries,
+            tls,
+            health_check,
+        })
+    }
+
+    /// `ip:port`, or `host:port` resolved once now (and at each reload).
+    pub(super) fn resolve_target(&mut self, path: &str, address: &str) -> Option<SocketAddr> {
+        if let Ok(a) = address.parse::<SocketAddr>() {
+            return Some(a);
+        }
+        if !address.contains(':') {
+            self.error(
+                path,
+                format!("target \"{address}\" needs a port, like {address}:80"),
+            );
+            return None;
+        }
+        match (self.resolve)(address) {
+            Ok(addrs) => match addrs.into_iter().next() {
+                Some(a) => Some(a),
+                None => {
+                    self.error(path, format!("target \"{address}\" resolves to no address"));
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(
+                    path,
+                    format!("target \"{address}\" cannot be resolved: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn hash_key(&mut self, path: &str, key: &str) -> Option<HashKey> {
+        match HashKey::parse(key, false, "hash_key") {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.error(path, e);
+                None
+            }
+        }
+    }
+
+    pub(super) fn load_ca(
+        &mut self,
+        path: &str,
+        file: &str,
+    ) -> Option<Arc<pingora_core::protocols::tls::CaType>> {
+        use pingora_core::tls::x509::X509;
+        let resolved = self.resolve_file(file);
+        match std::fs::read(&resolved) {
+            Ok(pem) => match X509::stack_from_pem(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(Arc::new(certs.into_boxed_slice())),
+                _ => {
+                    self.error(
+                        path,
+                        format!("{} holds no PEM certificate", resolved.display()),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(path, format!("cannot read {}: {e}", resolved.display()));
+                None
+            }
+        }
+    }
+
+    pub(super) fn health_check(
+        &mut self,
+        path: &str,
+        raw: RawHealthCheck,
+    ) -> Option<HealthCheckSettings> {
+        let mut ok = true;
+        if let Some(p) = &raw.path {
+            if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                self.error(
+                    &key_path(path, "path"),
+                    format!("health check path \"{p}\" must start with / and hold no spaces"),
+                );
+                ok = false;
+            }
+        }
+        let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
+        let timeout = raw.timeout.map_or(Duration::from_secs(1), |d| d.0);
+        if interval.is_zero() {
+            self.error(&key_path(path, "interval"), "interval must be above zero");
+            ok = false;
+        }
+        if timeout.is_zero() {
+            self.error(&key_path(path, "timeout"), "timeout must be above zero");
+            ok = false;
+        }
+        let expect_status = raw.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            self.error(
+                &key_path(path, "expect_status"),
+                "expect_status must be an HTTP status (100-599)",
+            );
+            ok = false;
+        }
+        let healthy_after = raw.healthy_after.unwrap_or(1);
+        let unhealthy_after = raw.unhealthy_after.unwrap_or(2);
+        for (key, n) in [
+            ("healthy_after", healthy_after),
+            ("unhealthy_after", unhealthy_after),
+        ] {
+            if n == 0 {
+                self.error(&key_path(path, key), format!("{key} must be at least 1"));
+                ok = false;
+            }
+        }
+        if raw.host.is_some() && raw.path.is_none() {
+            self.error(
+                &key_path(path, "host"),
+                "host applies only to HTTP checks (set path)",
+            );
+            ok = false;
+        }
+        ok.then_some(HealthCheckSettings {
+            path: raw.path,
+            host: raw.host,
+            interval,
+            timeout,
+            expect_status,
+            healthy_after,
+            unhealthy_after,
+        })
+    }
+}
