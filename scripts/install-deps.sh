@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building gatehouse needs on a fresh Debian/Ubuntu machine:
-# cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers.
+# cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers;
+# for the tests, systemd-analyze.
 # A Rust toolchain (rustup, 1.85 or newer) is assumed.
 set -euo pipefail
 need=()
@@ -10,6 +11,8 @@ command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if ! pkg-config --exists openssl 2>/dev/null; then need+=(libssl-dev); fi
+# The tests check the shipped unit file with systemd-analyze.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -10,12 +10,13 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -192,7 +193,14 @@ fn recover<'a>(
 impl AccessLog {
     /// The request side and the writer to run as a background service;
     /// `workers` is the proxy's worker thread count (`server.threads`).
-    pub fn new(sink: Sink, metrics: Arc<Metrics>, workers: usize) -> (AccessLog, Option<Writer>) {
+    /// The log, and its writer (none when `sink` is off), which ends once
+    /// `stop` is given and [`LogCloser::join`] wakes it.
+    pub fn new(
+        sink: Sink,
+        metrics: Arc<Metrics>,
+        workers: usize,
+        stop: CancellationToken,
+    ) -> (AccessLog, Option<Writer>) {
         if sink == Sink::Off {
             return (
                 AccessLog {
@@ -212,7 +220,10 @@ impl AccessLog {
                 sink,
                 batch,
                 metrics,
-                running: Arc::default(),
+                running: Arc::new(Running {
+                    thread: Mutex::new(None),
+                    stop,
+                }),
             }),
         )
     }
@@ -252,14 +263,14 @@ pub struct Writer {
     running: Arc<Running>,
 }
 
-/// The writer thread, once started, and the request to finish.
+/// The writer thread, once started, and the gateway's stop signal.
 #[derive(Default)]
 struct Running {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    finish: AtomicBool,
+    stop: CancellationToken,
 }
 
-/// Writes out what is left of the log when the server has stopped.
+/// Waits for the log's last lines once the gateway has stopped.
 pub struct LogCloser(Arc<Running>);
 
 impl Writer {
@@ -270,11 +281,10 @@ impl Writer {
 }
 
 impl LogCloser {
-    /// Has the writer take one last batch, write it and end. Called once
-    /// no request is left: lines logged since the last batch would
-    /// otherwise go with the process.
-    pub fn close(self) {
-        self.0.finish.store(true, Ordering::Release);
+    /// Once the stop signal is given (no request is left), wakes the writer
+    /// for its last batch and waits for it: lines logged since the batch
+    /// before would otherwise go with the process.
+    pub fn join(self) {
         let thread = self.0.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
             thread.thread().unpark();
@@ -286,12 +296,12 @@ impl LogCloser {
 /// Takes each shard's lines every `BATCH_EVERY` and writes them. Waking on
 /// each line would cost a thread wake-up per request; sleeping between
 /// batches costs none, and a shard's lines are one write. Ends, after one
-/// last pass, when told to finish.
+/// last pass, once the stop signal is given.
 fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>, running: &Running, metrics: &Metrics) {
     let mut taken = Vec::new();
     loop {
         std::thread::park_timeout(BATCH_EVERY);
-        let last = running.finish.load(Ordering::Acquire);
+        let last = running.stop.is_cancelled();
         for shard in batch.shards.iter() {
             std::mem::swap(&mut *lock(shard), &mut taken);
             if taken.is_empty() {
@@ -356,7 +366,7 @@ mod tests {
     /// A writer's state once told to finish: `drain` makes one pass and ends.
     fn finished() -> Running {
         let running = Running::default();
-        running.finish.store(true, Ordering::Release);
+        running.stop.cancel();
         running
     }
 
@@ -451,7 +461,12 @@ mod tests {
     #[test]
     fn a_full_batch_drops_and_counts_lines_and_the_writer_writes_whole_lines() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics), 1);
+        let (log, writer) = AccessLog::new(
+            Sink::Stdout,
+            Arc::clone(&metrics),
+            1,
+            CancellationToken::new(),
+        );
         let batch = Arc::clone(&writer.unwrap().batch);
         let shard = || lock(&batch.shards[0]);
         log.write(&entry("/first", "r", None));
@@ -490,7 +505,12 @@ mod tests {
     #[test]
     fn lines_from_many_threads_all_arrive_whole() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::Stdout, Arc::clone(&metrics), 3);
+        let (log, writer) = AccessLog::new(
+            Sink::Stdout,
+            Arc::clone(&metrics),
+            3,
+            CancellationToken::new(),
+        );
         let batch = Arc::clone(&writer.unwrap().batch);
         let threads: Vec<_> = (0..4)
             .map(|t| {
@@ -533,7 +553,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::File(path.clone()), Arc::clone(&metrics), 1);
+        let stop_log = CancellationToken::new();
+        let sink = Sink::File(path.clone());
+        let (log, writer) = AccessLog::new(sink, Arc::clone(&metrics), 1, stop_log.clone());
         let writer = Arc::new(writer.unwrap());
         let closer = writer.closer();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -546,8 +568,9 @@ mod tests {
             tokio::task::yield_now().await;
         }
         log.write(&entry("/last", "r", None));
-        // Not waiting for the next batch: closing writes it and returns after.
-        closer.close();
+        // Not waiting for the next batch: stopping writes it and returns after.
+        stop_log.cancel();
+        closer.join();
         let text = std::fs::read_to_string(&path).unwrap();
         let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(v["path"], "/last");
@@ -558,7 +581,7 @@ mod tests {
     #[test]
     fn a_line_cut_short_by_a_panic_is_dropped_and_logging_goes_on() {
         let metrics = Arc::new(Metrics::new());
-        let (log, writer) = AccessLog::new(Sink::Stdout, metrics, 1);
+        let (log, writer) = AccessLog::new(Sink::Stdout, metrics, 1, CancellationToken::new());
         let batch = Arc::clone(&writer.unwrap().batch);
         log.write(&entry("/before", "r", None));
         let poisoner = Arc::clone(&batch);

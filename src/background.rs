@@ -1,19 +1,29 @@
 //! Background work that follows the live configuration: the health checks
-//! of every upstream and the JWKS refreshes of every provider with a
-//! `jwks_url`. After a reload, work for what is gone stops on its own and
-//! work for what is new starts; what is unchanged keeps running.
+//! of every upstream, the JWKS refreshes of every provider with a
+//! `jwks_url`, and the `gatehouse_upstream_healthy` gauges.
+//!
+//! All of it stops on one signal, the gateway's `stop` token (given once
+//! the server has stopped serving, so requests draining still see live
+//! health and keys). Each piece of work holds a child of it, cancelled as
+//! well when a reload removes what the work is for; what is new starts,
+//! what is unchanged keeps running.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwks::RemoteJwks;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Runtime};
 use crate::metrics::Metrics;
 use crate::outbound::Client;
 use crate::upstream::{health, Upstream};
+
+/// How often the health gauges are brought up to date.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 pub struct ConfigFollower {
     gateway: Arc<Gateway>,
@@ -25,22 +35,29 @@ pub struct ConfigFollower {
     /// anew, testing the connect too, where a connection an aggregate part
     /// had pooled would hide a target that no longer accepts any.
     health_checks: Client,
+    stop: CancellationToken,
 }
 
 impl ConfigFollower {
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, client: Client) -> Self {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        client: Client,
+        stop: CancellationToken,
+    ) -> Self {
         ConfigFollower {
             gateway,
             metrics,
             client,
             health_checks: Client::fresh_connections(),
+            stop,
         }
     }
 }
 
 /// `gatehouse_upstream_healthy` for every target of the live configuration;
 /// targets gone after a reload are dropped from it.
-async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>) {
+async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut published: Vec<(String, String)> = Vec::new();
     loop {
         let runtime = gateway.current();
@@ -59,63 +76,131 @@ async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>) {
             let _ = metrics.upstream_healthy.remove_label_values(&[u, t]);
         }
         published = now;
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(PUBLISH_EVERY) => {}
+        }
     }
 }
 
-/// Pointers to what already has a task, so nothing is started twice.
-#[derive(Default)]
-struct Started {
-    upstreams: Vec<Weak<Upstream>>,
-    jwks: Vec<Weak<RemoteJwks>>,
+/// Work started for items of the configuration, each with its own stop.
+struct Working<T>(Vec<(Arc<T>, CancellationToken)>);
+
+impl<T> Working<T> {
+    /// Stops the work for items not in `live`, and starts it, with a child
+    /// of `stop`, for items of `live` that have none.
+    fn follow<'a>(
+        &mut self,
+        live: impl Iterator<Item = &'a Arc<T>>,
+        stop: &CancellationToken,
+        mut start: impl FnMut(&Arc<T>, CancellationToken),
+    ) where
+        T: 'a,
+    {
+        let live: Vec<&Arc<T>> = live.collect();
+        self.0.retain(|(item, token)| {
+            let kept = live.iter().any(|l| Arc::ptr_eq(l, item));
+            if !kept {
+                token.cancel();
+            }
+            kept
+        });
+        for item in live {
+            if !self.0.iter().any(|(known, _)| Arc::ptr_eq(known, item)) {
+                let token = stop.child_token();
+                start(item, token.clone());
+                self.0.push((Arc::clone(item), token));
+            }
+        }
+    }
 }
 
-/// Whether `item` is new to `seen`, which then remembers it; entries whose
-/// item is gone are dropped on the way.
-fn first_sight<T>(seen: &mut Vec<Weak<T>>, item: &Arc<T>) -> bool {
-    seen.retain(|w| w.strong_count() > 0);
-    let weak = Arc::downgrade(item);
-    if seen.iter().any(|w| w.ptr_eq(&weak)) {
-        return false;
+impl<T> Working<T> {
+    fn stop_all(&mut self) {
+        for (_, token) in self.0.drain(..) {
+            token.cancel();
+        }
     }
-    seen.push(weak);
-    true
+}
+
+/// What is being worked on, for the live configuration.
+struct Following {
+    health_checks: Working<Upstream>,
+    key_refreshes: Working<RemoteJwks>,
+}
+
+impl ConfigFollower {
+    fn follow(&self, runtime: &Runtime, following: &mut Following) {
+        let checked = runtime.upstreams.values();
+        let checked = checked.filter(|u| u.health_interval().is_some());
+        following
+            .health_checks
+            .follow(checked, &self.stop, |upstream, stop| {
+                if let Some(interval) = upstream.health_interval() {
+                    let client = self.health_checks.clone();
+                    let check = health::check_until(Arc::clone(upstream), interval, client, stop);
+                    tokio::spawn(check);
+                }
+            });
+        let remote = runtime.providers.values().filter_map(|p| p.remote_jwks());
+        following
+            .key_refreshes
+            .follow(remote, &self.stop, |remote, stop| {
+                tokio::spawn(Arc::clone(remote).run_until(self.client.clone(), stop));
+            });
+    }
 }
 
 #[async_trait]
 impl BackgroundService for ConfigFollower {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    // Pingora's shutdown watch fires when graceful shutdown begins; the
+    // work goes on until `stop`, so requests still draining meet live
+    // health and keys.
+    async fn start(&self, _shutdown: ShutdownWatch) {
         let mut changes = self.gateway.subscribe();
-        let mut started = Started::default();
-        tokio::spawn(publish_health(
-            Arc::clone(&self.gateway),
-            Arc::clone(&self.metrics),
-        ));
+        let mut following = Following {
+            health_checks: Working(Vec::new()),
+            key_refreshes: Working(Vec::new()),
+        };
+        let (gateway, metrics) = (Arc::clone(&self.gateway), Arc::clone(&self.metrics));
+        tokio::spawn(publish_health(gateway, metrics, self.stop.clone()));
         loop {
-            let runtime = self.gateway.current();
-            for upstream in runtime.upstreams.values() {
-                if let Some(interval) = upstream.health_interval() {
-                    if first_sight(&mut started.upstreams, upstream) {
-                        tokio::spawn(health::check_forever(
-                            Arc::downgrade(upstream),
-                            interval,
-                            self.health_checks.clone(),
-                        ));
-                    }
-                }
-            }
-            for provider in runtime.providers.values() {
-                if let Some(remote) = provider.remote_jwks() {
-                    if first_sight(&mut started.jwks, remote) {
-                        tokio::spawn(Arc::clone(remote).run(self.client.clone()));
-                    }
-                }
-            }
-            drop(runtime);
+            self.follow(&self.gateway.current(), &mut following);
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = shutdown.changed() => return,
+                changed = changes.changed() => if changed.is_err() { break },
+                () = self.stop.cancelled() => break,
             }
         }
+        // The gateway is gone: so is the configuration the work was for.
+        following.health_checks.stop_all();
+        following.key_refreshes.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_stops_when_its_item_leaves_or_the_gateway_stops() {
+        let stop = CancellationToken::new();
+        let (a, b, c) = (Arc::new(1), Arc::new(2), Arc::new(3));
+        let mut working = Working(Vec::new());
+        let mut started = Vec::new();
+        let mut follow = |working: &mut Working<i32>, live: &[&Arc<i32>]| {
+            working.follow(live.iter().copied(), &stop, |item, token| {
+                started.push((**item, token))
+            });
+        };
+        follow(&mut working, &[&a, &b]);
+        // A reload: b goes, c comes, a stays (and is not started twice).
+        follow(&mut working, &[&a, &c]);
+        let status: Vec<(i32, bool)> = started
+            .iter()
+            .map(|(i, t)| (*i, t.is_cancelled()))
+            .collect();
+        assert_eq!(status, [(1, false), (2, true), (3, false)]);
+        stop.cancel();
+        assert!(started.iter().all(|(_, t)| t.is_cancelled()));
     }
 }

@@ -57,20 +57,18 @@ enum Command {
 /// connections: 128 MiB with huge pages, 63 MiB without, same throughput).
 /// Set `MIMALLOC_ALLOW_THP=1` to keep them.
 ///
-/// It runs as an ELF constructor, before the Rust runtime's first
-/// allocation: a huge page faulted in before the switch stays huge.
+/// It runs before `main` (a `ctor` constructor), before the Rust runtime's
+/// first allocation: a huge page faulted in before the switch stays huge.
+/// mimalloc's own `MIMALLOC_ALLOW_THP=0` does the same switch from its
+/// initialization; this makes it the default.
 #[cfg(target_os = "linux")]
-#[used]
-#[link_section = ".init_array"]
-static DISABLE_TRANSPARENT_HUGE_PAGES: extern "C" fn() = {
-    extern "C" fn disable() {
-        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-            // Refused only by kernels older than 3.15; then nothing changes.
-            let _ = nix::sys::prctl::set_thp_disable(true);
-        }
+#[ctor::ctor(unsafe)]
+fn disable_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Refused only by kernels older than 3.15; then nothing changes.
+        let _ = nix::sys::prctl::set_thp_disable(true);
     }
-    disable
-};
+}
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -24,6 +24,7 @@ use crate::observe::Observer;
 use crate::outbound::Client;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -54,6 +55,9 @@ fn seconds_ceil(d: std::time::Duration) -> u64 {
 pub struct Gatehouse {
     server: Server,
     log: Option<LogCloser>,
+    /// The one stop signal of all background work (`background`, the
+    /// access log's writer).
+    stop: CancellationToken,
 }
 
 impl Gatehouse {
@@ -62,8 +66,9 @@ impl Gatehouse {
     /// lines.
     pub fn run(self) {
         self.server.run(RunArgs::default());
+        self.stop.cancel();
         if let Some(log) = self.log {
-            log.close();
+            log.join();
         }
     }
 }
@@ -104,10 +109,12 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
         .cache_max_size
         .map(|size| Cache::new(size, std::sync::Arc::clone(&buffered)));
     let metrics = Arc::new(Metrics::new());
+    let stop = CancellationToken::new();
     let (log, log_writer) = AccessLog::new(
         config.access_log.clone(),
         Arc::clone(&metrics),
         config.server.threads,
+        stop.clone(),
     );
     // One client for aggregate parts and JWK set fetches (see `outbound`).
     let client = Client::pooled();
@@ -201,7 +208,12 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
 
     server.add_service(background_service(
         "health checks and key refreshes",
-        ConfigFollower::new(Arc::clone(&gateway), Arc::clone(&metrics), client),
+        ConfigFollower::new(
+            Arc::clone(&gateway),
+            Arc::clone(&metrics),
+            client,
+            stop.clone(),
+        ),
     ));
     server.add_service(background_service(
         "reload on SIGHUP",
@@ -212,5 +224,5 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
         server.add_service(background_service("access log", writer));
         closer
     });
-    Ok(Gatehouse { server, log })
+    Ok(Gatehouse { server, log, stop })
 }

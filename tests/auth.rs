@@ -19,6 +19,9 @@ struct Setup {
     gw: Gateway,
 }
 
+/// Past the early-refresh gap the setup gives the gateway (2 s).
+const EARLY_GAP_PASSED: Duration = Duration::from_millis(2100);
+
 fn setup() -> Setup {
     let up = TestUpstream::with_handler("app", |_| Reply::text(200, "ok"));
     let jwks_doc = Arc::new(Mutex::new((200u16, jwt::jwks(&[("rsa1.pem", "key-a")]))));
@@ -67,7 +70,10 @@ fn setup() -> Setup {
             "  - name: {name}\n    match: {{ path_prefix: /{name} }}\n    upstream: app\n    auth: {auth}\n"
         ));
     }
-    let gw = gateway(&body).env("JWT_SECRET", SECRET).start();
+    let gw = gateway(&body)
+        .env("JWT_SECRET", SECRET)
+        .env("GATEHOUSE_JWKS_EARLY_REFRESH_GAP", "2s")
+        .start();
     Setup {
         up,
         jwks_server,
@@ -436,7 +442,7 @@ fn jwks_rotation_with_bounded_refreshes() {
     // The identity provider rotates: key-b replaces key-a. A token naming
     // key-b triggers one early refresh and passes.
     *s.jwks_doc.lock().unwrap() = (200, jwt::jwks(&[("rsa2.pem", "key-b")]));
-    std::thread::sleep(Duration::from_millis(5100));
+    std::thread::sleep(EARLY_GAP_PASSED);
     let token_b = mint(Algorithm::RS256, "rsa2.pem", Some("key-b"), &claims("b"));
     assert_eq!(get(&s.gw, "/jwks", Some(&token_b)).status(), 200);
     assert_eq!(s.jwks_server.count(), fetches + 1);
@@ -463,7 +469,7 @@ fn jwks_rotation_with_bounded_refreshes() {
     // A failing identity provider: the last good key set is kept.
     let before = s.jwks_server.count();
     *s.jwks_doc.lock().unwrap() = (500, "oops".into());
-    std::thread::sleep(Duration::from_millis(5100));
+    std::thread::sleep(EARLY_GAP_PASSED);
     let unknown = mint(Algorithm::RS256, "rsa2.pem", Some("key-c"), &claims("c"));
     assert_eq!(get(&s.gw, "/jwks", Some(&unknown)).status(), 401);
     eventually(Duration::from_secs(3), "the failed fetch happened", || {

@@ -107,7 +107,7 @@ fn ambiguous_framing_is_refused_or_made_unambiguous() {
         let text = smuggle(&gw, request);
         assert!(text.starts_with("HTTP/1.1 "), "{request:?} -> {text:?}");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    common::sentinel(&gw, &up, "/public/sentinel");
     assert_admin_untouched(&up);
     assert!(up.requests().iter().all(|r| r.target != "/admin/smuggled"));
 }

@@ -15,7 +15,7 @@
 
 mod answer;
 
-pub use answer::{Answered, Asked};
+pub use answer::Asked;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,10 +16,12 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::keys::KeySet;
 
-/// The shortest time between two fetches asked for by unknown kids.
+/// The shortest time between two fetches asked for by unknown kids, unless
+/// the environment's `GATEHOUSE_JWKS_EARLY_REFRESH_GAP` says otherwise.
 pub const EARLY_REFRESH_GAP: Duration = Duration::from_secs(5);
 /// After a failed fetch, the next try comes this soon (or at the refresh
 /// interval, when shorter).
@@ -77,6 +79,8 @@ pub struct RemoteJwks {
     url: JwksUrl,
     algorithms: Vec<Algorithm>,
     refresh: Duration,
+    /// The shortest time between two early refreshes.
+    early_gap: Duration,
     keys: ArcSwap<KeySet>,
     /// Bumped after every fetch attempt, for requests waiting on one.
     fetched: watch::Sender<u64>,
@@ -96,11 +100,17 @@ pub struct RemoteJwks {
 }
 
 impl RemoteJwks {
-    pub fn new(url: JwksUrl, algorithms: Vec<Algorithm>, refresh: Duration) -> Self {
+    pub fn new(
+        url: JwksUrl,
+        algorithms: Vec<Algorithm>,
+        refresh: Duration,
+        early_gap: Duration,
+    ) -> Self {
         RemoteJwks {
             url,
             algorithms,
             refresh,
+            early_gap,
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetched: watch::Sender::new(0),
             last_early: Mutex::new(None),
@@ -136,7 +146,7 @@ impl RemoteJwks {
     pub async fn refresh_now(&self, wait: Duration) -> bool {
         {
             let mut last = self.last_early.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < EARLY_REFRESH_GAP) {
+            if last.is_some_and(|t| t.elapsed() < self.early_gap) {
                 return false;
             }
             *last = Some(Instant::now());
@@ -148,13 +158,21 @@ impl RemoteJwks {
         true
     }
 
-    /// Fetches now, then on schedule or when woken, until dropped.
-    pub async fn run(self: Arc<Self>, client: Client) {
+    /// Fetches now, then on schedule or when woken, until `stop` (the
+    /// provider left the configuration, or the gateway stopped).
+    pub async fn run_until(self: Arc<Self>, client: Client, stop: CancellationToken) {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = self.refresh_forever(&client) => {}
+        }
+    }
+
+    async fn refresh_forever(&self, client: &Client) {
         loop {
             // Only early refreshes are spaced apart (`refresh_now`): a key
             // published right after a scheduled fetch is still looked for.
             let answers = self.asked.load(Ordering::Acquire);
-            let next = match self.fetch(&client).await {
+            let next = match self.fetch(client).await {
                 Ok((set, body)) => {
                     let mut last = self.last_body.lock().unwrap_or_else(|p| p.into_inner());
                     // Unchanged keys keep the token cache warm.
@@ -179,10 +197,6 @@ impl RemoteJwks {
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
                 _ = self.wake.notified() => {}
-            }
-            // Stop once no configuration holds this provider any more.
-            if Arc::strong_count(&self) == 1 {
-                return;
             }
         }
     }
@@ -279,6 +293,7 @@ mod tests {
             JwksUrl::parse("http://127.0.0.1:1/").unwrap(),
             vec![Algorithm::RS256],
             Duration::from_secs(600),
+            EARLY_REFRESH_GAP,
         );
         let no_wait = Duration::ZERO;
         assert!(jwks.refresh_now(no_wait).await);

@@ -348,8 +348,6 @@ impl AuthError {
     }
 }
 
-/// Identity headers on the upstream request: whatever the client sent
-/// under those names is dropped, then the verified claims are set.
 /// `sent` is `identity` once dashes and underscores count as one character,
 /// as a CGI-style upstream counts them.
 fn same_but_underscores(sent: &str, identity: &str) -> bool {
@@ -361,6 +359,8 @@ fn same_but_underscores(sent: &str, identity: &str) -> bool {
             .all(|(s, i)| s == i || (separator(s) && separator(i)))
 }
 
+/// Identity headers on the upstream request: whatever the client sent
+/// under those names is dropped, then the verified claims are set.
 pub fn forward_identity(
     identity_headers: &[HeaderName],
     verified: Option<(&RouteAuth, &Claims)>,

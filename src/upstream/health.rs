@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +17,7 @@ use pingora_load_balancing::Backend;
 
 use super::{Upstream, UpstreamTls};
 use crate::outbound::{Body, Client, OutboundError};
+use tokio_util::sync::CancellationToken;
 
 /// A compiled `health_check` block.
 #[derive(Debug, Clone)]
@@ -213,14 +214,22 @@ impl HealthCheckSettings {
     }
 }
 
-/// Checks `upstream` every `interval` until no configuration holds it.
-pub async fn check_forever(upstream: Weak<Upstream>, interval: Duration, client: Client) {
-    loop {
-        let Some(up) = upstream.upgrade() else {
-            return;
-        };
-        up.run_health_check_pass(&client).await;
-        drop(up);
-        tokio::time::sleep(interval).await;
+/// Checks `upstream` every `interval` until `stop` (the upstream left the
+/// configuration, or the gateway stopped).
+pub async fn check_until(
+    upstream: Arc<Upstream>,
+    interval: Duration,
+    client: Client,
+    stop: CancellationToken,
+) {
+    let checking = async {
+        loop {
+            upstream.run_health_check_pass(&client).await;
+            tokio::time::sleep(interval).await;
+        }
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = checking => {}
     }
 }

@@ -780,3 +780,17 @@ fn one_request(
     }
     Err("closed twice".into())
 }
+
+/// A sentinel request: `path` sent through `gw` on a fresh connection,
+/// answered by `up`. What the gateway sent `up` before it (a smuggled or
+/// truncated request) has arrived by the time it is answered, so a test
+/// checks that nothing arrived after this instead of after a sleep.
+pub fn sentinel(gw: &Gateway, up: &TestUpstream, path: &str) {
+    let status = client().get(gw.url(path)).send().unwrap().status();
+    assert_eq!(status, 200, "the sentinel {path} was not answered");
+    assert!(
+        up.requests().iter().any(|r| r.target == path),
+        "the sentinel {path} did not reach {}",
+        up.name()
+    );
+}

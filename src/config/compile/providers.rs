@@ -10,11 +10,12 @@ use http::header::HeaderName;
 use serde_json::Value;
 
 use super::*;
-use crate::auth::jwks::{JwksUrl, RemoteJwks};
+use crate::auth::jwks::{JwksUrl, RemoteJwks, EARLY_REFRESH_GAP};
 use crate::auth::keys::{self, KeySet};
 use crate::auth::{KeyStore, Provider, TokenSource};
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
+use crate::config::units::parse_duration;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
 /// Headers that frame or route a request; a claim never replaces them.
@@ -195,6 +196,7 @@ impl Compiler<'_> {
                 parsed,
                 algorithms.clone(),
                 refresh,
+                early_refresh_gap(),
             )))
         };
         let audience = raw.audience.map(OneOrMany::into_vec).unwrap_or_default();
@@ -242,5 +244,20 @@ impl Compiler<'_> {
             token_from,
             forward_claims,
         ))
+    }
+}
+
+/// `GATEHOUSE_JWKS_EARLY_REFRESH_GAP` (a duration, such as `300ms`), for
+/// tests and for identity providers that rotate keys often; else 5 s.
+fn early_refresh_gap() -> Duration {
+    let Ok(text) = std::env::var("GATEHOUSE_JWKS_EARLY_REFRESH_GAP") else {
+        return EARLY_REFRESH_GAP;
+    };
+    match parse_duration(&text) {
+        Ok(gap) => gap,
+        Err(e) => {
+            log::warn!("GATEHOUSE_JWKS_EARLY_REFRESH_GAP: {e}; using 5s");
+            EARLY_REFRESH_GAP
+        }
     }
 }
