@@ -10,6 +10,7 @@
 #   ROUTE=/auth/v1/users/7 bench/instructions.sh # the RS256 auth + rate limit route
 #   QUIET=1 bench/instructions.sh                # metrics off, no access log
 #   GATEHOUSE_BIN=/path/to/other/gatehouse bench/instructions.sh   # compare builds
+#   BARE=1 bench/instructions.sh                 # Pingora alone (examples/bare_proxy.rs), the floor
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GATEHOUSE_BIN=${GATEHOUSE_BIN:-$ROOT/target/release/gatehouse}
@@ -17,10 +18,15 @@ NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 N=${N:-2000}
 ROUTE=${ROUTE:-/v1/users/7}
 QUIET=${QUIET:-0}
+BARE=${BARE:-0}
+BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 for tool in valgrind python3 curl openssl; do
     command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
 done
 [[ -x $GATEHOUSE_BIN ]] || { echo "instructions: build it: cargo build --release" >&2; exit 1; }
+if [[ $BARE == 1 ]]; then
+    [[ -x $BARE_BIN ]] || { echo "instructions: build it: cargo build --release --example bare_proxy" >&2; exit 1; }
+fi
 [[ -x $NGINX_BIN ]] || { echo "instructions: nginx not found (set NGINX_BIN)" >&2; exit 1; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-instr.XXXXXX")
@@ -91,8 +97,10 @@ EOF
 # Total instructions of one gatehouse run serving COUNT requests.
 run() {
     local count=$1 out=$WORK/callgrind.$1 pid
+    local server=("$GATEHOUSE_BIN" -c "$WORK/gatehouse.yaml")
+    [[ $BARE == 1 ]] && server=("$BARE_BIN" "127.0.0.1:$GH" "127.0.0.1:$UP")
     valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$GATEHOUSE_BIN" -c "$WORK/gatehouse.yaml" >"$WORK/gh.$count.log" 2>&1 &
+        "${server[@]}" >"$WORK/gh.$count.log" 2>&1 &
     pid=$!
     for _ in $(seq 600); do
         curl -sf -o /dev/null "http://127.0.0.1:$GH/" && break
@@ -110,8 +118,12 @@ for _ in range(count):
 PY
     kill -INT "$pid"
     wait "$pid" || true
-    grep -h '^totals:\|^summary:' "$out"* | awk '{s += $2} END {print s}'
+    # One `totals:` line per output file (one per thread with
+    # --separate-threads; a file's `summary:` repeats it).
+    grep -h '^totals:' "$out"* | awk '{s += $2} END {print s}'
 }
 one=$(run "$N")
 two=$(run $((2 * N)))
-python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, N=$N, $(basename "$GATEHOUSE_BIN") at $GATEHOUSE_BIN)')"
+what=$GATEHOUSE_BIN
+[[ $BARE == 1 ]] && what=$BARE_BIN
+python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, N=$N, $(basename "$what") at $what)')"

@@ -72,7 +72,13 @@ impl Entry<'_> {
         json_str(out, self.request_id)?;
         out.extend_from_slice(b",\"client\":");
         match self.client {
-            Some(ip) => write!(out, "\"{ip}\"")?,
+            Some(ip) => {
+                let mut text = String::with_capacity(40);
+                crate::forwarding::push_ip(&mut text, ip);
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+            }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"method\":");

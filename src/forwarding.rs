@@ -279,7 +279,7 @@ fn push_token_or_quoted(out: &mut String, value: &str) {
 
 /// `ip` in its usual text form. IPv4, the common case, skips the formatting
 /// machinery, which costs about a tenth of the header it feeds.
-fn push_ip(out: &mut String, ip: IpAddr) {
+pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let mut digits = itoa::Buffer::new();

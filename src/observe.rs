@@ -2,8 +2,6 @@
 //! line. Joins the `logging` phase, which Pingora runs last for every
 //! request, answered or failed.
 
-use std::time::Duration;
-
 use pingora_core::{Error, ErrorSource, ErrorType};
 use pingora_proxy::Session;
 
@@ -35,15 +33,11 @@ impl Observer {
     /// Metrics and the access log line, once the response is done.
     pub fn record(&self, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         let req = session.req_header();
-        let route = ctx.route.as_ref().map_or("-", |r| &*r.name);
+        let route = &*ctx.route.name;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.start.map_or(Duration::ZERO, |s| s.elapsed());
+        let elapsed = ctx.start.elapsed();
         // X-Cache as sent; a cached route's own answers are BYPASS.
-        let cache = ctx
-            .route
-            .as_ref()
-            .filter(|r| r.cache.is_some())
-            .map(|_| ctx.x_cache.unwrap_or("BYPASS"));
+        let cache = (ctx.route.cache.is_some()).then(|| ctx.x_cache.unwrap_or("BYPASS"));
         if self.per_request {
             let mut buf = [0u8; 3];
             let m = &self.metrics;
@@ -55,13 +49,10 @@ impl Observer {
                 ])
                 .inc();
             let seconds = elapsed.as_secs_f64();
-            match &ctx.route {
-                Some(r) => r
-                    .duration_series
-                    .get(|| m.duration.with_label_values(&[route]))
-                    .observe(seconds),
-                None => m.duration.with_label_values(&[route]).observe(seconds),
-            }
+            let series = &ctx.route.duration_series;
+            series
+                .get(|| m.duration.with_label_values(&[route]))
+                .observe(seconds);
             if let Some(f) = &ctx.in_flight {
                 f.count(upstream_outcome(e), &m.upstream_requests);
             }

@@ -43,6 +43,8 @@ pub struct Proxy {
     pub(crate) parts: Client,
     /// `server.max_buffered`, for bodies held whole.
     pub(crate) buffered: Arc<Budget>,
+    /// The context's route until one matches (`Route::unmatched`).
+    pub(crate) unmatched: Arc<Route>,
 }
 
 impl Proxy {
@@ -82,9 +84,7 @@ impl Proxy {
 
     /// Rate limit and authentication (`route::guard` orders them).
     async fn guard(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
-        let Some(route) = ctx.route.clone() else {
-            return Phase::Continue;
-        };
+        let route = Arc::clone(&ctx.route);
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         let metrics = self.observer.metrics();
         let (found, phase) = route::guard(&route, req, ctx.client_ip, metrics, id).await;
@@ -96,9 +96,7 @@ impl Proxy {
     /// Body rules, decided before any upstream is chosen: a request body
     /// they cannot read is refused before anything is sent.
     fn prepare_bodies(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
-        let Some(route) = ctx.route.clone() else {
-            return Phase::Continue;
-        };
+        let route = Arc::clone(&ctx.route);
         if let Some(rules) = &route.response_body {
             rules.drop_ranges(session.req_header_mut());
         }
@@ -115,9 +113,7 @@ impl Proxy {
 
     /// An aggregate route answers here, from the cache or its parts.
     async fn aggregate(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
-        let Some(route) = ctx.route.clone() else {
-            return Phase::Continue;
-        };
+        let route = Arc::clone(&ctx.route);
         let Some(agg) = route.aggregate() else {
             return Phase::Continue;
         };
@@ -178,7 +174,7 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        RequestCtx::begin()
+        RequestCtx::begin(&self.unmatched)
     }
 
     // No compression module: responses pass through as the upstream sent them.
@@ -200,7 +196,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(upstream) = ctx.route.as_ref().and_then(|r| r.upstream()).cloned() else {
+        let Some(upstream) = ctx.route.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "no upstream for this request");
         };
         ctx.body.restart();
@@ -221,8 +217,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let upstream = ctx.route.as_ref().and_then(|r| r.upstream());
-        let (Some(upstream), Some(in_flight)) = (upstream, ctx.in_flight.take()) else {
+        let (Some(upstream), Some(in_flight)) = (ctx.route.upstream(), ctx.in_flight.take()) else {
             return e;
         };
         let family = (self.settings.metrics).then(|| &self.observer.metrics().upstream_requests);
@@ -247,9 +242,7 @@ impl ProxyHttp for Proxy {
         ctx.forwarded(session).apply(upstream_request);
         let id = ctx.request_id.header_value().clone();
         upstream_request.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
-        let Some(route) = &ctx.route else {
-            return Ok(());
-        };
+        let route = &ctx.route;
         let verified = route.auth.as_ref().zip(ctx.claims.as_deref());
         auth::forward_identity(&route.identity_headers, verified, upstream_request);
         route.request_headers.apply(upstream_request);
@@ -278,7 +271,7 @@ impl ProxyHttp for Proxy {
             // connection to it is dropped with the error.
             return status_error(413, "request body over max_body");
         }
-        let rules = ctx.route.as_ref().and_then(|r| r.request_body.as_ref());
+        let rules = ctx.route.request_body.as_ref();
         if let (Some(rewrite), Some(rules)) = (ctx.request_rewrite.as_mut(), rules) {
             if let Err(refusal) = rewrite.on_chunk(rules, body, end_of_stream) {
                 // The upstream has the head only: dropping its connection
@@ -299,7 +292,7 @@ impl ProxyHttp for Proxy {
             return status_error(504, "route timeout");
         }
         strip_hop_by_hop(upstream_response);
-        let Some(rules) = ctx.route.as_ref().and_then(|r| r.response_body.as_ref()) else {
+        let Some(rules) = ctx.route.response_body.as_ref() else {
             return Ok(());
         };
         // A cached HEAD miss is fetched upstream as a GET.
@@ -324,7 +317,7 @@ impl ProxyHttp for Proxy {
         if !end_of_stream && ctx.past_deadline() {
             return status_error(504, "route timeout");
         }
-        let rules = ctx.route.as_ref().and_then(|r| r.response_body.as_ref());
+        let rules = ctx.route.response_body.as_ref();
         if let (Some(rewrite), Some(rules)) = (ctx.response_rewrite.as_mut(), rules) {
             if let Err(refusal) = rewrite.on_chunk(&rules.json, body, end_of_stream) {
                 // Answered 502 when the head is still held back with the
@@ -342,11 +335,9 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(route) = &ctx.route {
-            route.response_headers.apply(upstream_response);
-            if route.cache.is_some() {
-                ctx.x_cache = Some(cache::x_cache(session.cache.phase()));
-            }
+        ctx.route.response_headers.apply(upstream_response);
+        if ctx.route.cache.is_some() {
+            ctx.x_cache = Some(cache::x_cache(session.cache.phase()));
         }
         ctx.decorate(upstream_response);
         let id = ctx.request_id.header_value().clone();
@@ -371,7 +362,7 @@ impl ProxyHttp for Proxy {
         if upstream_fault && refusal.is_none() {
             log::warn!("request {id}: {status} ({e})");
         }
-        let fallback = ctx.route.as_ref().and_then(|r| r.fallback.as_ref());
+        let fallback = ctx.route.fallback.as_ref();
         let response = respond::failure(status, upstream_fault, refusal, fallback, id);
         let status = response.status.as_u16();
         // What the client sent may not have been read to its end.
@@ -394,7 +385,7 @@ impl ProxyHttp for Proxy {
     }
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
-        let Some(policy) = ctx.route.as_ref().and_then(|r| r.cache.as_ref()) else {
+        let Some(policy) = ctx.route.cache.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "cache key without a cached route");
         };
         Ok(CacheKey::new(ctx.cache_key(session, policy), ""))
@@ -407,14 +398,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
         let req = session.req_header();
-        Ok(match ctx.route.as_deref() {
-            Some(
-                r @ Route {
-                    cache: Some(policy),
-                    ..
-                },
-            ) => cache::cacheability(policy, req, resp, r.auth.is_some()),
-            _ => RespCacheable::Uncacheable(NoCacheReason::NeverEnabled),
+        Ok(match &ctx.route.cache {
+            Some(policy) => cache::cacheability(policy, req, resp, ctx.route.auth.is_some()),
+            None => RespCacheable::Uncacheable(NoCacheReason::NeverEnabled),
         })
     }
 

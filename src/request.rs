@@ -26,14 +26,15 @@ use crate::upstream::InFlight;
 const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
 /// Per-request state, filled as the request moves through the phases.
-#[derive(Default)]
 pub struct RequestCtx {
     pub request_id: RequestId,
     pub client_ip: Option<IpAddr>,
     /// The connecting peer, IPv4-mapped addresses made plain.
     pub peer: Option<IpAddr>,
     pub peer_trusted: bool,
-    pub route: Option<Arc<Route>>,
+    /// The matched route; until then (and for a request none matches),
+    /// [`Route::unmatched`].
+    pub route: Arc<Route>,
     /// Path and query for the upstream when they differ from the client's.
     pub upstream_uri: Option<String>,
     /// The routed path, when normalization changed the client's.
@@ -55,7 +56,7 @@ pub struct RequestCtx {
     /// The answer came from the route (aggregation): its response header
     /// rules apply.
     pub answered_by_route: bool,
-    pub start: Option<Instant>,
+    pub start: Instant,
     /// Bodies held back for a body rule.
     /// Boxed: rare, and the context travels inside every request's future.
     pub request_rewrite: Option<Box<Rewrite>>,
@@ -67,22 +68,41 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    /// The context of a request that starts now.
-    pub fn begin() -> Box<Self> {
+    /// The context of a request that starts now; `unmatched` is
+    /// [`Route::unmatched`], made once.
+    pub fn begin(unmatched: &Arc<Route>) -> Box<Self> {
         Box::new(RequestCtx {
-            start: Some(Instant::now()),
-            ..RequestCtx::default()
+            request_id: RequestId::default(),
+            client_ip: None,
+            peer: None,
+            peer_trusted: false,
+            route: Arc::clone(unmatched),
+            upstream_uri: None,
+            normalized_path: None,
+            deadline: None,
+            tried: Vec::new(),
+            in_flight: None,
+            body: BodyCount::default(),
+            claims: None,
+            limit: None,
+            params: Params::default(),
+            x_cache: None,
+            answered_by_route: false,
+            start: Instant::now(),
+            request_rewrite: None,
+            response_rewrite: None,
+            refusal: None,
+            answer_held: None,
         })
     }
 
     /// Whether the cache may serve `req`: a GET or HEAD on a cached route
     /// (and, on a route with auth, entries are per user: no user, no cache).
     pub fn uses_cache(&self, req: &RequestHeader) -> bool {
-        self.route.as_ref().is_some_and(|route| {
-            route.cache.is_some()
-                && (route.auth.is_none() || self.user().is_some())
-                && cache::request_cacheable(&req.method)
-        })
+        let route = &self.route;
+        route.cache.is_some()
+            && (route.auth.is_none() || self.user().is_some())
+            && cache::request_cacheable(&req.method)
     }
 
     /// Who sent the request: its id (the client's, when well formed), the
@@ -105,7 +125,7 @@ impl RequestCtx {
 
     /// Keeps what routing worked out.
     pub fn routed(&mut self, selected: Selected) {
-        self.route = Some(selected.route);
+        self.route = selected.route;
         self.upstream_uri = selected.upstream_uri;
         self.normalized_path = selected.normalized_path;
         self.params = selected.params;
@@ -118,19 +138,18 @@ impl RequestCtx {
 
     /// Headers every response of the route carries, whoever wrote it.
     pub fn decorate(&self, resp: &mut ResponseHeader) {
-        if let Some(route) = &self.route {
-            if let Some(d) = &route.deprecation {
-                d.apply(resp);
-            }
-            if self.answered_by_route {
-                route.response_headers.apply(resp);
-            }
-            // Set from the cache phase for proxied answers; the gateway's
-            // own answers (errors, refusals) never come from the cache.
-            if route.cache.is_some() {
-                let x = self.x_cache.unwrap_or("BYPASS");
-                let _ = resp.insert_header(X_CACHE, x);
-            }
+        let route = &self.route;
+        if let Some(d) = &route.deprecation {
+            d.apply(resp);
+        }
+        if self.answered_by_route {
+            route.response_headers.apply(resp);
+        }
+        // Set from the cache phase for proxied answers; the gateway's own
+        // answers (errors, refusals) never come from the cache.
+        if route.cache.is_some() {
+            let x = self.x_cache.unwrap_or("BYPASS");
+            let _ = resp.insert_header(X_CACHE, x);
         }
         if let Some(limit) = &self.limit {
             limit.headers(resp);
@@ -176,7 +195,7 @@ impl RequestCtx {
     /// Where the gateway's own answer to this request (aggregation) may be
     /// kept.
     pub fn cache_slot<'c>(&self, session: &Session, cache: Option<&'c Cache>) -> Option<Slot<'c>> {
-        let policy = self.route.as_ref()?.cache.as_ref()?;
+        let policy = self.route.cache.as_ref()?;
         let req = session.req_header();
         cache?.slot(
             req,

@@ -24,6 +24,7 @@ use crate::observe::Observer;
 use crate::outbound::Client;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, SighupService};
+use crate::route::Route;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             observer: Observer::new(Arc::clone(&metrics), log.clone(), settings.metrics),
             parts: client.clone(),
             buffered,
+            unmatched: Arc::new(Route::unmatched()),
         },
         conf,
     );

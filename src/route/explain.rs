@@ -204,6 +204,9 @@ fn describe_route(out: &mut String, route: &Route, sent: &str, path: &str, query
                 );
             }
         }
+        Target::None => {
+            let _ = writeln!(out, "no target: the gateway answers itself");
+        }
     }
     match &route.auth {
         None => {

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use prometheus::Histogram;
 
-use crate::routing::{PathRewrite, Routable, RouteMatcher, Router};
+use crate::routing::{PathPattern, PathRewrite, Routable, RouteMatcher, Router};
 
 use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
@@ -85,20 +85,52 @@ pub struct Route {
 pub enum Target {
     Upstream(Arc<Upstream>),
     Aggregate(Aggregate),
+    /// No route matched: the gateway answers itself.
+    None,
 }
 
 impl Route {
+    /// The route of a request no route matched (named `-` in metrics and
+    /// logs), with no policy: a request's context always holds a route, so
+    /// no phase asks whether it has one.
+    pub fn unmatched() -> Self {
+        Route {
+            name: Arc::from("-"),
+            matcher: RouteMatcher {
+                path: PathPattern::Prefix(String::new()),
+                methods: None,
+                host: None,
+                headers: Vec::new(),
+            },
+            target: Target::None,
+            rewrite: PathRewrite::default(),
+            timeout: None,
+            max_body: 0,
+            request_headers: HeaderRules::default(),
+            response_headers: HeaderRules::default(),
+            deprecation: None,
+            fallback: None,
+            auth: None,
+            rate_limit: None,
+            identity_headers: Arc::from([]),
+            request_body: None,
+            response_body: None,
+            cache: None,
+            duration_series: Series::default(),
+        }
+    }
+
     pub fn upstream(&self) -> Option<&Arc<Upstream>> {
         match &self.target {
             Target::Upstream(u) => Some(u),
-            Target::Aggregate(_) => None,
+            Target::Aggregate(_) | Target::None => None,
         }
     }
 
     pub fn aggregate(&self) -> Option<&Aggregate> {
         match &self.target {
             Target::Aggregate(a) => Some(a),
-            Target::Upstream(_) => None,
+            Target::Upstream(_) | Target::None => None,
         }
     }
 }
