@@ -291,6 +291,8 @@ impl LogCloser {
     /// for its last batch and waits for it: lines logged since the batch
     /// before would otherwise go with the process.
     pub fn join(self) {
+        // Given already by the gateway; joining without it would wait forever.
+        self.0.stop.cancel();
         let thread = self.0.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
             thread.thread().unpark();

@@ -2,11 +2,14 @@
 //! of every upstream, the JWKS refreshes of every provider with a
 //! `jwks_url`, and the `gatehouse_upstream_healthy` gauges.
 //!
-//! All of it stops on one signal, the gateway's `stop` token (given once
-//! the server has stopped serving, so requests draining still see live
-//! health and keys). Each piece of work holds a child of it, cancelled as
-//! well when a reload removes what the work is for; what is new starts,
-//! what is unchanged keeps running.
+//! All of it stops on one signal, the gateway's `stop` token. Each piece
+//! of work holds a child of it, cancelled when a reload removes what the
+//! work is for (what is new starts, what is unchanged keeps running; a
+//! request still holding a removed provider asks it for no early fetch).
+//! The token itself is given once the server has stopped serving, so
+//! requests draining still meet live health and keys; Pingora has shut its
+//! runtimes down by then, so it is the access log's writer thread, which
+//! outlives them, that it still stops.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -206,7 +206,7 @@ impl ProxyHttp for Proxy {
                 ctx.in_flight = Some(in_flight);
                 Ok(peer)
             }
-            Err(none) => status_error(none.status(), "no target for this request"),
+            Err(none) => status_error(none.status(), none.why()),
         }
     }
 

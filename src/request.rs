@@ -195,14 +195,14 @@ impl RequestCtx {
     /// Where the gateway's own answer to this request (aggregation) may be
     /// kept.
     pub fn cache_slot<'c>(&self, session: &Session, cache: Option<&'c Cache>) -> Option<Slot<'c>> {
-        let policy = self.route.cache.as_ref()?;
+        let (cache, policy) = (cache?, self.route.cache.as_ref()?);
         let req = session.req_header();
-        cache?.slot(
-            req,
-            self.cache_key(session, policy),
-            self.routed_path(req),
-            policy,
-        )
+        // Before the key is built: most requests that skip the cache do so here.
+        if !cache::request_cacheable(&req.method) {
+            return None;
+        }
+        let key = self.cache_key(session, policy);
+        Some(cache.slot(key, self.routed_path(req), policy))
     }
 
     /// The cache's primary key for this request (`cache::primary_key`).

@@ -252,6 +252,15 @@ fn errors_of_a_cached_route_say_bypass() {
     let r = client().get(gw.url("/x")).send().unwrap();
     assert_eq!(r.headers()["x-cache"], "BYPASS");
     assert_problem(r, 502);
+
+    // An aggregate route's own failure is no miss either.
+    let body = format!(
+        "upstreams:\n  gone:\n    targets: [127.0.0.1:{dead}]\ncache:\n  max_size: 1MiB\nroutes:\n  - name: a\n    match: {{ path: \"/agg/{{id}}\" }}\n    cache: {{ ttl: 1h }}\n    aggregate:\n      parts:\n        - {{ key: user, upstream: gone, path: \"/users/{{id}}\" }}\n"
+    );
+    let gw = gateway(&body).start();
+    let r = client().get(gw.url("/agg/7")).send().unwrap();
+    assert_eq!(r.headers()["x-cache"], "BYPASS");
+    assert_problem(r, 502);
 }
 
 #[test]

@@ -67,13 +67,13 @@ impl Aggregate {
         }
         let mut held = None;
         let outcome = self.run(client, &asked.input, budget, &mut held).await;
-        let x_cache = asked.cache.as_ref().map(|_| "MISS");
+        // The gateway's own errors are not cache misses: they say BYPASS.
         let mut answer = match outcome {
             Ok(answer) => answer,
             Err(f) => {
                 return Answered {
                     response: failure(&f, asked.request_id),
-                    x_cache,
+                    x_cache: None,
                     held,
                 }
             }
@@ -91,7 +91,7 @@ impl Aggregate {
                             "the parts' answer cannot be read for this route's body rules",
                             asked.request_id,
                         ),
-                        x_cache,
+                        x_cache: None,
                         held,
                     }
                 }
@@ -116,7 +116,7 @@ impl Aggregate {
         }
         Answered {
             response: answer.response(),
-            x_cache,
+            x_cache: asked.cache.as_ref().map(|_| "MISS"),
             held,
         }
     }

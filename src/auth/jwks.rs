@@ -5,7 +5,7 @@
 //! last good set.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::outbound::{Body, Client};
@@ -97,6 +97,9 @@ pub struct RemoteJwks {
     generation: AtomicU64,
     /// What the last good fetch returned, to tell a change from a refresh.
     last_body: Mutex<Option<bytes::Bytes>>,
+    /// The refresher's stop, once it runs: a request still holding this
+    /// provider after a reload removed it asks nobody for an early fetch.
+    refresher: OnceLock<CancellationToken>,
 }
 
 impl RemoteJwks {
@@ -119,6 +122,7 @@ impl RemoteJwks {
             wake: Notify::new(),
             generation: AtomicU64::new(0),
             last_body: Mutex::new(None),
+            refresher: OnceLock::new(),
         }
     }
 
@@ -144,6 +148,13 @@ impl RemoteJwks {
     /// started after the asking. False when another early fetch was asked
     /// for too recently (nothing is fetched, nothing waited for).
     pub async fn refresh_now(&self, wait: Duration) -> bool {
+        if self
+            .refresher
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            return false;
+        }
         {
             let mut last = self.last_early.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < self.early_gap) {
@@ -161,6 +172,7 @@ impl RemoteJwks {
     /// Fetches now, then on schedule or when woken, until `stop` (the
     /// provider left the configuration, or the gateway stopped).
     pub async fn run_until(self: Arc<Self>, client: Client, stop: CancellationToken) {
+        let _ = self.refresher.set(stop.clone());
         tokio::select! {
             () = stop.cancelled() => {}
             () = self.refresh_forever(&client) => {}

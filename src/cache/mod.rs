@@ -103,21 +103,15 @@ impl Cache {
         })
     }
 
-    /// Where the gateway's own answer to `req` (aggregation) is kept, when
-    /// its method may use the cache; `primary` is its [`primary_key`].
-    pub fn slot(
-        &self,
-        req: &RequestHeader,
-        primary: String,
-        path: &str,
-        policy: &CachePolicy,
-    ) -> Option<Slot<'_>> {
-        request_cacheable(&req.method).then(|| Slot {
+    /// Where the gateway's own answer (aggregation) is kept: `primary` is
+    /// its [`primary_key`], `path` the routed path.
+    pub fn slot(&self, primary: String, path: &str, policy: &CachePolicy) -> Slot<'_> {
+        Slot {
             cache: self,
             key: entry_key(primary),
             path: path.to_owned(),
             ttl: policy.ttl,
-        })
+        }
     }
 
     /// Turns the cache on for this request. Concurrent misses for one key

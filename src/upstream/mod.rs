@@ -400,6 +400,15 @@ pub enum NoTarget {
 }
 
 impl NoTarget {
+    /// For the error log.
+    pub fn why(self) -> &'static str {
+        match self {
+            NoTarget::DeadlinePassed => "the route's timeout passed before a connect",
+            NoTarget::NoneHealthy => "no healthy target",
+            NoTarget::Exhausted => "every target failed to connect",
+        }
+    }
+
     pub fn status(self) -> u16 {
         match self {
             NoTarget::DeadlinePassed => 504,
@@ -445,8 +454,10 @@ impl Upstream {
         why: &str,
         counted: Option<&IntCounterVec>,
     ) -> bool {
-        // No longer in flight.
-        let failed = failed.index;
+        let index = failed.index();
+        // No longer in flight: the next attempt counts its own.
+        drop(failed);
+        let failed = index;
         log::warn!(
             "request {request_id}: connect to {} (upstream {}) failed: {why}",
             self.targets[failed].label,

@@ -247,14 +247,20 @@ impl Compiler<'_> {
     }
 }
 
-/// `GATEHOUSE_JWKS_EARLY_REFRESH_GAP` (a duration, such as `300ms`), for
-/// tests and for identity providers that rotate keys often; else 5 s.
+/// `GATEHOUSE_JWKS_EARLY_REFRESH_GAP` (a duration of 1 s or more, such as
+/// `2s`), for tests and for identity providers that rotate keys often;
+/// else 5 s. Never shorter: the gap is what keeps a flood of unknown kids
+/// from flooding the identity provider.
 fn early_refresh_gap() -> Duration {
     let Ok(text) = std::env::var("GATEHOUSE_JWKS_EARLY_REFRESH_GAP") else {
         return EARLY_REFRESH_GAP;
     };
     match parse_duration(&text) {
-        Ok(gap) => gap,
+        Ok(gap) if gap >= Duration::from_secs(1) => gap,
+        Ok(_) => {
+            log::warn!("GATEHOUSE_JWKS_EARLY_REFRESH_GAP is below 1s; using 5s");
+            EARLY_REFRESH_GAP
+        }
         Err(e) => {
             log::warn!("GATEHOUSE_JWKS_EARLY_REFRESH_GAP: {e}; using 5s");
             EARLY_REFRESH_GAP
