@@ -55,11 +55,8 @@ http {
 EOF
 "$NGINX_BIN" -c "$WORK/upstream.conf" -p "$WORK"
 
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-header=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
-payload=$(printf '{"sub":"bench-user","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
-sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$ROOT/tests/keys/rsa1.pem" | b64url)
-TOKEN="$header.$payload.$sig"
+. "$ROOT/bench/lib.sh"
+TOKEN=$(mint_token)
 
 observe="access_log: $WORK/access.log"
 server_extra=""
@@ -73,25 +70,7 @@ $server_extra
 listen: [127.0.0.1:$GH]
 admin: { listen: 127.0.0.1:$ADMIN }
 $observe
-upstreams:
-  app: { targets: [127.0.0.1:$UP] }
-auth:
-  jwt:
-    bench: { algorithms: [RS256], public_key_file: $ROOT/tests/keys/rsa1.pub.pem }
-routes:
-  - name: auth-limited
-    match: { path_prefix: /auth }
-    upstream: app
-    strip_prefix: /auth
-    auth: bench
-    rate_limit: { requests: 1000000000, per: 1s, key: ip }
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }
-  - name: plain
-    match: { path_prefix: / }
-    upstream: app
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }
+$(gatehouse_routes "$UP")
 EOF
 
 # Total instructions of one gatehouse run serving COUNT requests.

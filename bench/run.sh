@@ -224,17 +224,7 @@ $(nginx_temp_paths nginx)
 }
 EOF
 
-# One RS256 token (the test suite's key), reused by every request of the
-# bearer targets: the gateway verifies it once and then serves it from its
-# token cache, as it would a real client's.
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-mint_token() {
-    local key=$ROOT/tests/keys/rsa1.pem header payload sig
-    header=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
-    payload=$(printf '{"sub":"bench-user","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
-    sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$key" | b64url)
-    printf '%s.%s.%s' "$header" "$payload" "$sig"
-}
+. "$ROOT/bench/lib.sh"
 TOKEN=$(mint_token) || die "cannot mint the bench token (openssl?)"
 
 # gatehouse_yaml NAME PORT ADMIN_PORT SERVER_LINES TOP_LINES: prints a gatehouse
@@ -254,38 +244,7 @@ $server_lines
 listen: [127.0.0.1:$port]
 admin: { listen: 127.0.0.1:$admin }
 $top_lines
-cache: { max_size: 64MiB }
-upstreams:
-  app:
-    targets: [127.0.0.1:$UP_PORT]
-auth:
-  jwt:
-    bench:
-      algorithms: [RS256]
-      public_key_file: $ROOT/tests/keys/rsa1.pub.pem
-routes:
-  # RS256 auth and a rate limit (high enough never to refuse), one token.
-  - name: auth-limited
-    match: { path_prefix: /auth }
-    upstream: app
-    strip_prefix: /auth
-    auth: bench
-    rate_limit: { requests: 1000000000, per: 1s, key: ip }
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }
-  # Served from the cache after the first request: the upstream never sees the rest.
-  - name: cached
-    match: { path_prefix: /cached }
-    upstream: app
-    strip_prefix: /cached
-    cache: { ttl: 1h }
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }
-  - name: plain
-    match: { path_prefix: / }
-    upstream: app
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }
+$(gatehouse_routes "$UP_PORT")
 $GATEHOUSE_EXTRA_ROUTES
 EOF
 }

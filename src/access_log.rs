@@ -73,10 +73,8 @@ impl Entry<'_> {
         out.extend_from_slice(b",\"client\":");
         match self.client {
             Some(ip) => {
-                let mut text = String::with_capacity(40);
-                crate::forwarding::push_ip(&mut text, ip);
                 out.push(b'"');
-                out.extend_from_slice(text.as_bytes());
+                crate::forwarding::push_ip(out, ip);
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),

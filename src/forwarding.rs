@@ -279,21 +279,35 @@ fn push_token_or_quoted(out: &mut String, value: &str) {
 
 /// `ip` in its usual text form. IPv4, the common case, skips the formatting
 /// machinery, which costs about a tenth of the header it feeds.
-pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
+pub(crate) fn push_ip(out: &mut impl TextSink, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let mut digits = itoa::Buffer::new();
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push_text(".");
                 }
-                out.push_str(digits.format(octet));
+                out.push_text(digits.format(octet));
             }
         }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(out, "{v6}");
-        }
+        IpAddr::V6(v6) => out.push_text(&v6.to_string()),
+    }
+}
+
+/// Where [`push_ip`] writes: a header value being built, or a log line.
+pub(crate) trait TextSink {
+    fn push_text(&mut self, text: &str);
+}
+
+impl TextSink for String {
+    fn push_text(&mut self, text: &str) {
+        self.push_str(text);
+    }
+}
+
+impl TextSink for Vec<u8> {
+    fn push_text(&mut self, text: &str) {
+        self.extend_from_slice(text.as_bytes());
     }
 }
 

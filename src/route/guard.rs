@@ -11,7 +11,7 @@ use pingora_http::RequestHeader;
 use super::Route;
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, RateLimit};
-use crate::respond::{Phase, Response};
+use crate::respond::Phase;
 use crate::subject::{Claims, Subject};
 
 /// What guarding a request found, whatever it decided.
@@ -22,24 +22,6 @@ pub struct Guarded {
     /// The rate limit's count, for the `RateLimit-*` headers (on a refusal
     /// too).
     pub limit: Option<Decision>,
-}
-
-/// Counts `req` against `limit`; a refusal is the 429.
-fn count(
-    limit: &RateLimit,
-    subject: &Subject<'_>,
-    route: &Route,
-    metrics: &Metrics,
-    request_id: &str,
-    found: &mut Guarded,
-) -> Phase {
-    let decision = limit.admit(subject);
-    found.limit = Some(decision);
-    if decision.allowed {
-        return Phase::Continue;
-    }
-    metrics.rate_limited.with_label_values(&[&route.name]).inc();
-    Phase::Respond(decision.refusal(request_id))
 }
 
 /// Rate limit and authentication of `req` on `route`.
@@ -55,23 +37,24 @@ pub async fn guard(
         Some(l) if l.key.needs_claims() => (None, Some(l)),
         other => (other.as_ref(), None),
     };
-    let subject = |claims| Subject {
-        client_ip,
-        headers: &req.headers,
-        claims,
-        consumer: None,
-    };
-    if let Some(limit) = early {
-        if let Phase::Respond(r) = count(
-            limit,
-            &subject(None),
-            route,
-            metrics,
-            request_id,
-            &mut found,
-        ) {
-            return (found, Phase::Respond(r));
+    // Counts against `limit`, keyed with `claims` when it needs them; a
+    // refusal is the 429.
+    let count = |limit: &RateLimit, claims: Option<&Claims>, found: &mut Guarded| {
+        let decision = limit.admit(&Subject {
+            client_ip,
+            headers: &req.headers,
+            claims,
+            consumer: None,
+        });
+        found.limit = Some(decision);
+        if decision.allowed {
+            return None;
         }
+        metrics.rate_limited.with_label_values(&[&route.name]).inc();
+        Some(Phase::Respond(decision.refusal(request_id)))
+    };
+    if let Some(refused) = early.and_then(|limit| count(limit, None, &mut found)) {
+        return (found, refused);
     }
     if let Some(auth) = &route.auth {
         match auth.authorize(req).await {
@@ -83,37 +66,14 @@ pub async fn guard(
                     .inc();
                 // Refused tokens still spend the client's budget (by IP),
                 // so a flood of them is limited too.
-                if let Some(limit) = late {
-                    let phase = count(
-                        limit,
-                        &subject(None),
-                        route,
-                        metrics,
-                        request_id,
-                        &mut found,
-                    );
-                    if let Phase::Respond(r) = phase {
-                        return (found, Phase::Respond(r));
-                    }
+                if let Some(refused) = late.and_then(|limit| count(limit, None, &mut found)) {
+                    return (found, refused);
                 }
-                let refusal: Response = e.response(request_id);
-                return (found, Phase::Respond(refusal));
+                return (found, Phase::Respond(e.response(request_id)));
             }
         }
     }
-    let phase = match late {
-        Some(limit) => {
-            let claims = found.claims.clone();
-            count(
-                limit,
-                &subject(claims.as_deref()),
-                route,
-                metrics,
-                request_id,
-                &mut found,
-            )
-        }
-        None => Phase::Continue,
-    };
-    (found, phase)
+    let claims = found.claims.clone();
+    let refused = late.and_then(|limit| count(limit, claims.as_deref(), &mut found));
+    (found, refused.unwrap_or(Phase::Continue))
 }

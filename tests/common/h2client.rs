@@ -45,17 +45,7 @@ pub fn send_with_body(
         .enable_all()
         .build()
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(cert).expect("read the test certificate"))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = client_config(cert, b"h2");
     rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -128,17 +118,7 @@ pub fn silent_after_handshake(
         .enable_all()
         .build()
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(cert).expect("read the test certificate"))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
+    let config = client_config(cert, alpn);
     rt.block_on(async move {
         let started = std::time::Instant::now();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -159,4 +139,20 @@ pub fn silent_after_handshake(
         .await;
         read.ok().map(|_| started.elapsed())
     })
+}
+
+/// A TLS client trusting only `cert`, offering `alpn`.
+fn client_config(cert: &Path, alpn: &[u8]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(cert).expect("read the test certificate"))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
 }

@@ -2,12 +2,14 @@
 //! did not change is kept, with its state (see `gateway::Carried`); the
 //! one rule for upstreams, providers and rate limits.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::Compiler;
 use crate::auth::Provider;
+use crate::config::source::key_path;
 use crate::gateway::{Carried, Carry};
 use crate::ratelimit::RateLimit;
 use crate::upstream::Upstream;
@@ -59,6 +61,28 @@ impl Compiler<'_> {
     /// The item the running configuration built from the same `source`
     /// under `name`, with its state; else the one `build` makes. Either is
     /// kept for the next reload.
+    /// Each item of a named section (`section.NAME`), its name checked,
+    /// carried over or built by `build(cx, path, name, item)`.
+    pub(super) fn carry_each<'v, T: Carriable>(
+        &mut self,
+        section: &str,
+        kind: &str,
+        items: impl IntoIterator<Item = (&'v String, &'v Value)>,
+        mut build: impl FnMut(&mut Self, &str, &str, &Value) -> Option<T>,
+    ) -> BTreeMap<String, Arc<T>> {
+        let mut out = BTreeMap::new();
+        for (name, item) in items {
+            let path = key_path(section, name);
+            if !self.check_name(&path, kind, name) {
+                continue;
+            }
+            if let Some(built) = self.carry(name, item, |cx| build(cx, &path, name, item)) {
+                out.insert(name.clone(), built);
+            }
+        }
+        out
+    }
+
     pub(super) fn carry<T: Carriable>(
         &mut self,
         name: &str,

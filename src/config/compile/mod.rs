@@ -213,6 +213,19 @@ impl Compiler<'_> {
             self.base.join(p)
         }
     }
+
+    /// The file named at `path` (relative to the configuration's folder),
+    /// read whole; an error at `path` when it cannot be.
+    fn read_file(&mut self, path: &str, file: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let resolved = self.resolve_file(file);
+        match std::fs::read(&resolved) {
+            Ok(bytes) => Some((resolved, bytes)),
+            Err(e) => {
+                self.error(path, format!("cannot read {}: {e}", resolved.display()));
+                None
+            }
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {

@@ -38,27 +38,16 @@ const RESERVED_HEADERS: &[&str] = &[
 
 impl Compiler<'_> {
     pub(super) fn providers(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Provider>> {
-        let mut out = BTreeMap::new();
         let Some(value) = value.filter(|v| !v.is_null()) else {
-            return out;
+            return BTreeMap::new();
         };
         let Some(raw) = self.de::<RawAuth>("auth", value) else {
-            return out;
+            return BTreeMap::new();
         };
-        for (name, item) in &raw.jwt {
-            let path = key_path("auth.jwt", name);
-            if !self.check_name(&path, "provider", name) {
-                continue;
-            }
-            let provider = self.carry(name, item, |cx| {
-                let raw = cx.de::<RawJwtProvider>(&path, item)?;
-                cx.provider(&path, name, raw)
-            });
-            if let Some(provider) = provider {
-                out.insert(name.clone(), provider);
-            }
-        }
-        out
+        self.carry_each("auth.jwt", "provider", &raw.jwt, |cx, path, name, item| {
+            let raw = cx.de::<RawJwtProvider>(path, item)?;
+            cx.provider(path, name, raw)
+        })
     }
 
     pub(super) fn provider(
@@ -139,14 +128,7 @@ impl Compiler<'_> {
                 self.error(&apath, "a public_key_file holds one key: list algorithms of one family (RS/PS, ES or EdDSA)");
                 return None;
             }
-            let resolved = self.resolve_file(file);
-            let pem = match std::fs::read(&resolved) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
-                    return None;
-                }
-            };
+            let (resolved, pem) = self.read_file(&fpath, file)?;
             match keys::from_pem(&pem, families[0]) {
                 Ok(key) => KeyStore::Fixed(KeySet::new(vec![keys::VerifyKey {
                     kid: None,
@@ -160,14 +142,7 @@ impl Compiler<'_> {
             }
         } else if let Some(file) = &raw.jwks_file {
             let fpath = key_path(path, "jwks_file");
-            let resolved = self.resolve_file(file);
-            let json = match std::fs::read(&resolved) {
-                Ok(j) => j,
-                Err(e) => {
-                    self.error(&fpath, format!("cannot read {}: {e}", resolved.display()));
-                    return None;
-                }
-            };
+            let (resolved, json) = self.read_file(&fpath, file)?;
             match KeySet::from_jwks(&json, &algorithms) {
                 Ok(set) => KeyStore::Fixed(set),
                 Err(e) => {

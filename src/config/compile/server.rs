@@ -227,48 +227,39 @@ impl Compiler<'_> {
     /// Checks that the certificate and key can be read and parsed now, so
     /// `-t` catches what would otherwise fail at start.
     pub(super) fn tls_files(&mut self, path: &str, raw: &RawTls) -> Option<TlsFiles> {
-        use pingora_core::tls::{pkey::PKey, x509::X509};
-        let cert = self.resolve_file(&raw.cert);
-        let key = self.resolve_file(&raw.key);
-        let mut ok = true;
-        match std::fs::read(&cert) {
-            Ok(pem) => {
-                if X509::stack_from_pem(&pem).map_or(true, |c| c.is_empty()) {
-                    self.error(
-                        &key_path(path, "cert"),
-                        format!("{} holds no PEM certificate", cert.display()),
-                    );
-                    ok = false;
-                }
-            }
-            Err(e) => {
-                self.error(
-                    &key_path(path, "cert"),
-                    format!("cannot read {}: {e}", cert.display()),
-                );
-                ok = false;
-            }
-        }
-        match std::fs::read(&key) {
+        use pingora_core::tls::pkey::PKey;
+        let certs = self.read_certificates(&key_path(path, "cert"), &raw.cert);
+        let kpath = key_path(path, "key");
+        let key = self.read_file(&kpath, &raw.key).and_then(|(key, pem)| {
             // The key's content never appears in a message.
-            Ok(pem) => {
-                if PKey::private_key_from_pem(&pem).is_err() {
-                    self.error(
-                        &key_path(path, "key"),
-                        format!("{} holds no PEM private key", key.display()),
-                    );
-                    ok = false;
-                }
+            if PKey::private_key_from_pem(&pem).is_ok() {
+                return Some(key);
             }
-            Err(e) => {
-                self.error(
-                    &key_path(path, "key"),
-                    format!("cannot read {}: {e}", key.display()),
-                );
-                ok = false;
+            self.error(
+                &kpath,
+                format!("{} holds no PEM private key", key.display()),
+            );
+            None
+        });
+        let ((cert, _), key) = (certs?, key?);
+        Some(TlsFiles { cert, key })
+    }
+
+    /// The PEM certificates of the file named at `path` (one at least).
+    pub(super) fn read_certificates(
+        &mut self,
+        path: &str,
+        file: &str,
+    ) -> Option<(PathBuf, Vec<pingora_core::tls::x509::X509>)> {
+        let (resolved, pem) = self.read_file(path, file)?;
+        match pingora_core::tls::x509::X509::stack_from_pem(&pem) {
+            Ok(certs) if !certs.is_empty() => Some((resolved, certs)),
+            _ => {
+                let message = format!("{} holds no PEM certificate", resolved.display());
+                self.error(path, message);
+                None
             }
         }
-        ok.then_some(TlsFiles { cert, key })
     }
 
     pub(super) fn admin(

@@ -17,33 +17,22 @@ use crate::upstream::{
 
 impl Compiler<'_> {
     pub(super) fn upstreams(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Upstream>> {
-        let mut out = BTreeMap::new();
         let map = match value {
-            None | Some(Value::Null) => return out,
+            None | Some(Value::Null) => return BTreeMap::new(),
             Some(Value::Object(map)) => map,
             Some(_) => {
                 self.error(
                     "upstreams",
                     "upstreams must be a mapping of names to upstreams",
                 );
-                return out;
+                return BTreeMap::new();
             }
         };
-        for (name, item) in map {
-            let path = key_path("upstreams", name);
-            if !self.check_name(&path, "upstream", name) {
-                continue;
-            }
-            let upstream = self.carry(name, item, |cx| {
-                let raw = cx.de::<RawUpstream>(&path, item)?;
-                let spec = cx.upstream_spec(&path, name, raw)?;
-                Upstream::new(spec).map_err(|e| cx.error(&path, e)).ok()
-            });
-            if let Some(upstream) = upstream {
-                out.insert(name.clone(), upstream);
-            }
-        }
-        out
+        self.carry_each("upstreams", "upstream", map, |cx, path, name, item| {
+            let raw = cx.de::<RawUpstream>(path, item)?;
+            let spec = cx.upstream_spec(path, name, raw)?;
+            Upstream::new(spec).map_err(|e| cx.error(path, e)).ok()
+        })
     }
 
     pub(super) fn upstream_spec(
@@ -215,24 +204,8 @@ impl Compiler<'_> {
         path: &str,
         file: &str,
     ) -> Option<Arc<pingora_core::protocols::tls::CaType>> {
-        use pingora_core::tls::x509::X509;
-        let resolved = self.resolve_file(file);
-        match std::fs::read(&resolved) {
-            Ok(pem) => match X509::stack_from_pem(&pem) {
-                Ok(certs) if !certs.is_empty() => Some(Arc::new(certs.into_boxed_slice())),
-                _ => {
-                    self.error(
-                        path,
-                        format!("{} holds no PEM certificate", resolved.display()),
-                    );
-                    None
-                }
-            },
-            Err(e) => {
-                self.error(path, format!("cannot read {}: {e}", resolved.display()));
-                None
-            }
-        }
+        let (_, certs) = self.read_certificates(path, file)?;
+        Some(Arc::new(certs.into_boxed_slice()))
     }
 
     pub(super) fn health_check(

@@ -1,0 +1,53 @@
+# Shared by bench/run.sh and bench/instructions.sh (sourced, with ROOT set),
+# so both measure the same gateway.
+
+# One RS256 token (the test suite's key), reused by every request of the
+# bearer targets: the gateway verifies it once and then serves it from its
+# token cache, as it would a real client's.
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+mint_token() {
+    local key=$ROOT/tests/keys/rsa1.pem header payload sig
+    header=$(printf '{"alg":"RS256","typ":"JWT"}' | b64url)
+    payload=$(printf '{"sub":"bench-user","exp":%d}' $(( $(date +%s) + 86400 )) | b64url)
+    sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$key" | b64url)
+    printf '%s.%s.%s' "$header" "$payload" "$sig"
+}
+
+# gatehouse_routes UPSTREAM_PORT: the cache, upstream, auth and routes
+# sections of every benchmarked gatehouse.
+gatehouse_routes() {
+    cat <<YAML
+cache: { max_size: 64MiB }
+upstreams:
+  app:
+    targets: [127.0.0.1:$1]
+auth:
+  jwt:
+    bench:
+      algorithms: [RS256]
+      public_key_file: $ROOT/tests/keys/rsa1.pub.pem
+routes:
+  # RS256 auth and a rate limit (high enough never to refuse), one token.
+  - name: auth-limited
+    match: { path_prefix: /auth }
+    upstream: app
+    strip_prefix: /auth
+    auth: bench
+    rate_limit: { requests: 1000000000, per: 1s, key: ip }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+  # Served from the cache after the first request: the upstream never sees the rest.
+  - name: cached
+    match: { path_prefix: /cached }
+    upstream: app
+    strip_prefix: /cached
+    cache: { ttl: 1h }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+  - name: plain
+    match: { path_prefix: / }
+    upstream: app
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+YAML
+}
