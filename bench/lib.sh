@@ -36,6 +36,15 @@ routes:
     rate_limit: { requests: 1000000000, per: 1s, key: ip }
     request_headers: { set: { X-Gateway: gatehouse } }
     response_headers: { remove: [Server] }
+  # A local rate limit (never refusing): gatehouse-cluster's route counts
+  # the same limit in Redis.
+  - name: limited
+    match: { path_prefix: /limited }
+    upstream: app
+    strip_prefix: /limited
+    rate_limit: { requests: 1000000000, per: 1s, key: ip }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
   # Served from the cache after the first request: the upstream never sees the rest.
   - name: cached
     match: { path_prefix: /cached }

@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -28,6 +28,7 @@ GATEHOUSE_BIN=${GATEHOUSE_BIN:-$ROOT/target/release/gatehouse}
 BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 WRK_BIN=${WRK_BIN:-$(command -v wrk || echo /usr/bin/wrk)}
+REDIS_BIN=${REDIS_BIN:-$(command -v redis-server || echo /usr/bin/redis-server)}
 
 # 42-byte JSON body the upstream returns; every target must return it verbatim.
 BODY='{"ok":true,"service":"bench","id":7,"v":1}'
@@ -94,14 +95,14 @@ NOFILE=$(ulimit -n)
 [[ $NOFILE =~ ^[0-9]+$ ]] && (( NOFILE <= 65536 )) || NOFILE=65536
 (( NOFILE >= 2 * CONNS + 64 )) || note "warning: open-file limit $NOFILE is low for CONNS=$CONNS"
 
-read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT < <(python3 -c '
+read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT REDIS_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(7)]
+ss = [socket.socket() for _ in range(8)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 ') || true
-[[ -n ${BARE_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
+[[ -n ${REDIS_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
 # One line per target: "name|server|url|auth". `server` is the process whose CPU and
@@ -122,6 +123,8 @@ TARGET_DEFS=(
     "gatehouse-quiet|gatehouse-quiet|http://127.0.0.1:$GHQ_PORT$REQ_PATH|-"
     "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
     "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
+    "gatehouse-limit|gatehouse|http://127.0.0.1:$GH_PORT/limited$REQ_PATH|-"
+    "gatehouse-cluster|gatehouse|http://127.0.0.1:$GH_PORT/clustered$REQ_PATH|-"
 )
 
 declare -A T_SERVER=() T_URL=() T_AUTH=()
@@ -227,6 +230,23 @@ EOF
 . "$ROOT/bench/lib.sh"
 TOKEN=$(mint_token) || die "cannot mint the bench token (openssl?)"
 
+# gatehouse-cluster: the `limited` route's limit counted in a redis-server
+# (pinned to SERVER_CPU, beside the gateway and the upstream), so the
+# cluster-scoped route and the local one compare in the same round.
+CLUSTER_LINES=""
+if [[ " ${SELECTED[*]} " == *" gatehouse-cluster "* ]]; then
+    [[ -x $REDIS_BIN ]] || die "redis-server not found (scripts/install-deps.sh installs it), or leave gatehouse-cluster out of TARGETS"
+    CLUSTER_LINES="cluster: { redis: redis://127.0.0.1:$REDIS_PORT/0, timeout: 50ms }"
+    GATEHOUSE_EXTRA_ROUTES+="
+  - name: clustered
+    match: { path_prefix: /clustered }
+    upstream: app
+    strip_prefix: /clustered
+    rate_limit: { requests: 1000000000, per: 1s, key: ip, scope: cluster }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }"
+fi
+
 # gatehouse_yaml NAME PORT ADMIN_PORT SERVER_LINES TOP_LINES: prints a gatehouse
 # config. The two instances share everything (upstreams, auth, routes) except
 # ports, pid/upgrade-socket paths ($WORK/NAME.*) and the observability settings
@@ -250,11 +270,13 @@ EOF
 }
 # gatehouse: metrics on (the default) and a JSON access log written to a file.
 gatehouse_yaml gatehouse "$GH_PORT" "$GH_ADMIN_PORT" "" \
-    "access_log: $WORK/access.log" >"$WORK/gatehouse.yaml"
+    "access_log: $WORK/access.log
+$CLUSTER_LINES" >"$WORK/gatehouse.yaml"
 # gatehouse-quiet: the same gateway with neither, so gatehouse vs gatehouse-quiet
 # is the price of metrics + access logging.
 gatehouse_yaml gatehouse-quiet "$GHQ_PORT" "$GHQ_ADMIN_PORT" "  metrics: false" \
-    "access_log: off" >"$WORK/gatehouse-quiet.yaml"
+    "access_log: off
+$CLUSTER_LINES" >"$WORK/gatehouse-quiet.yaml"
 
 # --------------------------------------------------------------- helpers ----
 show_log() {   # $1 = log file
@@ -465,8 +487,22 @@ start_gatehouse() {
     start_server "$name" "$SERVER_CPU" "$GATEHOUSE_BIN" -c "$WORK/$name.yaml"
     wait_http "$name" "http://127.0.0.1:$admin/healthz" "$WORK/$name.log"
 }
+if [[ -n $CLUSTER_LINES ]]; then
+    start_server redis "$SERVER_CPU" "$REDIS_BIN" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no
+    for ((i = 0; i < 100; i++)); do
+        python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1",int(sys.argv[1]))); s.sendall(b"PING\r\n"); sys.exit(0 if s.recv(16).startswith(b"+PONG") else 1)' "$REDIS_PORT" 2>/dev/null && break
+        sleep 0.1
+    done
+fi
 if need_server gatehouse; then
     start_gatehouse gatehouse "$GH_ADMIN_PORT"
+    if [[ -n $CLUSTER_LINES ]]; then
+        for ((i = 0; i < 100; i++)); do
+            curl -s "http://127.0.0.1:$GH_ADMIN_PORT/readyz" | grep -q '"store":"up"' && break
+            sleep 0.1
+        done
+        curl -s "http://127.0.0.1:$GH_ADMIN_PORT/readyz" | grep -q '"store":"up"' || die "gatehouse did not connect to redis-server on port $REDIS_PORT"
+    fi
 fi
 if need_server pingora-bare; then
     # Transparent huge pages off, as gatehouse sets for itself, so RSS compares.
@@ -601,6 +637,16 @@ if round_ratio("gatehouse", "gatehouse-quiet") is not None:
 for g in ("gatehouse", "gatehouse-quiet"):
     if round_ratio(g, "pingora-bare") is not None:
         obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
+if round_ratio("gatehouse-auth", "gatehouse") is not None:
+    obs.append(f"gatehouse-auth vs gatehouse (auth + limit vs plain): {round_ratio('gatehouse-auth', 'gatehouse'):.2f}× rps")
+if round_ratio("gatehouse-cluster", "gatehouse-limit") is not None:
+    p50_round = defaultdict(dict)
+    for r in rows:
+        p50_round[r[0]][r[1]] = float(r[3])
+    d = [p50_round[k]["gatehouse-cluster"] - p50_round[k]["gatehouse-limit"] for k in p50_round
+         if "gatehouse-cluster" in p50_round[k] and "gatehouse-limit" in p50_round[k]]
+    obs.append(f"gatehouse-cluster vs gatehouse-limit (limit counted in Redis vs here): "
+               f"{round_ratio('gatehouse-cluster', 'gatehouse-limit'):.2f}× rps, p50 {st.median(d):+.3f} ms")
 
 w = [max(len(str(row[i])) for row in [head] + table) for i in range(len(head))]
 print()

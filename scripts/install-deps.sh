@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building gatehouse needs on a fresh Debian/Ubuntu machine:
 # cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers;
-# for the tests, systemd-analyze.
+# for the tests, systemd-analyze and redis-server (the cluster tests start
+# their own; bench/run.sh's gatehouse-cluster target too).
 # A Rust toolchain (rustup, 1.85 or newer) is assumed.
 set -euo pipefail
 need=()
@@ -13,6 +14,8 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if ! pkg-config --exists openssl 2>/dev/null; then need+=(libssl-dev); fi
 # The tests check the shipped unit file with systemd-analyze.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# The cluster tests run a real Redis.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

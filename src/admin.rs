@@ -11,8 +11,10 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
 use crate::cache::Cache;
+use crate::cluster::StoreState;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::ratelimit::OnStoreError;
 use crate::reload::Reloader;
 
 pub struct AdminApp {
@@ -38,29 +40,57 @@ impl AdminApp {
     }
 
     /// 200 while every upstream has a healthy target, else 503 naming each
-    /// upstream without one.
+    /// upstream without one. The cluster's store is listed; it fails
+    /// readiness only while down for a route that refuses without it
+    /// (`on_store_error: deny`).
     fn ready(&self) -> Response<Vec<u8>> {
         let runtime = self.gateway.current();
-        let reasons: Vec<String> = runtime
+        let mut reasons: Vec<String> = runtime
             .upstreams
             .values()
             .filter(|u| !u.has_healthy_target())
             .map(|u| format!("upstream {} has no healthy target", u.name))
             .collect();
+        let store = runtime.cluster.as_ref().map(|c| {
+            let state = c.state();
+            let denying = runtime.router.routes().iter().any(|r| {
+                r.rate_limit
+                    .as_ref()
+                    .is_some_and(|l| l.on_store_error() == Some(OnStoreError::Deny))
+            });
+            if state != StoreState::Up && denying {
+                reasons.push(format!(
+                    "the cluster store is {} and a route's rate limit refuses without it",
+                    state.as_str()
+                ));
+            }
+            serde_json::json!({
+                "store": state.as_str(),
+                "redis": c.shown_url,
+                "last_error": c.last_error(),
+            })
+        });
         if reasons.is_empty() {
+            let mut body = serde_json::json!({ "status": "ready" });
+            if let Some(store) = store {
+                body["cluster"] = store;
+            }
             return reply(
                 StatusCode::OK,
                 "application/json",
-                br#"{"status":"ready"}"#.to_vec(),
+                body.to_string().into_bytes(),
             );
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "type": "about:blank",
             "title": "Service Unavailable",
             "status": 503,
             "detail": reasons.join("; "),
             "reasons": reasons,
         });
+        if let Some(store) = store {
+            body["cluster"] = store;
+        }
         reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "application/problem+json",
@@ -97,8 +127,10 @@ impl AdminApp {
     }
 
     /// `DELETE /cache` empties the cache; `?prefix=/v1/users` drops only
-    /// the paths under that prefix.
-    fn purge(&self, query: Option<&str>) -> Response<Vec<u8>> {
+    /// the paths under that prefix. With a `cluster`, the purge is published
+    /// to every instance; if that fails, the answer is a 503 saying this
+    /// instance purged and the others may not have (retry it).
+    async fn purge(&self, query: Option<&str>) -> Response<Vec<u8>> {
         let Some(cache) = &self.cache else {
             return problem(StatusCode::NOT_FOUND, "no route caches responses");
         };
@@ -115,8 +147,32 @@ impl AdminApp {
             Some(p) => cache.storage.purge_prefix(p),
             None => cache.storage.purge_all(),
         };
-        let body = serde_json::json!({ "purged": purged, "prefix": prefix }).to_string();
-        reply(StatusCode::OK, "application/json", body.into_bytes())
+        let mut body = serde_json::json!({ "purged": purged, "prefix": prefix });
+        let cluster = self.gateway.current().cluster.clone();
+        if let Some(cluster) = cluster {
+            match cluster.publish_purge(prefix.as_deref()).await {
+                // Counts this instance's own subscription too.
+                Ok(subscribers) => {
+                    body["cluster"] =
+                        serde_json::json!({ "published": true, "subscribers": subscribers })
+                }
+                Err(e) => {
+                    self.metrics
+                        .cluster_store_errors
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                    let detail = format!(
+                        "purged {purged} entries here, but {e}: the other instances may not have purged; retry"
+                    );
+                    return problem_with(e.status(), &detail, |p| p["purged"] = purged.into());
+                }
+            }
+        }
+        reply(
+            StatusCode::OK,
+            "application/json",
+            body.to_string().into_bytes(),
+        )
     }
 }
 
@@ -137,11 +193,29 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response<Vec<u8>> {
+    problem_with(status, detail, |_| {})
+}
+
+/// A problem document with members of its own added by `extend`, and the
+/// `X-Request-Id` its `request_id` names.
+fn problem_with(
+    status: StatusCode,
+    detail: &str,
+    extend: impl FnOnce(&mut serde_json::Value),
+) -> Response<Vec<u8>> {
     let id = crate::forwarding::RequestId::generate();
-    let body = crate::respond::Response::problem(status, detail, id.as_str())
-        .body
-        .to_vec();
-    reply(status, "application/problem+json", body)
+    let body = crate::respond::Response::problem(status, detail, id.as_str()).body;
+    let mut document: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    extend(&mut document);
+    let mut resp = reply(
+        status,
+        "application/problem+json",
+        document.to_string().into_bytes(),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(id.as_str()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 #[async_trait]
@@ -165,7 +239,10 @@ impl ServeHttp for AdminApp {
             (Method::POST, "/reload") => self.reload().await,
             (_, "/readyz" | "/metrics") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (_, "/reload") => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
-            (Method::DELETE, "/cache") => self.purge(req.uri.query()),
+            (Method::DELETE, "/cache") => {
+                let query = req.uri.query().map(str::to_owned);
+                self.purge(query.as_deref()).await
+            }
             (_, "/cache") => problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE"),
             _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }

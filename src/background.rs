@@ -1,6 +1,8 @@
 //! Background work that follows the live configuration: the health checks
 //! of every upstream, the JWKS refreshes of every provider with a
-//! `jwks_url`, and the `gatehouse_upstream_healthy` gauges.
+//! `jwks_url`, the `gatehouse_upstream_healthy` gauges, and the cluster's
+//! store (its connection, kept on this service's runtime, and the purges
+//! other instances publish).
 //!
 //! All of it stops on one signal, the gateway's `stop` token. Each piece
 //! of work holds a child of it, cancelled when a reload removes what the
@@ -20,6 +22,8 @@ use pingora_core::services::background::BackgroundService;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwks::RemoteJwks;
+use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::gateway::{Gateway, Runtime};
 use crate::metrics::Metrics;
 use crate::outbound::Client;
@@ -38,6 +42,8 @@ pub struct ConfigFollower {
     /// anew, testing the connect too, where a connection an aggregate part
     /// had pooled would hide a target that no longer accepts any.
     health_checks: Client,
+    /// What purges from other instances of the cluster apply to.
+    cache: Option<Cache>,
     stop: CancellationToken,
 }
 
@@ -46,6 +52,7 @@ impl ConfigFollower {
         gateway: Arc<Gateway>,
         metrics: Arc<Metrics>,
         client: Client,
+        cache: Option<Cache>,
         stop: CancellationToken,
     ) -> Self {
         ConfigFollower {
@@ -53,6 +60,7 @@ impl ConfigFollower {
             metrics,
             client,
             health_checks: Client::fresh_connections(),
+            cache,
             stop,
         }
     }
@@ -130,6 +138,7 @@ impl<T> Working<T> {
 struct Following {
     health_checks: Working<Upstream>,
     key_refreshes: Working<RemoteJwks>,
+    clusters: Working<Cluster>,
 }
 
 impl ConfigFollower {
@@ -151,6 +160,14 @@ impl ConfigFollower {
             .follow(remote, &self.stop, |remote, stop| {
                 tokio::spawn(Arc::clone(remote).run_until(self.client.clone(), stop));
             });
+        following
+            .clusters
+            .follow(runtime.cluster.iter(), &self.stop, |cluster, stop| {
+                tokio::spawn(Arc::clone(cluster).keep(stop.clone()));
+                if let Some(cache) = self.cache {
+                    tokio::spawn(Arc::clone(cluster).follow_purges(cache, stop));
+                }
+            });
     }
 }
 
@@ -164,6 +181,7 @@ impl BackgroundService for ConfigFollower {
         let mut following = Following {
             health_checks: Working(Vec::new()),
             key_refreshes: Working(Vec::new()),
+            clusters: Working(Vec::new()),
         };
         let (gateway, metrics) = (Arc::clone(&self.gateway), Arc::clone(&self.metrics));
         tokio::spawn(publish_health(gateway, metrics, self.stop.clone()));
@@ -177,6 +195,7 @@ impl BackgroundService for ConfigFollower {
         // The gateway is gone: so is the configuration the work was for.
         following.health_checks.stop_all();
         following.key_refreshes.stop_all();
+        following.clusters.stop_all();
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use serde_json::Value;
 
 use crate::auth::Provider;
+use crate::cluster::Cluster;
 use crate::ratelimit::RateLimit;
 use crate::route::Routes;
 use crate::upstream::Upstream;
@@ -21,19 +22,23 @@ pub struct Runtime {
     pub router: Routes,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub providers: BTreeMap<String, Arc<Provider>>,
+    /// The `cluster` section: the store shared with the other instances.
+    pub cluster: Option<Arc<Cluster>>,
     /// What the next reload may carry over.
     pub carried: Carried,
 }
 
 /// What a reload carries over while its configuration is unchanged: an
 /// upstream's health and connection pool, a provider's fetched keys and
-/// verified tokens, a route's rate-limit counts.
+/// verified tokens, a route's rate-limit counts, the cluster's connection.
 #[derive(Debug, Default)]
 pub struct Carried {
     pub upstreams: Carry<Upstream>,
     pub providers: Carry<Provider>,
     /// By route name.
     pub rate_limits: Carry<RateLimit>,
+    /// Under the name `cluster`: its connection and state.
+    pub clusters: Carry<Cluster>,
 }
 
 /// Items by name, each with the configuration it was built from, compared

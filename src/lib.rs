@@ -30,7 +30,9 @@
 //! it (one file per section under `config/compile/`) into the `gateway`'s
 //! runtime, which `reload` swaps whole; `background` runs health checks and
 //! key refreshes for the live configuration and stops them on one signal;
-//! `admin` serves `/metrics`, `/healthz`, `/readyz`, reloads and purges.
+//! `admin` serves `/metrics`, `/healthz`, `/readyz`, reloads and purges;
+//! `cluster` shares rate-limit counts and purges between instances
+//! through Redis.
 //!
 //! No module imports one that imports it back (`scripts/module-deps.py`).
 
@@ -41,6 +43,7 @@ pub(crate) mod auth;
 pub(crate) mod background;
 pub(crate) mod budget;
 pub(crate) mod cache;
+pub(crate) mod cluster;
 pub mod config;
 pub mod forwarding;
 #[doc(hidden)]

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub cache_requests: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub cluster_store_errors: IntCounterVec,
     pub access_log_dropped: IntCounter,
 }
 
@@ -106,6 +107,12 @@ impl Metrics {
                 "gatehouse_config_reloads_total",
                 "Configuration reloads, by result (success, failure).",
                 &["result"],
+            ),
+            cluster_store_errors: counter(
+                &registry,
+                "gatehouse_cluster_store_errors_total",
+                "Calls to the cluster's store that failed, by reason (timeout, unavailable, refused).",
+                &["reason"],
             ),
             access_log_dropped,
             registry,

@@ -209,11 +209,12 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     }
 
     server.add_service(background_service(
-        "health checks and key refreshes",
+        "health checks, key refreshes and the cluster's store",
         ConfigFollower::new(
             Arc::clone(&gateway),
             Arc::clone(&metrics),
             client,
+            cache,
             stop.clone(),
         ),
     ));

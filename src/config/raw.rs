@@ -234,6 +234,19 @@ pub struct RawRateLimit {
     pub requests: u64,
     pub per: ConfDuration,
     pub key: Option<String>,
+    /// `local` (default) or `cluster`.
+    pub scope: Option<String>,
+    /// `allow` (default) or `deny`, for `scope: cluster`.
+    pub on_store_error: Option<String>,
+}
+
+/// The `cluster` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: String,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<ConfDuration>,
 }
 
 /// `request_body` / `response_body`.

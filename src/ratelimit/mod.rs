@@ -15,9 +15,14 @@
 //! another: a flood of distinct keys costs the flooder, never the others.
 //! An estimate (a count-min sketch) would be the wrong tool here, since it
 //! only ever over-counts and a flood saturates it for everyone.
+//!
+//! A limit with `scope: cluster` counts in the cluster's store instead
+//! (`cluster::limit`, the same rule); when the store fails it counts here,
+//! with the same budget, or refuses (`on_store_error`).
 
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const SUB_WINDOWS: u64 = 8;
@@ -28,6 +33,26 @@ const SLOTS: usize = SUB_WINDOWS as usize + 1;
 /// What a limit is counted per: the request key every keyed policy shares.
 pub use crate::subject::RequestKey as LimitKey;
 pub use crate::subject::Subject;
+
+use crate::cluster::limit::SharedCount;
+use crate::cluster::StoreError;
+use crate::metrics::Metrics;
+
+/// What a cluster-scoped limit does when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Count on this instance alone, with the same budget.
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
+/// A limit counted by the whole cluster.
+#[derive(Debug)]
+pub struct Shared {
+    pub count: SharedCount,
+    pub on_error: OnStoreError,
+}
 
 /// The outcome of counting one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +102,18 @@ pub struct RateLimit {
     /// boundary counts in the period others have moved on to.
     latest: AtomicU64,
     key_hasher: ahash::RandomState,
+    /// `scope: cluster`: counted in the store; the table above is then the
+    /// fallback while the store fails.
+    shared: Option<Shared>,
 }
 
 impl std::fmt::Debug for RateLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} per {:?} by {:?}", self.requests, self.per, self.key)
+        write!(f, "{} per {:?} by {:?}", self.requests, self.per, self.key)?;
+        match &self.shared {
+            Some(shared) => write!(f, " ({:?}, {:?})", shared.count, shared.on_error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -115,7 +147,26 @@ impl RateLimit {
             epoch: Instant::now(),
             latest: AtomicU64::new(0),
             key_hasher: ahash::RandomState::new(),
+            shared: None,
         }
+    }
+
+    /// The same limit counted by `cluster` for the route `route`.
+    pub fn shared(
+        mut self,
+        cluster: Arc<crate::cluster::Cluster>,
+        route: &str,
+        on_error: OnStoreError,
+    ) -> Self {
+        let count = SharedCount::new(cluster, route, self.per, self.sub_len, SLOTS as u64);
+        self.shared = Some(Shared { count, on_error });
+        self
+    }
+
+    /// What a shared limit does when its store fails; `None` for a local
+    /// one.
+    pub fn on_store_error(&self) -> Option<OnStoreError> {
+        self.shared.as_ref().map(|s| s.on_error)
     }
 
     /// Counts one request for `key` at `now`.
@@ -211,10 +262,54 @@ impl RateLimit {
 }
 
 impl RateLimit {
-    /// Counts a request of `subject` by the limit's key (a missing header
-    /// or claim falls back to the client IP: a missing key never means
-    /// unlimited).
-    pub fn admit(&self, subject: &Subject<'_>) -> Decision {
+    /// Counts a request of `subject`: in the cluster's store for a shared
+    /// limit, else here. `Err` only when the store failed and the limit
+    /// refuses then (`on_store_error: deny`); store errors are counted in
+    /// `metrics`.
+    pub async fn admit(
+        &self,
+        subject: &Subject<'_>,
+        metrics: &Metrics,
+    ) -> Result<Decision, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.admit_here(subject));
+        };
+        let mut digest = SharedCount::key_hasher();
+        self.key.hash_into(subject, &mut digest);
+        match shared.count.count(digest, self.requests).await {
+            Ok(counted) => Ok(self.decision_of(counted)),
+            Err(e) => {
+                metrics
+                    .cluster_store_errors
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                match shared.on_error {
+                    OnStoreError::Allow => Ok(self.admit_here(subject)),
+                    OnStoreError::Deny => Err(e),
+                }
+            }
+        }
+    }
+
+    fn decision_of(&self, counted: crate::cluster::limit::Counted) -> Decision {
+        let seconds = |d: Duration| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1);
+        Decision {
+            allowed: counted.admitted,
+            limit: self.requests,
+            remaining: self.requests.saturating_sub(counted.used),
+            reset: seconds(counted.reset),
+            retry_after: if counted.admitted {
+                0
+            } else {
+                seconds(counted.retry_after)
+            },
+        }
+    }
+
+    /// Counts a request of `subject` on this instance, by the limit's key
+    /// (a missing header or claim falls back to the client IP: a missing
+    /// key never means unlimited).
+    pub fn admit_here(&self, subject: &Subject<'_>) -> Decision {
         use std::hash::BuildHasher;
         let mut hasher = self.key_hasher.build_hasher();
         self.key.hash_into(subject, &mut hasher);
@@ -232,6 +327,21 @@ impl Decision {
         if !self.allowed {
             let _ = resp.insert_header(http::header::RETRY_AFTER, self.retry_after);
         }
+    }
+
+    /// The 503 of a limit that refuses while the store fails.
+    pub fn store_refusal(error: StoreError, request_id: &str) -> crate::respond::Response {
+        crate::respond::Response::problem(
+            error.status(),
+            &format!(
+                "{error}, and this route's rate limit is shared by the cluster; retry shortly"
+            ),
+            request_id,
+        )
+        .with_header(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        )
     }
 
     pub fn refusal(&self, request_id: &str) -> crate::respond::Response {

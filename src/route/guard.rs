@@ -34,27 +34,20 @@ pub async fn guard(
 ) -> (Guarded, Phase) {
     let mut found = Guarded::default();
     let (early, late) = match &route.rate_limit {
-        Some(l) if l.key.needs_claims() => (None, Some(l)),
-        other => (other.as_ref(), None),
+        Some(l) if l.key.needs_claims() => (None, Some(&**l)),
+        other => (other.as_deref(), None),
     };
-    // Counts against `limit`, keyed with `claims` when it needs them; a
-    // refusal is the 429.
-    let count = |limit: &RateLimit, claims: Option<&Claims>, found: &mut Guarded| {
-        let decision = limit.admit(&Subject {
-            client_ip,
-            headers: &req.headers,
-            claims,
-            consumer: None,
-        });
-        found.limit = Some(decision);
-        if decision.allowed {
-            return None;
+    let counter = Counter {
+        route,
+        req,
+        client_ip,
+        metrics,
+        request_id,
+    };
+    if let Some(limit) = early {
+        if let Some(refused) = counter.count(limit, None, &mut found).await {
+            return (found, refused);
         }
-        metrics.rate_limited.with_label_values(&[&route.name]).inc();
-        Some(Phase::Respond(decision.refusal(request_id)))
-    };
-    if let Some(refused) = early.and_then(|limit| count(limit, None, &mut found)) {
-        return (found, refused);
     }
     if let Some(auth) = &route.auth {
         match auth.authorize(req).await {
@@ -66,14 +59,64 @@ pub async fn guard(
                     .inc();
                 // Refused tokens still spend the client's budget (by IP),
                 // so a flood of them is limited too.
-                if let Some(refused) = late.and_then(|limit| count(limit, None, &mut found)) {
-                    return (found, refused);
+                if let Some(limit) = late {
+                    if let Some(refused) = counter.count(limit, None, &mut found).await {
+                        return (found, refused);
+                    }
                 }
                 return (found, Phase::Respond(e.response(request_id)));
             }
         }
     }
-    let claims = found.claims.clone();
-    let refused = late.and_then(|limit| count(limit, claims.as_deref(), &mut found));
-    (found, refused.unwrap_or(Phase::Continue))
+    if let Some(limit) = late {
+        let claims = found.claims.clone();
+        if let Some(refused) = counter.count(limit, claims.as_deref(), &mut found).await {
+            return (found, refused);
+        }
+    }
+    (found, Phase::Continue)
+}
+
+/// Counts a request against a limit; a refusal is the 429 (or the 503 of
+/// a shared limit whose store fails under `on_store_error: deny`).
+struct Counter<'a> {
+    route: &'a Route,
+    req: &'a RequestHeader,
+    client_ip: Option<std::net::IpAddr>,
+    metrics: &'a Metrics,
+    request_id: &'a str,
+}
+
+impl Counter<'_> {
+    async fn count(
+        &self,
+        limit: &RateLimit,
+        claims: Option<&Claims>,
+        found: &mut Guarded,
+    ) -> Option<Phase> {
+        let subject = Subject {
+            client_ip: self.client_ip,
+            headers: &self.req.headers,
+            claims,
+            consumer: None,
+        };
+        let decision = match limit.admit(&subject, self.metrics).await {
+            Ok(decision) => decision,
+            Err(store) => {
+                return Some(Phase::Respond(Decision::store_refusal(
+                    store,
+                    self.request_id,
+                )))
+            }
+        };
+        found.limit = Some(decision);
+        if decision.allowed {
+            return None;
+        }
+        self.metrics
+            .rate_limited
+            .with_label_values(&[&self.route.name])
+            .inc();
+        Some(Phase::Respond(decision.refusal(self.request_id)))
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod h2client;
 pub mod jwt;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::io::{Read, Write};

@@ -48,6 +48,15 @@ impl Carriable for Provider {
     }
 }
 
+impl Carriable for crate::cluster::Cluster {
+    fn table(carried: &Carried) -> &Carry<Self> {
+        &carried.clusters
+    }
+    fn table_mut(carried: &mut Carried) -> &mut Carry<Self> {
+        &mut carried.clusters
+    }
+}
+
 impl Carriable for RateLimit {
     fn table(carried: &Carried) -> &Carry<Self> {
         &carried.rate_limits

@@ -4,6 +4,7 @@
 //! paths, names, files, carrying state over a reload) is here.
 
 mod carry;
+mod cluster;
 mod policies;
 mod providers;
 mod routes;
@@ -33,6 +34,7 @@ const SECTIONS: &[&str] = &[
     "admin",
     "access_log",
     "cache",
+    "cluster",
     "upstreams",
     "auth",
     "routes",
@@ -100,7 +102,9 @@ pub(super) fn compile(
         Some(Value::Object(map)) => map.keys().cloned().collect(),
         _ => Vec::new(),
     };
+    let cluster = cx.cluster(root.get("cluster"));
     let shared = Shared {
+        cluster: cluster.as_ref(),
         upstreams: &upstreams,
         providers: &providers,
         declared_providers: &declared_providers,
@@ -127,6 +131,7 @@ pub(super) fn compile(
             router: Router::new(routes.into_iter().map(Arc::new).collect()),
             upstreams,
             providers,
+            cluster: cluster.map(|c| c.cluster),
             carried: cx.carried,
         },
     })
@@ -134,6 +139,7 @@ pub(super) fn compile(
 
 /// What routes refer to by name.
 struct Shared<'a> {
+    cluster: Option<&'a cluster::ClusterSection>,
     upstreams: &'a BTreeMap<String, Arc<Upstream>>,
     providers: &'a BTreeMap<String, Arc<Provider>>,
     /// Every provider named in the file, valid or not.

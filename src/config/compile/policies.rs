@@ -14,7 +14,7 @@ use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
-use crate::ratelimit::{LimitKey, RateLimit};
+use crate::ratelimit::{LimitKey, OnStoreError, RateLimit};
 use crate::routing::{PathPattern, RouteMatcher, Segment};
 use crate::transform::headers::HeaderRules;
 use crate::transform::json::{FieldPath, JsonRules};
@@ -274,7 +274,13 @@ impl Compiler<'_> {
         })
     }
 
-    pub(super) fn rate_limit(&mut self, path: &str, value: &Value) -> Option<RateLimit> {
+    pub(super) fn rate_limit(
+        &mut self,
+        path: &str,
+        value: &Value,
+        route: &str,
+        cluster: Option<&super::cluster::ClusterSection>,
+    ) -> Option<RateLimit> {
         let raw = self.de::<RawRateLimit>(path, value)?;
         if raw.requests == 0 {
             self.error(&key_path(path, "requests"), "requests must be at least 1");
@@ -294,7 +300,47 @@ impl Compiler<'_> {
                 }
             },
         };
-        Some(RateLimit::new(raw.requests, raw.per.0, key))
+        let limit = RateLimit::new(raw.requests, raw.per.0, key);
+        let on_error = match raw.on_store_error.as_deref() {
+            None | Some("allow") => OnStoreError::Allow,
+            Some("deny") => OnStoreError::Deny,
+            Some(other) => {
+                self.error(
+                    &key_path(path, "on_store_error"),
+                    format!("unknown on_store_error \"{other}\"; use allow or deny"),
+                );
+                return None;
+            }
+        };
+        match raw.scope.as_deref() {
+            None | Some("local") => {
+                if raw.on_store_error.is_some() {
+                    self.error(
+                        &key_path(path, "on_store_error"),
+                        "on_store_error applies to scope: cluster only",
+                    );
+                    return None;
+                }
+                Some(limit)
+            }
+            Some("cluster") => match cluster {
+                Some(c) => Some(limit.shared(Arc::clone(&c.cluster), route, on_error)),
+                None => {
+                    self.error(
+                        &key_path(path, "scope"),
+                        "scope: cluster needs a cluster section (cluster.redis) to share the count through",
+                    );
+                    None
+                }
+            },
+            Some(other) => {
+                self.error(
+                    &key_path(path, "scope"),
+                    format!("unknown scope \"{other}\"; use local or cluster"),
+                );
+                None
+            }
+        }
     }
 
     pub(super) fn header_rules(&mut self, path: &str, raw: Option<RawHeaderRules>) -> HeaderRules {

@@ -164,7 +164,17 @@ impl Compiler<'_> {
             .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared));
         let rate_limit = raw.rate_limit.as_ref().and_then(|r| {
             let path = key_path(path, "rate_limit");
-            self.carry(&raw.name, r, |cx| cx.rate_limit(&path, r))
+            // A shared limit is carried only while its cluster is unchanged
+            // too (it holds the cluster's connection).
+            let source = match (r.get("scope").and_then(Value::as_str), shared.cluster) {
+                (Some("cluster"), Some(c)) => {
+                    serde_json::json!({ "rate_limit": r, "cluster": c.source })
+                }
+                _ => r.clone(),
+            };
+            self.carry(&raw.name, &source, |cx| {
+                cx.rate_limit(&path, r, &raw.name, shared.cluster)
+            })
         });
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
