@@ -3,7 +3,7 @@
 # cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers;
 # for the tests, systemd-analyze and redis-server (the cluster tests start
 # their own; bench/run.sh's gatehouse-cluster target too).
-# A Rust toolchain (rustup, 1.85 or newer) is assumed.
+# A Rust toolchain (rustup, 1.88 or newer) is assumed.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)

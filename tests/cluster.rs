@@ -30,6 +30,10 @@ routes:
     match: {{ path_prefix: /burst }}
     upstream: app
     rate_limit: {{ requests: 50, per: 1m, scope: cluster }}
+  - name: busy
+    match: {{ path_prefix: /busy }}
+    upstream: app
+    rate_limit: {{ requests: 500, per: 1m, scope: cluster }}
   - name: local
     match: {{ path_prefix: /local }}
     upstream: app
@@ -175,6 +179,63 @@ fn three_instances_share_one_budget_and_report_what_the_cluster_has_left() {
     let keys = redis.command(&["KEYS", "*"]);
     assert!(keys.contains("gatehouse:rl:shared:60000000:"), "{keys}");
     assert!(!keys.contains("127.0.0.1"), "{keys}");
+}
+
+#[test]
+fn a_busy_key_takes_leases_and_the_cluster_still_admits_at_most_its_budget() {
+    let redis = Redis::start();
+    let up = TestUpstream::named("app");
+    let gws = instances(3, &cluster_body(&redis, &up, "1s"));
+    let calls = || -> u64 {
+        let stats = redis.command(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let before = calls();
+    let ok = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let (gw, ok) = (&gws[t % 3], &ok);
+            s.spawn(move || {
+                let c = client();
+                for _ in 0..150 {
+                    let status = c.get(gw.url("/busy")).send().unwrap().status().as_u16();
+                    assert!(status == 200 || status == 429, "{status}");
+                    if status == 200 {
+                        ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let ok = ok.into_inner();
+    // Never more than the budget plus 2%; at most a lease (2% of it) per
+    // instance and client left unspent.
+    assert!(ok <= 510, "{ok} of 900 admitted for a budget of 500");
+    assert!(
+        ok >= 500 - 6 * 10,
+        "{ok} of 900 admitted for a budget of 500"
+    );
+    let spent = calls() - before;
+    eprintln!("{ok} of 900 admitted for 500 with {spent} store calls");
+    assert!(
+        spent < ok / 2,
+        "{spent} store calls for {ok} admissions and {} refusals: leases and remembered refusals should save calls",
+        900 - ok
+    );
+    for gw in &gws {
+        assert_eq!(store_errors(gw), 0);
+    }
 }
 
 #[test]

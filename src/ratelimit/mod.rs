@@ -158,7 +158,14 @@ impl RateLimit {
         route: &str,
         on_error: OnStoreError,
     ) -> Self {
-        let count = SharedCount::new(cluster, route, self.per, self.sub_len, SLOTS as u64);
+        let count = SharedCount::new(
+            cluster,
+            route,
+            self.requests,
+            self.per,
+            self.sub_len,
+            SLOTS as u64,
+        );
         self.shared = Some(Shared { count, on_error });
         self
     }
@@ -274,9 +281,13 @@ impl RateLimit {
         let Some(shared) = &self.shared else {
             return Ok(self.admit_here(subject));
         };
+        use std::hash::BuildHasher;
+        let mut local = self.key_hasher.build_hasher();
+        self.key.hash_into(subject, &mut local);
         let mut digest = SharedCount::key_hasher();
         self.key.hash_into(subject, &mut digest);
-        match shared.count.count(digest, self.requests).await {
+        let local = std::hash::Hasher::finish(&local);
+        match shared.count.count(local, digest, self.requests).await {
             Ok(counted) => Ok(self.decision_of(counted)),
             Err(e) => {
                 metrics
@@ -296,7 +307,7 @@ impl RateLimit {
         Decision {
             allowed: counted.admitted,
             limit: self.requests,
-            remaining: self.requests.saturating_sub(counted.used),
+            remaining: counted.remaining,
             reset: seconds(counted.reset),
             retry_after: if counted.admitted {
                 0
