@@ -11,6 +11,9 @@
 #   QUIET=1 bench/instructions.sh                # metrics off, no access log
 #   GATEHOUSE_BIN=/path/to/other/gatehouse bench/instructions.sh   # compare builds
 #   BARE=1 bench/instructions.sh                 # Pingora alone (examples/bare_proxy.rs), the floor
+#   ROUTE=/limited/v1/users/7 bench/instructions.sh              # a local rate limit
+#   CLUSTER=1 ROUTE=/clustered/v1/users/7 bench/instructions.sh  # the same limit counted in Redis
+#                                                # (a redis-server of its own; its instructions are not counted)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GATEHOUSE_BIN=${GATEHOUSE_BIN:-$ROOT/target/release/gatehouse}
@@ -19,6 +22,7 @@ N=${N:-2000}
 ROUTE=${ROUTE:-/v1/users/7}
 QUIET=${QUIET:-0}
 BARE=${BARE:-0}
+CLUSTER=${CLUSTER:-0}
 BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 for tool in valgrind python3 curl openssl; do
     command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
@@ -32,6 +36,7 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-instr.XXXXXX")
 cleanup() {
     [[ -f $WORK/upstream.pid ]] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+    [[ -n ${REDIS_PID:-} ]] && kill "$REDIS_PID" 2>/dev/null || true
     [[ ${KEEP_WORK:-0} == 1 ]] && echo "instructions: work dir kept: $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -58,6 +63,24 @@ EOF
 . "$ROOT/bench/lib.sh"
 TOKEN=$(mint_token)
 
+cluster_lines=""
+if [[ $CLUSTER == 1 ]]; then
+    command -v redis-server >/dev/null || { echo "instructions: redis-server not found (scripts/install-deps.sh installs it)" >&2; exit 1; }
+    REDIS=$(port)
+    redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+    REDIS_PID=$!
+    # Valgrind slows the gateway some fifty times: a timeout that never
+    # sends it to its fallback.
+    cluster_lines="cluster: { redis: redis://127.0.0.1:$REDIS/0, timeout: 5s }"
+    GATEHOUSE_EXTRA_ROUTES="
+  - name: clustered
+    match: { path_prefix: /clustered }
+    upstream: app
+    strip_prefix: /clustered
+    rate_limit: { requests: 1000000000, per: 1s, key: ip, scope: cluster }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }"
+fi
 observe="access_log: $WORK/access.log"
 server_extra=""
 if [[ $QUIET == 1 ]]; then observe="access_log: off"; server_extra="  metrics: false"; fi
@@ -70,7 +93,9 @@ $server_extra
 listen: [127.0.0.1:$GH]
 admin: { listen: 127.0.0.1:$ADMIN }
 $observe
+$cluster_lines
 $(gatehouse_routes "$UP")
+${GATEHOUSE_EXTRA_ROUTES:-}
 EOF
 
 # Total instructions of one gatehouse run serving COUNT requests.
@@ -85,6 +110,12 @@ run() {
         curl -sf -o /dev/null "http://127.0.0.1:$GH/" && break
         sleep 0.2
     done
+    if [[ $CLUSTER == 1 ]]; then
+        for _ in $(seq 600); do
+            curl -s "http://127.0.0.1:$ADMIN/readyz" | grep -q '"store":"up"' && break
+            sleep 0.2
+        done
+    fi
     python3 - "$GH" "$ROUTE" "$count" "$TOKEN" <<'PY'
 import http.client, sys
 port, route, count, token = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -105,4 +136,18 @@ one=$(run "$N")
 two=$(run $((2 * N)))
 what=$GATEHOUSE_BIN
 [[ $BARE == 1 ]] && what=$BARE_BIN
+if [[ $CLUSTER == 1 ]]; then
+    # Proof the limit was counted in Redis (not in the fallback): its script calls.
+    python3 - "$REDIS" $((3 * N)) <<'PY'
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"INFO commandstats\r\n")
+data = b""
+while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
+    data += s.recv(65536)
+calls = sum(int(l.split("calls=")[1].split(",")[0]) for l in data.decode().splitlines()
+            if l.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+print(f"store: {calls} script calls for {sys.argv[2]} requests (leases)")
+PY
+fi
 python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, N=$N, $(basename "$what") at $what)')"

@@ -233,9 +233,19 @@ fn describe_route(out: &mut String, route: &Route, sent: &str, path: &str, query
             let _ = writeln!(out, "rate limit: none");
         }
         Some(l) => {
+            let scope = match l.on_store_error() {
+                None => String::new(),
+                Some(on_error) => format!(
+                    ", shared by the cluster ({} when the store fails)",
+                    match on_error {
+                        crate::ratelimit::OnStoreError::Allow => "counted here",
+                        crate::ratelimit::OnStoreError::Deny => "refused",
+                    }
+                ),
+            };
             let _ = writeln!(
                 out,
-                "rate limit: {} per {:?} by {}",
+                "rate limit: {} per {:?} by {}{scope}",
                 l.requests, l.per, l.key
             );
         }
