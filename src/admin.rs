@@ -68,6 +68,7 @@ impl AdminApp {
                 "store": state.as_str(),
                 "redis": c.shown_url,
                 "last_error": c.last_error(),
+                "hears_purges": c.hears_purges(),
             })
         });
         if reasons.is_empty() {

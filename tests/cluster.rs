@@ -60,6 +60,9 @@ fn instances(n: usize, body: &str) -> Vec<Gateway> {
     let gateways: Vec<Gateway> = (0..n).map(|_| gateway(body).start()).collect();
     for gw in &gateways {
         wait_store(gw, "up");
+        eventually(Duration::from_secs(15), "subscribed to purges", || {
+            admin_json(gw, "GET", "/readyz").1["cluster"]["hears_purges"] == true
+        });
     }
     gateways
 }
@@ -391,6 +394,11 @@ fn an_instance_cut_off_from_its_purges_drops_its_cache_on_return() {
     assert_eq!(problem["purged"], 1, "{problem}");
     assert!(problem["detail"].as_str().unwrap().contains("retry"));
     assert_eq!(x_cache(&gws[1], "/c/x"), "HIT", "still cut off");
+    eventually(
+        Duration::from_secs(5),
+        "the subscription is seen lost",
+        || admin_json(&gws[1], "GET", "/readyz").1["cluster"]["hears_purges"] == false,
+    );
     redis.restart();
     // Back on the store, the other instance may have missed purges: it
     // serves nothing it held from before.

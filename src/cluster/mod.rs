@@ -98,6 +98,8 @@ pub struct Cluster {
     last_error: Mutex<Option<String>>,
     /// This instance, so it does not apply its own purges twice.
     pub instance: String,
+    /// Whether this instance hears the cluster's purges now.
+    subscribed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -125,6 +127,7 @@ impl Cluster {
             state: AtomicU8::new(StoreState::Connecting as u8),
             last_error: Mutex::new(None),
             instance: uuid::Uuid::new_v4().to_string(),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -134,6 +137,15 @@ impl Cluster {
             2 => StoreState::Down,
             _ => StoreState::Connecting,
         }
+    }
+
+    /// Whether purges published by other instances reach this one now.
+    pub fn hears_purges(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    fn set_hears_purges(&self, subscribed: bool) {
+        self.subscribed.store(subscribed, Ordering::Release);
     }
 
     pub fn last_error(&self) -> Option<String> {

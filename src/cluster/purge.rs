@@ -63,10 +63,14 @@ impl Cluster {
                 if dropped > 0 {
                     log::info!("cache: {dropped} entries dropped on joining the cluster's purges");
                 }
+                self.set_hears_purges(true);
                 let mut messages = subscription.into_on_message();
                 loop {
                     let message = tokio::select! {
-                        () = stop.cancelled() => return,
+                        () = stop.cancelled() => {
+                            self.set_hears_purges(false);
+                            return;
+                        }
                         m = messages.next() => m,
                     };
                     let Some(message) = message else { break };
@@ -75,6 +79,7 @@ impl Cluster {
                     };
                     self.apply(&cache, &payload);
                 }
+                self.set_hears_purges(false);
                 log::warn!("cluster store {}: purge subscription lost", self.shown_url);
             }
             tokio::select! {
