@@ -58,7 +58,12 @@ impl AdminApp {
                     .as_ref()
                     .is_some_and(|l| l.on_store_error() == Some(OnStoreError::Deny))
             });
-            if state != StoreState::Up && denying {
+            // A blip of a few hundred milliseconds does not take the
+            // instance out of its load balancer.
+            let outage = c
+                .down_for()
+                .is_some_and(|d| d >= std::time::Duration::from_secs(1));
+            if state != StoreState::Up && outage && denying {
                 reasons.push(format!(
                     "the cluster store is {} and a route's rate limit refuses without it",
                     state.as_str()

@@ -13,7 +13,8 @@
 //!    id, peer and client address (`forwarding`), route, claims, counts.
 //! 3. `route`: the compiled `Route` and its policies, in their order
 //!    (`route::select` asks `routing`, which only matches and rewrites;
-//!    `route::guard` runs `ratelimit` and `auth`, keyed by `subject`).
+//!    `route::edge` runs `ip_filter` and `cors`; `route::guard` runs
+//!    `ratelimit` and `auth`, keyed by `subject`).
 //! 4. `transform`: body rules prepared (`transform::body`, `json`, `decode`),
 //!    held within `budget` (`server.max_buffered`).
 //! 5. `aggregate` answers from its parts (through `outbound`), or `cache`
@@ -45,10 +46,12 @@ pub(crate) mod budget;
 pub(crate) mod cache;
 pub(crate) mod cluster;
 pub mod config;
+pub(crate) mod cors;
 pub mod forwarding;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod gateway;
+pub(crate) mod ip_filter;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod observe;

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub reloads: IntCounterVec,
     pub cluster_store_errors: IntCounterVec,
+    pub ip_filtered: IntCounterVec,
+    pub cors_refused: IntCounterVec,
     pub access_log_dropped: IntCounter,
 }
 
@@ -113,6 +115,18 @@ impl Metrics {
                 "gatehouse_cluster_store_errors_total",
                 "Calls to the cluster's store that failed, by reason (timeout, unavailable, refused).",
                 &["reason"],
+            ),
+            ip_filtered: counter(
+                &registry,
+                "gatehouse_ip_filtered_total",
+                "Requests refused by a route's ip_filter.",
+                &["route"],
+            ),
+            cors_refused: counter(
+                &registry,
+                "gatehouse_cors_refused_total",
+                "CORS preflights refused (origin, method or header not allowed).",
+                &["route"],
             ),
             access_log_dropped,
             registry,

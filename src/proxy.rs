@@ -82,6 +82,16 @@ impl Proxy {
         Phase::Continue
     }
 
+    /// The IP filter and CORS (a preflight is answered here).
+    fn edge(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
+        let route = Arc::clone(&ctx.route);
+        let (req, id) = (session.req_header(), ctx.request_id.as_str());
+        let metrics = self.observer.metrics();
+        let (admitted, phase) = route::edge(&route, req, ctx.client_ip, metrics, id);
+        ctx.cors = admitted;
+        phase
+    }
+
     /// Rate limit and authentication (`route::guard` orders them).
     async fn guard(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
         let route = Arc::clone(&ctx.route);
@@ -183,6 +193,9 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.identify(session, &self.settings.trusted_proxies);
         let mut phase = self.select(session, ctx);
+        if let Phase::Continue = phase {
+            phase = self.edge(session, ctx);
+        }
         if let Phase::Continue = phase {
             phase = self.guard(session, ctx).await;
         }

@@ -65,6 +65,8 @@ pub struct RequestCtx {
     pub refusal: Option<Refusal>,
     /// An aggregate answer's share of `max_buffered`, until it is sent.
     pub answer_held: Option<Held>,
+    /// The origin CORS allows on this request's responses.
+    pub cors: crate::cors::Admitted,
 }
 
 impl RequestCtx {
@@ -93,6 +95,7 @@ impl RequestCtx {
             response_rewrite: None,
             refusal: None,
             answer_held: None,
+            cors: crate::cors::Admitted::default(),
         })
     }
 
@@ -153,6 +156,9 @@ impl RequestCtx {
         }
         if let Some(limit) = &self.limit {
             limit.headers(resp);
+        }
+        if let Some(cors) = &route.cors {
+            cors.decorate(&self.cors, resp);
         }
     }
 

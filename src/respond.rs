@@ -60,6 +60,15 @@ impl Response {
         }
     }
 
+    /// An answer without a body (a CORS preflight's `204`).
+    pub fn empty(status: StatusCode) -> Self {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
@@ -72,7 +81,10 @@ impl Response {
         for (name, value) in &self.headers {
             resp.append_header(name, value.clone())?;
         }
-        resp.insert_header(CONTENT_LENGTH, self.body.len())?;
+        // A 204 carries no Content-Length (RFC 9110, 8.6).
+        if self.status != StatusCode::NO_CONTENT {
+            resp.insert_header(CONTENT_LENGTH, self.body.len())?;
+        }
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         if let Ok(id) = HeaderValue::from_str(request_id) {
             resp.insert_header(crate::forwarding::sent::X_REQUEST_ID, id)?;

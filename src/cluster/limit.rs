@@ -139,7 +139,7 @@ pub struct SharedCount {
     /// The largest lease: 2% of the limit, at least 1.
     max_lease: u64,
     leases: quick_cache::sync::Cache<u64, Lease>,
-    script: redis::Script,
+    script: Arc<redis::Script>,
 }
 
 impl std::fmt::Debug for SharedCount {
@@ -167,7 +167,7 @@ impl SharedCount {
             slots,
             max_lease: (limit / 50).clamp(1, MAX_LEASE),
             leases: quick_cache::sync::Cache::new(MAX_LEASED_KEYS as usize),
-            script: redis::Script::new(COUNT),
+            script: Arc::new(redis::Script::new(COUNT)),
         }
     }
 
@@ -199,14 +199,15 @@ impl SharedCount {
         let key = digest.key(&self.key_base);
         let (back_period, back) = give_back.unwrap_or((0, 0));
         let sent = Instant::now();
+        let (script, sub_us, slots) = (Arc::clone(&self.script), self.sub_us, self.slots);
         let answer: (u64, u64, i64, i64, i64, u64) = self
             .cluster
-            .call(|mut connection| async move {
-                self.script
+            .call(move |mut connection| async move {
+                script
                     .key(key)
                     .arg(limit)
-                    .arg(self.sub_us)
-                    .arg(self.slots)
+                    .arg(sub_us)
+                    .arg(slots)
                     .arg(want)
                     .arg(back_period)
                     .arg(back)
@@ -288,8 +289,11 @@ impl SharedCount {
     /// not replace a lease that still holds admissions.
     fn keep_lease(&self, local: u64, new: Lease) {
         let result = self.leases.entry(&local, None, |_, lease| {
-            if lease.period != new.period || lease.expires <= Instant::now() {
+            if new.period > lease.period {
                 *lease = new;
+            } else if new.period < lease.period {
+                // A late answer from an earlier sub-window: its admissions
+                // have lapsed already.
             } else if new.refused {
                 // A concurrent lease still holds admissions: keep them.
                 if lease.left == 0 {

@@ -12,16 +12,17 @@
 //! A request never waits on the store longer than `cluster.timeout`. After
 //! a call fails (no answer in time, connection lost), the store counts as
 //! down and requests stop asking it (no request pays the timeout again);
-//! `keep` pings it every `DOWN_PING_EVERY` and marks it up on the first
-//! answer. While down, each policy does what its configuration says
+//! `keep` pings it at once and every `DOWN_PING_EVERY` after, and marks it
+//! up on the first answer. While down, each policy does what its configuration says
 //! (`on_store_error`).
 
 pub mod limit;
 pub mod purge;
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -32,6 +33,10 @@ const DOWN_PING_EVERY: Duration = Duration::from_millis(200);
 /// How often a store that is up is checked (so `/readyz` notices a store
 /// that went away while no request asked it).
 const UP_PING_EVERY: Duration = Duration::from_secs(1);
+/// Unanswered pings in a row after which the connection is replaced.
+const REPLACE_AFTER_FAILED_PINGS: u32 = 5;
+/// The least time between two log lines about refused calls.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a call to the store failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -100,6 +105,13 @@ pub struct Cluster {
     pub instance: String,
     /// Whether this instance hears the cluster's purges now.
     subscribed: std::sync::atomic::AtomicBool,
+    /// Since when the store is down or connecting.
+    down_since: Mutex<Option<Instant>>,
+    /// Wakes `keep` when a call finds the store down.
+    wake: tokio::sync::Notify,
+    /// The background runtime, where calls run (set by `keep`).
+    runtime: OnceLock<tokio::runtime::Handle>,
+    refusal_logged: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -128,6 +140,10 @@ impl Cluster {
             last_error: Mutex::new(None),
             instance: uuid::Uuid::new_v4().to_string(),
             subscribed: std::sync::atomic::AtomicBool::new(false),
+            down_since: Mutex::new(Some(Instant::now())),
+            wake: tokio::sync::Notify::new(),
+            runtime: OnceLock::new(),
+            refusal_logged: Mutex::new(None),
         })
     }
 
@@ -158,11 +174,15 @@ impl Cluster {
     fn set_state(&self, state: StoreState, error: Option<String>) {
         let before = self.state.swap(state as u8, Ordering::AcqRel);
         if before != state as u8 {
-            match (&error, state) {
-                (Some(e), _) => {
-                    log::warn!("cluster store {}: {}: {e}", self.shown_url, state.as_str())
-                }
-                (None, _) => log::info!("cluster store {}: {}", self.shown_url, state.as_str()),
+            match &error {
+                Some(e) => log::warn!("cluster store {}: {}: {e}", self.shown_url, state.as_str()),
+                None => log::info!("cluster store {}: {}", self.shown_url, state.as_str()),
+            }
+            let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+            *since = (state != StoreState::Up).then(Instant::now);
+            if state == StoreState::Down {
+                // Ping it now, not after the rest of a quiet interval.
+                self.wake.notify_one();
             }
         }
         if error.is_some() {
@@ -170,28 +190,65 @@ impl Cluster {
         }
     }
 
+    /// How long the store has been down (or connecting); `None` while up.
+    pub fn down_for(&self) -> Option<Duration> {
+        let since = *self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.map(|s| s.elapsed())
+    }
+
+    /// An answer that was an error: the store is up, but says no (a
+    /// read-only replica after a failover, out of memory). Logged at most
+    /// every `REFUSAL_LOG_EVERY`, and shown in `/readyz`.
+    fn refused(&self, e: &redis::RedisError) {
+        let what = match e.detail() {
+            Some(detail) => format!("{}: {detail}", e.category()),
+            None => e.category().to_string(),
+        };
+        let mut logged = self
+            .refusal_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            log::warn!("cluster store {}: refused a call: {what}", self.shown_url);
+            *logged = Some(Instant::now());
+        }
+        drop(logged);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+    }
+
     /// Runs `call` on the store within `timeout`, unless the store is known
-    /// to be down. A failure marks it down.
+    /// to be down. A failure marks it down. The call itself runs on the
+    /// background runtime, so whatever redis-rs spawns for it (a
+    /// reconnection) lives there and not on a request's runtime.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+        Fut: std::future::Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
     {
         if self.state() != StoreState::Up {
             return Err(StoreError::Unavailable);
         }
-        let Some(connection) = self.connection.load_full() else {
+        let (Some(connection), Some(runtime)) = (self.connection.load_full(), self.runtime.get())
+        else {
             return Err(StoreError::Unavailable);
         };
-        let connection = ConnectionManager::clone(&connection);
-        match tokio::time::timeout(self.timeout, call(connection)).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) if is_refusal(&e) => Err(StoreError::Refused),
-            Ok(Err(e)) => {
+        let task = runtime.spawn(call(ConnectionManager::clone(&connection)));
+        let abort = task.abort_handle();
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(Ok(answer))) => Ok(answer),
+            Ok(Ok(Err(e))) if is_refusal(&e) => {
+                self.refused(&e);
+                Err(StoreError::Refused)
+            }
+            Ok(Ok(Err(e))) => {
                 self.set_state(StoreState::Down, Some(e.category().to_string()));
                 Err(StoreError::Unavailable)
             }
+            // The background runtime is shutting down.
+            Ok(Err(_)) => Err(StoreError::Unavailable),
             Err(_) => {
+                abort.abort();
                 self.set_state(
                     StoreState::Down,
                     Some(format!("no answer within {:?}", self.timeout)),
@@ -201,65 +258,101 @@ impl Cluster {
         }
     }
 
-    /// Connects, then watches the store until `stop`: pings it while it is
-    /// down and marks it up when it answers. Runs on the background
-    /// runtime (see the module's doc).
+    /// Connects, then watches the store until `stop`: pings it at once when
+    /// a call found it down and every `DOWN_PING_EVERY` after, marks it up
+    /// when it answers, and replaces a connection that stopped answering
+    /// altogether (a peer gone without a word: a failover, a dropped NAT
+    /// entry). Runs on the background runtime (see the module's doc).
     pub async fn keep(self: Arc<Self>, stop: CancellationToken) {
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout.max(Duration::from_secs(1))))
             .set_response_timeout(Some(self.timeout.max(Duration::from_millis(500))))
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(2);
+        loop {
+            if !self.connect(&config, &stop).await {
+                break;
+            }
+            let mut failed_pings = 0;
+            loop {
+                let every = match self.state() {
+                    StoreState::Up => UP_PING_EVERY,
+                    _ => DOWN_PING_EVERY,
+                };
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        self.connection.store(None);
+                        return;
+                    }
+                    () = tokio::time::sleep(every) => {}
+                    () = self.wake.notified() => {}
+                }
+                if self.ping().await {
+                    failed_pings = 0;
+                } else {
+                    failed_pings += 1;
+                }
+                if failed_pings >= REPLACE_AFTER_FAILED_PINGS {
+                    log::warn!("cluster store {}: connecting anew", self.shown_url);
+                    self.connection.store(None);
+                    break;
+                }
+            }
+        }
+        self.connection.store(None);
+    }
+
+    /// Connects (retrying with a growing pause); false when stopped first.
+    async fn connect(&self, config: &ConnectionManagerConfig, stop: &CancellationToken) -> bool {
         let mut backoff = DOWN_PING_EVERY;
         loop {
             let connect = self
                 .client
                 .get_connection_manager_with_config(config.clone());
             let connected = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return false,
                 c = tokio::time::timeout(Duration::from_secs(5), connect) => c,
             };
             match connected {
                 Ok(Ok(manager)) => {
                     self.connection.store(Some(Arc::new(manager)));
                     self.set_state(StoreState::Up, None);
-                    break;
+                    return true;
                 }
                 Ok(Err(e)) => self.set_state(StoreState::Down, Some(e.category().to_string())),
                 Err(_) => self.set_state(StoreState::Down, Some("connect timed out".into())),
             }
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return false,
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        loop {
-            let every = match self.state() {
-                StoreState::Up => UP_PING_EVERY,
-                _ => DOWN_PING_EVERY,
-            };
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(every) => {}
-            }
-            self.ping().await;
-        }
-        self.connection.store(None);
     }
 
-    async fn ping(&self) {
+    /// Whether the store answered a ping.
+    async fn ping(&self) -> bool {
         let Some(connection) = self.connection.load_full() else {
-            return;
+            return false;
         };
         let mut connection = ConnectionManager::clone(&connection);
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut connection);
         match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), ping).await {
-            Ok(Ok(_)) => self.set_state(StoreState::Up, None),
-            Ok(Err(e)) => self.set_state(StoreState::Down, Some(e.category().to_string())),
-            Err(_) => self.set_state(StoreState::Down, Some("ping timed out".into())),
+            Ok(Ok(_)) => {
+                self.set_state(StoreState::Up, None);
+                true
+            }
+            Ok(Err(e)) => {
+                self.set_state(StoreState::Down, Some(e.category().to_string()));
+                false
+            }
+            Err(_) => {
+                self.set_state(StoreState::Down, Some("ping timed out".into()));
+                false
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 //! Pub/sub delivers only to instances connected when it is published, so
 //! an instance that was cut off may have missed purges: each time its
 //! subscription is (re)established it empties its own cache, and serves
-//! nothing a purge removed while it was away.
+//! nothing a purge removed while it was away. The subscription is pinged
+//! every `PING_EVERY`: one that no longer answers (a peer gone without a
+//! word) counts as lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, StoreError};
+
+/// How often the subscription is checked, and how long its answer may take.
+const PING_EVERY: Duration = Duration::from_secs(2);
+const PING_WITHIN: Duration = Duration::from_secs(1);
 use crate::cache::Cache;
 
 /// One purge, as published.
@@ -64,20 +70,28 @@ impl Cluster {
                     log::info!("cache: {dropped} entries dropped on joining the cluster's purges");
                 }
                 self.set_hears_purges(true);
-                let mut messages = subscription.into_on_message();
+                let (mut sink, mut messages) = subscription.split();
+                let mut checks = tokio::time::interval(PING_EVERY);
+                checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    let message = tokio::select! {
+                    tokio::select! {
                         () = stop.cancelled() => {
                             self.set_hears_purges(false);
                             return;
                         }
-                        m = messages.next() => m,
-                    };
-                    let Some(message) = message else { break };
-                    let Ok(payload) = message.get_payload::<String>() else {
-                        continue;
-                    };
-                    self.apply(&cache, &payload);
+                        m = messages.next() => {
+                            let Some(message) = m else { break };
+                            if let Ok(payload) = message.get_payload::<String>() {
+                                self.apply(&cache, &payload);
+                            }
+                        }
+                        _ = checks.tick() => {
+                            let ping = tokio::time::timeout(PING_WITHIN, sink.ping::<redis::Value>());
+                            if !matches!(ping.await, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
                 }
                 self.set_hears_purges(false);
                 log::warn!("cluster store {}: purge subscription lost", self.shown_url);

@@ -132,6 +132,9 @@ pub struct RawRoute {
     pub deprecation: Option<RawDeprecation>,
     pub fallback: Option<RawFallback>,
     pub aggregate: Option<Value>,
+    /// A mapping, or `off` against the top-level default.
+    pub cors: Option<Value>,
+    pub ip_filter: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -14,22 +14,28 @@
 //!
 //! 1. routing: path normalized and matched (`routing`), the head's limits
 //!    (`listener`);
-//! 2. `rate_limit` by IP or header, before authentication, so floods of bad
+//! 2. `ip_filter`, then `cors` (a preflight is answered here: it needs no
+//!    token and never reaches the upstream; `route::select` gives it the
+//!    route its actual request would take);
+//! 3. `rate_limit` by IP or header, before authentication, so floods of bad
 //!    tokens are limited too;
-//! 3. `auth` (JWT), then `rate_limit` by claim;
-//! 4. body rules prepared (`request_body`; `response_body` drops `Range`);
-//! 5. `aggregate` answers here, from the cache or its parts; else
-//! 6. `cache` (a hit answers), then the upstream (`upstream`, `timeout`);
-//! 7. on the way up: forwarding fields, identity headers, `request_headers`,
+//! 4. `auth` (JWT), then `rate_limit` by claim;
+//! 5. body rules prepared (`request_body`; `response_body` drops `Range`);
+//! 6. `aggregate` answers here, from the cache or its parts; else
+//! 7. `cache` (a hit answers), then the upstream (`upstream`, `timeout`);
+//! 8. on the way up: forwarding fields, identity headers, `request_headers`,
 //!    `request_body`;
-//! 8. on the way back: `response_body`, `response_headers`, `deprecation`,
-//!    the rate-limit headers;
-//! 9. `fallback` when the upstream cannot answer.
+//! 9. on the way back: `response_body`, `response_headers`, `deprecation`,
+//!    the rate-limit headers, the CORS fields (on the gateway's own answers
+//!    too);
+//! 10. `fallback` when the upstream cannot answer.
 
+mod edge;
 mod explain;
 mod guard;
 mod select;
 
+pub use edge::edge;
 pub use explain::explain;
 pub use guard::{guard, Guarded};
 pub use select::{select, Selected};
@@ -44,6 +50,8 @@ use crate::routing::{PathPattern, PathRewrite, Routable, RouteMatcher, Router};
 use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;
+use crate::cors::Cors;
+use crate::ip_filter::IpFilter;
 use crate::metrics::Series;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
@@ -70,6 +78,9 @@ pub struct Route {
     pub fallback: Option<StaticResponse>,
     pub auth: Option<RouteAuth>,
     pub rate_limit: Option<Arc<RateLimit>>,
+    /// Its own or the top-level default.
+    pub cors: Option<Arc<Cors>>,
+    pub ip_filter: Option<Arc<IpFilter>>,
     /// Every header named by any provider's `forward_claims`: removed from
     /// each client request, on every route.
     pub identity_headers: Arc<[http::HeaderName]>,
@@ -112,6 +123,8 @@ impl Route {
             fallback: None,
             auth: None,
             rate_limit: None,
+            cors: None,
+            ip_filter: None,
             identity_headers: Arc::from([]),
             request_body: None,
             response_body: None,

@@ -63,12 +63,19 @@ pub fn select(
         }
     };
     let match_path = routed.as_deref().unwrap_or(&path);
-    let route = match routes.find(&RouteRequest {
+    let request = RouteRequest {
         method: &req.method,
         path: match_path,
         host,
         headers: &req.headers,
-    }) {
+    };
+    let preflight = crate::cors::preflight_method(&req.method, &req.headers)
+        .and_then(|asked| preflight_route(routes, &request, &asked));
+    let outcome = match preflight {
+        Some(route) => RouteOutcome::Matched(route),
+        None => routes.find(&request),
+    };
+    let route = match outcome {
         RouteOutcome::Matched(route) => Arc::clone(route),
         RouteOutcome::NotFound => {
             return Err(problem(
@@ -105,5 +112,31 @@ pub fn select(
         route,
         upstream_uri,
         params,
+    })
+}
+
+/// The route with `cors` a preflight asks about: the one its actual
+/// request (the method it names) would take, else the first route with
+/// `cors` for the path whatever its methods (its CORS policy then refuses
+/// the method). `None`: routed as any `OPTIONS` request.
+fn preflight_route<'r>(
+    routes: &'r Routes,
+    request: &RouteRequest<'_>,
+    asked: &http::Method,
+) -> Option<&'r Arc<Route>> {
+    let actual = RouteRequest {
+        method: asked,
+        ..*request
+    };
+    if let RouteOutcome::Matched(route) = routes.find(&actual) {
+        if route.cors.is_some() {
+            return Some(route);
+        }
+    }
+    routes.routes().iter().find(|route| {
+        let m = &route.matcher;
+        route.cors.is_some()
+            && m.path.matches(request.path, None)
+            && m.matches_host_and_headers(request.host, request.headers)
     })
 }

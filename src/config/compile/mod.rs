@@ -5,6 +5,7 @@
 
 mod carry;
 mod cluster;
+mod edge;
 mod policies;
 mod providers;
 mod routes;
@@ -35,6 +36,8 @@ const SECTIONS: &[&str] = &[
     "access_log",
     "cache",
     "cluster",
+    "cors",
+    "ip_filter",
     "upstreams",
     "auth",
     "routes",
@@ -103,8 +106,10 @@ pub(super) fn compile(
         _ => Vec::new(),
     };
     let cluster = cx.cluster(root.get("cluster"));
+    let edge = cx.edge_defaults(root);
     let shared = Shared {
         cluster: cluster.as_ref(),
+        edge: &edge,
         upstreams: &upstreams,
         providers: &providers,
         declared_providers: &declared_providers,
@@ -140,6 +145,8 @@ pub(super) fn compile(
 /// What routes refer to by name.
 struct Shared<'a> {
     cluster: Option<&'a cluster::ClusterSection>,
+    /// The top-level `cors` and `ip_filter`.
+    edge: &'a edge::EdgeDefaults,
     upstreams: &'a BTreeMap<String, Arc<Upstream>>,
     providers: &'a BTreeMap<String, Arc<Provider>>,
     /// Every provider named in the file, valid or not.

@@ -176,6 +176,18 @@ impl Compiler<'_> {
                 cx.rate_limit(&path, r, &raw.name, shared.cluster)
             })
         });
+        let methods = matcher.as_ref().and_then(|m| m.methods.as_ref());
+        let cors = self.route_cors(
+            &key_path(path, "cors"),
+            raw.cors.as_ref(),
+            shared.edge,
+            methods,
+        );
+        let ip_filter = self.route_ip_filter(
+            &key_path(path, "ip_filter"),
+            raw.ip_filter.as_ref(),
+            shared.edge,
+        );
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
                 self.error(&key_path(path, "timeout"), "timeout must be above zero");
@@ -203,6 +215,8 @@ impl Compiler<'_> {
             fallback,
             auth,
             rate_limit,
+            cors,
+            ip_filter,
             identity_headers: Arc::clone(shared.identity_headers),
             request_body,
             response_body,

@@ -1,0 +1,367 @@
+//! CORS and the IP filter end to end (SPEC sections 6.1 and 6.2): preflights
+//! answered by the gateway (allowed and refused by origin, method, header,
+//! wildcard labels, scheme and port), the fields on actual requests and on
+//! the gateway's own errors, the upstream's own fields removed, top-level
+//! defaults and `off`; IP allow and deny with and without trusted proxies.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::*;
+
+fn body(up: &TestUpstream) -> String {
+    format!(
+        "cors:
+  allow_origins: [https://app.example.com, \"https://*.example.org\", \"http://localhost:3000\"]
+  allow_headers: [Authorization, Content-Type]
+  expose_headers: [X-Request-Id]
+  allow_credentials: true
+  max_age: 10m
+upstreams:
+  app:
+    targets: [{addr}]
+{provider}routes:
+  - name: api
+    match: {{ path_prefix: /api, methods: [GET, POST] }}
+    upstream: app
+    auth: main
+    rate_limit: {{ requests: 2, per: 1m, key: header:x-client }}
+  - name: open
+    match: {{ path_prefix: /open }}
+    upstream: app
+    cors: {{ allow_origins: [\"*\"] }}
+  - name: nocors
+    match: {{ path_prefix: /nocors }}
+    upstream: app
+    cors: off
+",
+        addr = up.addr,
+        provider = common::jwt::rs256_provider("main"),
+    )
+}
+
+fn upstream() -> TestUpstream {
+    // The upstream sends CORS fields of its own, which must not pass.
+    TestUpstream::with_handler("app", |_| {
+        Reply::text(200, "ok")
+            .header("Access-Control-Allow-Origin", "*")
+            .header("Access-Control-Allow-Methods", "DELETE")
+            .header("Vary", "Accept-Encoding")
+    })
+}
+
+fn preflight(
+    gw: &Gateway,
+    path: &str,
+    origin: &str,
+    method: &str,
+    headers: Option<&str>,
+) -> reqwest::blocking::Response {
+    let mut req = client()
+        .request(reqwest::Method::OPTIONS, gw.url(path))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", method);
+    if let Some(h) = headers {
+        req = req.header("Access-Control-Request-Headers", h);
+    }
+    req.send().unwrap()
+}
+
+fn cors_fields(r: &reqwest::blocking::Response) -> Vec<String> {
+    r.headers()
+        .keys()
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .map(|k| k.to_string())
+        .collect()
+}
+
+fn varies_by_origin(r: &reqwest::blocking::Response) -> bool {
+    r.headers()
+        .get_all("vary")
+        .iter()
+        .any(|v| v.to_str().unwrap().to_ascii_lowercase().contains("origin"))
+}
+
+#[test]
+fn preflights_are_answered_by_the_gateway_and_refused_by_origin_method_or_header() {
+    let up = upstream();
+    let gw = gateway(&body(&up)).start();
+    // Allowed: no token needed, never reaches the upstream, even though the
+    // route's methods do not list OPTIONS.
+    let r = preflight(
+        &gw,
+        "/api/users",
+        "https://app.example.com",
+        "POST",
+        Some("authorization, content-type"),
+    );
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST, HEAD");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    assert_eq!(h["access-control-max-age"], "600");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert!(varies_by_origin(&r));
+    assert!(h.get("content-length").is_none());
+    // Wildcard labels: one or more.
+    for origin in [
+        "https://a.example.org",
+        "https://a.b.example.org",
+        "http://localhost:3000",
+    ] {
+        let r = preflight(&gw, "/api/x", origin, "GET", None);
+        assert_eq!(r.status(), 204, "{origin}");
+        assert_eq!(r.headers()["access-control-allow-origin"], origin);
+    }
+    assert_eq!(up.count(), 0, "no preflight reached the upstream");
+    // Refused: 403 problem+json without any Access-Control-* field.
+    let refused = [
+        ("https://evil.example.com", "GET", None),
+        ("http://app.example.com", "GET", None), // scheme
+        ("https://app.example.com:8443", "GET", None), // port
+        ("https://example.org", "GET", None),    // no label for `*`
+        ("https://a.example.org.evil.io", "GET", None),
+        ("http://localhost:3001", "GET", None),
+        ("null", "GET", None),
+        ("https://app.example.com", "DELETE", None), // method
+        ("https://app.example.com", "GET", Some("x-secret")), // header
+    ];
+    for (origin, method, headers) in refused {
+        let r = preflight(&gw, "/api/x", origin, method, headers);
+        assert!(
+            cors_fields(&r).is_empty(),
+            "{origin} {method}: {:?}",
+            cors_fields(&r)
+        );
+        let problem = assert_problem(r, 403);
+        assert!(
+            problem["detail"].as_str().unwrap().contains("CORS"),
+            "{problem}"
+        );
+    }
+    assert_eq!(up.count(), 0);
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("gatehouse_cors_refused_total{route=\"api\"} 9"),
+        "{metrics}"
+    );
+    // `*` admits any origin but null, and never with credentials.
+    let r = preflight(&gw, "/open", "https://anything.test", "PUT", None);
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://anything.test"
+    );
+    assert_eq!(r.headers()["access-control-allow-methods"], "PUT");
+    assert!(r
+        .headers()
+        .get("access-control-allow-credentials")
+        .is_none());
+    assert_eq!(preflight(&gw, "/open", "null", "GET", None).status(), 403);
+    // `cors: off`: an OPTIONS like any other request, to the upstream.
+    let r = preflight(&gw, "/nocors", "https://app.example.com", "GET", None);
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn actual_requests_carry_the_fields_on_every_response_the_gateway_errors_included() {
+    let up = upstream();
+    let gw = gateway(&body(&up)).start();
+    let token = common::jwt::rs256_token("alice");
+    let get = |path: &str, origin: Option<&str>, auth: bool| {
+        let mut req = client().get(gw.url(path)).header("x-client", "c1");
+        if let Some(o) = origin {
+            req = req.header("Origin", o);
+        }
+        if auth {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        req.send().unwrap()
+    };
+    let r = get("/api/x", Some("https://a.example.org"), true);
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://a.example.org");
+    assert_eq!(h["access-control-expose-headers"], "x-request-id");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    // The upstream's own fields are gone; its Vary stays, with Origin.
+    assert!(h.get("access-control-allow-methods").is_none());
+    assert_eq!(h.get_all("access-control-allow-origin").iter().count(), 1);
+    assert!(h.get_all("vary").iter().any(|v| v == "Accept-Encoding"));
+    assert!(varies_by_origin(&r));
+    // The gateway's own errors: 401 without a token (it spends the second
+    // of the client's two requests), then 429.
+    let r = get("/api/x", Some("https://app.example.com"), false);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_problem(r, 401);
+    let r = get("/api/x", Some("https://app.example.com"), true);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-expose-headers"], "x-request-id");
+    assert_problem(r, 429);
+    // Another origin, or none: no field at all, but Vary: Origin.
+    for origin in [Some("https://evil.test"), None] {
+        let r = get("/open", origin, false);
+        let expect_allowed = origin.is_some();
+        assert_eq!(r.status(), 200);
+        assert!(varies_by_origin(&r));
+        if expect_allowed {
+            assert_eq!(
+                r.headers()["access-control-allow-origin"],
+                "https://evil.test"
+            );
+        } else {
+            assert!(cors_fields(&r).is_empty(), "{:?}", cors_fields(&r));
+        }
+    }
+    let r = client()
+        .get(gw.url("/api/x"))
+        .header("Origin", "https://evil.test")
+        .header("Authorization", format!("Bearer {token}"))
+        .header("x-client", "c2")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(cors_fields(&r).is_empty(), "{:?}", cors_fields(&r));
+    assert!(varies_by_origin(&r));
+    // Without cors the upstream's fields pass untouched.
+    let r = get("/nocors", Some("https://app.example.com"), false);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+}
+
+fn from(ip: &str) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<IpAddr>().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_ip_filter_allows_denies_and_cannot_be_fooled_by_forwarded_headers() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "ip_filter: {{ allow: [127.0.0.0/8], deny: [127.0.0.2] }}
+upstreams:
+  app:
+    targets: [{}]
+routes:
+  - name: default
+    match: {{ path_prefix: /d }}
+    upstream: app
+  - name: office
+    match: {{ path_prefix: /office }}
+    upstream: app
+    ip_filter: {{ allow: [\"10.1.0.0/16\", \"127.0.0.3\"] }}
+  - name: public
+    match: {{ path_prefix: /public }}
+    upstream: app
+    ip_filter: off
+",
+        up.addr
+    );
+    let gw = gateway(&body).start();
+    let status = |ip: &str, path: &str, xff: Option<&str>| {
+        let mut req = from(ip).get(gw.url(path));
+        if let Some(x) = xff {
+            req = req.header("X-Forwarded-For", x);
+        }
+        req.send().unwrap().status().as_u16()
+    };
+    // The default: deny wins over allow.
+    assert_eq!(status("127.0.0.1", "/d", None), 200);
+    assert_eq!(status("127.0.0.2", "/d", None), 403);
+    // A route's own filter replaces the default whole.
+    assert_eq!(status("127.0.0.3", "/office", None), 200);
+    assert_eq!(status("127.0.0.1", "/office", None), 403);
+    // A spoofed X-Forwarded-For from an untrusted peer changes nothing.
+    assert_eq!(status("127.0.0.1", "/office", Some("10.1.2.3")), 403);
+    assert_eq!(status("127.0.0.2", "/d", Some("127.0.0.1")), 403);
+    // off: everyone.
+    assert_eq!(status("127.0.0.2", "/public", None), 200);
+    let r = from("127.0.0.2").get(gw.url("/d")).send().unwrap();
+    let problem = assert_problem(r, 403);
+    assert!(!problem.to_string().contains("127.0.0.2"), "{problem}");
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("gatehouse_ip_filtered_total{route=\"default\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gatehouse_ip_filtered_total{route=\"office\"} 2"),
+        "{metrics}"
+    );
+
+    // Behind a trusted proxy, the client is the address it forwards.
+    let gw = gateway(&body)
+        .server("trusted_proxies: [127.0.0.1/32]")
+        .start();
+    let status = |ip: &str, path: &str, xff: Option<&str>| {
+        let mut req = from(ip).get(gw.url(path));
+        if let Some(x) = xff {
+            req = req.header("X-Forwarded-For", x);
+        }
+        req.send().unwrap().status().as_u16()
+    };
+    assert_eq!(status("127.0.0.1", "/office", Some("10.1.2.3")), 200);
+    assert_eq!(status("127.0.0.1", "/office", Some("10.2.0.1")), 403);
+    // The rightmost untrusted address counts: prepending one does not help.
+    assert_eq!(
+        status("127.0.0.1", "/office", Some("10.1.2.3, 10.2.0.1")),
+        403
+    );
+    // A peer that is not trusted is judged by its own address.
+    assert_eq!(status("127.0.0.3", "/office", Some("10.9.9.9")), 200);
+    assert_eq!(status("127.0.0.2", "/d", Some("127.0.0.1")), 403);
+}
+
+#[test]
+fn edge_policy_mistakes_are_config_errors_with_their_path() {
+    let base = "listen: [127.0.0.1:0]\nupstreams:\n  app: { targets: ['127.0.0.1:9'] }\n";
+    let route = |extra: &str| {
+        format!("routes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n{extra}")
+    };
+    let cases = [
+        (format!("{base}cors: {{ allow_origins: ['*'], allow_credentials: true }}\n"), "cors.allow_credentials", "cannot go with"),
+        (format!("{base}{}", route("    cors: { allow_origins: ['https://*example.com'] }\n")), "routes[0].cors.allow_origins[0]", "leftmost labels"),
+        (format!("{base}{}", route("    cors: { allow_origins: ['https://a.com/path'] }\n")), "routes[0].cors.allow_origins[0]", "no path"),
+        (format!("{base}{}", route("    cors: { allow_origins: ['https://a.com'], allow_methods: [G T] }\n")), "routes[0].cors.allow_methods", "not an HTTP method"),
+        (format!("{base}{}", route("    cors: { allow_origins: ['https://a.com'], allow_headers: ['bad header'] }\n")), "routes[0].cors.allow_headers[0]", "not a valid header name"),
+        (format!("{base}{}", route("    cors: { allow_origins: [] }\n")), "routes[0].cors.allow_origins", "at least one"),
+        (format!("{base}{}", route("    cors: maybe\n")), "routes[0].cors", "mapping or off"),
+        (format!("{base}{}", route("    ip_filter: { allow: [10.0.0.0/33] }\n")), "routes[0].ip_filter.allow[0]", "not an IP address or CIDR"),
+        (format!("{base}ip_filter: {{ deny: [10.0.0.1/8] }}\n"), "ip_filter.deny[0]", "host bits"),
+        (format!("{base}ip_filter: {{ }}\n"), "ip_filter", "needs allow or deny"),
+        (format!("{base}ip_filter: {{ allow: [10.0.0.0/8], block: [] }}\n"), "ip_filter.block", "unknown key"),
+    ];
+    for (yaml, path, message) in cases {
+        let (code, out, err) = check_config(&yaml, &[]);
+        let text = format!("{out}{err}");
+        assert_ne!(code, 0, "{yaml}");
+        assert!(text.contains(path), "{path} in:\n{text}");
+        assert!(text.contains(message), "{message} in:\n{text}");
+    }
+}
