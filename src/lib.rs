@@ -45,6 +45,7 @@ pub(crate) mod background;
 pub(crate) mod budget;
 pub(crate) mod cache;
 pub(crate) mod cluster;
+pub(crate) mod compression;
 pub mod config;
 pub(crate) mod cors;
 pub mod forwarding;

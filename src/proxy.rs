@@ -187,8 +187,12 @@ impl ProxyHttp for Proxy {
         RequestCtx::begin(&self.unmatched)
     }
 
-    // No compression module: responses pass through as the upstream sent them.
-    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+    // Pingora's response compression alone, switched off (level 0):
+    // `compression` switches it on per response for the routes that ask.
+    fn init_downstream_modules(&self, modules: &mut pingora_core::modules::http::HttpModules) {
+        use pingora_core::modules::http::compression::ResponseCompressionBuilder;
+        modules.add_module(ResponseCompressionBuilder::enable(0));
+    }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.identify(session, &self.settings.trusted_proxies);
@@ -355,6 +359,9 @@ impl ProxyHttp for Proxy {
         ctx.decorate(upstream_response);
         let id = ctx.request_id.header_value().clone();
         upstream_response.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
+        if let Some(compression) = ctx.route.compression.as_ref() {
+            compression.respond(session, upstream_response);
+        }
         Ok(())
     }
 

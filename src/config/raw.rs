@@ -135,6 +135,7 @@ pub struct RawRoute {
     /// A mapping, or `off` against the top-level default.
     pub cors: Option<Value>,
     pub ip_filter: Option<Value>,
+    pub compression: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

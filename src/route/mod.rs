@@ -27,7 +27,7 @@
 //!    `request_body`;
 //! 9. on the way back: `response_body`, `response_headers`, `deprecation`,
 //!    the rate-limit headers, the CORS fields (on the gateway's own answers
-//!    too);
+//!    too), then `compression` (after the cache, per response);
 //! 10. `fallback` when the upstream cannot answer.
 
 mod edge;
@@ -50,6 +50,7 @@ use crate::routing::{PathPattern, PathRewrite, Routable, RouteMatcher, Router};
 use crate::aggregate::Aggregate;
 use crate::auth::RouteAuth;
 use crate::cache::CachePolicy;
+use crate::compression::Compression;
 use crate::cors::Cors;
 use crate::ip_filter::IpFilter;
 use crate::metrics::Series;
@@ -81,6 +82,7 @@ pub struct Route {
     /// Its own or the top-level default.
     pub cors: Option<Arc<Cors>>,
     pub ip_filter: Option<Arc<IpFilter>>,
+    pub compression: Option<Arc<Compression>>,
     /// Every header named by any provider's `forward_claims`: removed from
     /// each client request, on every route.
     pub identity_headers: Arc<[http::HeaderName]>,
@@ -125,6 +127,7 @@ impl Route {
             rate_limit: None,
             cors: None,
             ip_filter: None,
+            compression: None,
             identity_headers: Arc::from([]),
             request_body: None,
             response_body: None,

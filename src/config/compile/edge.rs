@@ -1,5 +1,6 @@
 //! The edge policies a route may set, or take from the top-level default
-//! of the same name (SPEC section 6): `cors` and `ip_filter`. A route's own
+//! of the same name (SPEC section 6): `cors`, `ip_filter` and
+//! `compression`. A route's own
 //! setting replaces the default whole; `off` switches the default off for
 //! one route.
 
@@ -11,8 +12,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::Compiler;
+use crate::compression::{Compression, TypePattern};
 use crate::config::source::{index_path, key_path};
-use crate::config::units::ConfDuration;
+use crate::config::units::{ConfDuration, ConfSize};
 use crate::cors::{AllowedMethods, Cors, OriginPattern, Origins};
 use crate::ip_filter::{parse_net, IpFilter};
 use crate::routing::MethodSet;
@@ -33,6 +35,24 @@ struct RawCors {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawCompression {
+    min_size: Option<ConfSize>,
+    types: Option<Vec<String>>,
+    level: Option<u32>,
+}
+
+/// Compressed when `types` is not given.
+const DEFAULT_TYPES: &[&str] = &[
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/problem+json",
+    "image/svg+xml",
+    "text/*",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawIpFilter {
     #[serde(default)]
     allow: Vec<String>,
@@ -46,6 +66,7 @@ struct RawIpFilter {
 pub(super) struct EdgeDefaults {
     pub cors: Option<Value>,
     pub ip_filter: Option<Arc<IpFilter>>,
+    pub compression: Option<Arc<Compression>>,
 }
 
 fn is_off(value: &Value) -> bool {
@@ -63,6 +84,12 @@ impl Compiler<'_> {
         }
         if let Some(v) = root.get("ip_filter").filter(|v| !v.is_null() && !is_off(v)) {
             defaults.ip_filter = self.ip_filter("ip_filter", v).map(Arc::new);
+        }
+        if let Some(v) = root
+            .get("compression")
+            .filter(|v| !v.is_null() && !is_off(v))
+        {
+            defaults.compression = self.compression("compression", v).map(Arc::new);
         }
         defaults
     }
@@ -97,6 +124,71 @@ impl Compiler<'_> {
             Some(v) => self.ip_filter(path, v).map(Arc::new),
             None => defaults.ip_filter.clone(),
         }
+    }
+
+    /// A route's `compression`: its own, else the default.
+    pub(super) fn route_compression(
+        &mut self,
+        path: &str,
+        own: Option<&Value>,
+        defaults: &EdgeDefaults,
+    ) -> Option<Arc<Compression>> {
+        match own {
+            Some(v) if is_off(v) => None,
+            Some(v) => self.compression(path, v).map(Arc::new),
+            None => defaults.compression.clone(),
+        }
+    }
+
+    fn compression(&mut self, path: &str, value: &Value) -> Option<Compression> {
+        if let Value::String(s) = value {
+            self.error(
+                path,
+                format!("compression must be a mapping or off, not \"{s}\""),
+            );
+            return None;
+        }
+        let raw = self.de::<RawCompression>(path, value)?;
+        let level = raw.level.unwrap_or(6);
+        let mut ok = true;
+        // One level for every encoding (Pingora's module): 1-9 is valid
+        // for gzip, brotli and zstd alike.
+        if !(1..=9).contains(&level) {
+            self.error(&key_path(path, "level"), "level must be from 1 to 9");
+            ok = false;
+        }
+        let mut types = Vec::new();
+        match &raw.types {
+            Some(list) if list.is_empty() => {
+                self.error(
+                    &key_path(path, "types"),
+                    "types must list at least one media type",
+                );
+                ok = false;
+            }
+            Some(list) => {
+                for (i, t) in list.iter().enumerate() {
+                    match TypePattern::parse(t) {
+                        Ok(p) => types.push(p),
+                        Err(e) => {
+                            self.error(&index_path(&key_path(path, "types"), i), e);
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            None => {
+                types = DEFAULT_TYPES
+                    .iter()
+                    .filter_map(|t| TypePattern::parse(t).ok())
+                    .collect();
+            }
+        }
+        ok.then(|| Compression {
+            min_size: raw.min_size.map_or(1024, |s| s.0),
+            types,
+            level,
+        })
     }
 
     fn cors(

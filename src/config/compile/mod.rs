@@ -38,6 +38,7 @@ const SECTIONS: &[&str] = &[
     "cluster",
     "cors",
     "ip_filter",
+    "compression",
     "upstreams",
     "auth",
     "routes",

@@ -188,6 +188,11 @@ impl Compiler<'_> {
             raw.ip_filter.as_ref(),
             shared.edge,
         );
+        let compression = self.route_compression(
+            &key_path(path, "compression"),
+            raw.compression.as_ref(),
+            shared.edge,
+        );
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
                 self.error(&key_path(path, "timeout"), "timeout must be above zero");
@@ -217,6 +222,7 @@ impl Compiler<'_> {
             rate_limit,
             cors,
             ip_filter,
+            compression,
             identity_headers: Arc::clone(shared.identity_headers),
             request_body,
             response_body,

@@ -1,0 +1,295 @@
+//! Response compression (SPEC section 6.4), a route's `compression` or the
+//! top-level default, done by Pingora's own module
+//! (`pingora_core::modules::http::compression`), which gatehouse installs
+//! switched off (level 0) so that a route without compression pays one
+//! check. Joins `response_filter`: this module decides (type, size,
+//! status, method, `no-transform`, an encoding the upstream already
+//! applied) and negotiates the encoding by the q-values of the client's
+//! `Accept-Encoding` (Pingora's own parser ignores them: it is handed
+//! the one encoding chosen here), then switches the module on for this
+//! response at the route's level. The module encodes the body as it
+//! streams, drops `Content-Length` and weakens the `ETag`.
+//!
+//! `br` is not offered: Pingora 0.9's brotli encoder ends a body with a
+//! flush, never the stream's final block (cloudflare/pingora#1013), which
+//! strict decoders (Node's `fetch`, the `brotli` tool) reject. A client
+//! asking for `br` and `gzip` gets `gzip`; one asking for `br` alone gets
+//! the body unencoded. Offer it again once Pingora finishes the stream.
+//!
+//! The cache stores what the upstream sent; compression happens after it,
+//! per response, so a cached entry is never served in an encoding the
+//! client did not accept.
+
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
+use pingora_core::modules::http::compression::ResponseCompression;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+/// The encodings gatehouse produces, best first on equal q-values (`br`
+/// would come first; see the module's doc for why it is left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Zstd,
+    Gzip,
+}
+
+impl Encoding {
+    const ALL: [Encoding; 2] = [Encoding::Zstd, Encoding::Gzip];
+
+    pub fn token(self) -> &'static str {
+        match self {
+            Encoding::Zstd => "zstd",
+            Encoding::Gzip => "gzip",
+        }
+    }
+}
+
+/// One entry of `types`: `application/json` or `text/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypePattern {
+    Exact(String),
+    /// `text/*`: the part before the `/`.
+    AnySubtype(String),
+}
+
+impl TypePattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let Some((top, sub)) = lower.split_once('/') else {
+            return Err(format!("\"{text}\" is not a media type (type/subtype)"));
+        };
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "!#$&-^_.+".contains(c))
+        };
+        if !token(top) || (sub != "*" && !token(sub)) {
+            return Err(format!("\"{text}\" is not a media type (type/subtype)"));
+        }
+        Ok(if sub == "*" {
+            TypePattern::AnySubtype(top.to_string())
+        } else {
+            TypePattern::Exact(lower)
+        })
+    }
+
+    /// `essence` is lowercase, without parameters.
+    fn matches(&self, essence: &str) -> bool {
+        match self {
+            TypePattern::Exact(t) => t == essence,
+            TypePattern::AnySubtype(top) => essence
+                .split_once('/')
+                .is_some_and(|(t, sub)| t == top && !sub.is_empty()),
+        }
+    }
+}
+
+/// A route's compiled `compression`.
+#[derive(Debug)]
+pub struct Compression {
+    pub min_size: u64,
+    pub types: Vec<TypePattern>,
+    pub level: u32,
+}
+
+/// The encoding `accept_encoding` rates highest among ours: by q-value,
+/// then `zstd`, `gzip`; `q=0` refuses one, `*` stands for those not
+/// named. `None`: none acceptable (or no `Accept-Encoding`).
+pub fn negotiate<'a>(accept_encoding: impl Iterator<Item = &'a HeaderValue>) -> Option<Encoding> {
+    // Per encoding, the q-value its own entry gives, and the one of `*`.
+    let mut named: [Option<u16>; 2] = [None; 2];
+    let mut any: Option<u16> = None;
+    for value in accept_encoding {
+        let Ok(text) = value.to_str() else { continue };
+        for entry in text.split(',') {
+            let mut parts = entry.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            if coding.is_empty() {
+                continue;
+            }
+            let mut q = 1000u16;
+            for param in parts {
+                let (name, value) = param.split_once('=').unwrap_or((param, ""));
+                if name.trim().eq_ignore_ascii_case("q") {
+                    // A weight that cannot be read accepts nothing.
+                    q = parse_q(value.trim()).unwrap_or_default();
+                }
+            }
+            if coding == "*" {
+                any = Some(q);
+            } else if let Some(i) = Encoding::ALL.iter().position(|e| e.token() == coding) {
+                named[i] = Some(q);
+            }
+        }
+    }
+    let mut best: Option<(u16, Encoding)> = None;
+    for (i, encoding) in Encoding::ALL.iter().enumerate() {
+        let q = named[i].or(any).unwrap_or(0);
+        if q > 0 && best.is_none_or(|(b, _)| q > b) {
+            best = Some((q, *encoding));
+        }
+    }
+    best.map(|(_, e)| e)
+}
+
+/// An RFC 9110 weight as thousandths: `0`, `0.5`, `1`, `1.000`.
+fn parse_q(text: &str) -> Option<u16> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    if frac.len() > 3 || !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths: u16 = format!("{frac:0<3}").parse().ok()?;
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+impl Compression {
+    /// Whether this response is one to compress (or, for `Vary`, one that
+    /// would be for another client).
+    fn compressible(&self, req: &RequestHeader, resp: &ResponseHeader) -> bool {
+        if resp.status != StatusCode::OK || req.method == Method::HEAD {
+            return false;
+        }
+        let headers = &resp.headers;
+        if headers.contains_key(header::CONTENT_ENCODING)
+            || headers.contains_key(header::CONTENT_RANGE)
+        {
+            return false;
+        }
+        let no_transform = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+            })
+        });
+        if no_transform {
+            return false;
+        }
+        let essence = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        let Some(essence) = essence else {
+            return false;
+        };
+        if !self.types.iter().any(|t| t.matches(&essence)) {
+            return false;
+        }
+        // Without a length (a streamed body) it is compressed: it may be
+        // large, and it is streamed either way.
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        length.is_none_or(|n| n >= self.min_size)
+    }
+
+    /// Decides for the response about to go out and, when it is to be
+    /// compressed, switches Pingora's module on with the encoding chosen.
+    pub fn respond(&self, session: &mut Session, resp: &mut ResponseHeader) {
+        if !self.compressible(session.req_header(), resp) {
+            return;
+        }
+        // The answer depends on Accept-Encoding, whoever asks.
+        add_vary_accept_encoding(resp);
+        let Some(encoding) = negotiate(
+            session
+                .req_header()
+                .headers
+                .get_all(header::ACCEPT_ENCODING)
+                .iter(),
+        ) else {
+            return;
+        };
+        let Some(module) = session
+            .downstream_modules_ctx
+            .get_mut::<ResponseCompression>()
+        else {
+            return;
+        };
+        if !module.is_header_phase() {
+            return;
+        }
+        module.adjust_level(self.level);
+        module.adjust_decompression(false);
+        let Ok(mut asked) = RequestHeader::build(Method::GET, b"/", Some(1)) else {
+            return;
+        };
+        if asked
+            .insert_header(header::ACCEPT_ENCODING, encoding.token())
+            .is_err()
+        {
+            return;
+        }
+        module.request_filter(&asked);
+    }
+}
+
+fn add_vary_accept_encoding(resp: &mut ResponseHeader) {
+    let present = resp.headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|n| {
+                let n = n.trim();
+                n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+            })
+        })
+    });
+    if !present {
+        let _ = resp.append_header(header::VARY, "Accept-Encoding");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pick(value: &str) -> Option<&'static str> {
+        let v = HeaderValue::from_str(value).unwrap();
+        negotiate(std::iter::once(&v)).map(Encoding::token)
+    }
+
+    #[test]
+    fn the_highest_q_value_wins_then_br_zstd_gzip() {
+        assert_eq!(pick("gzip"), Some("gzip"));
+        assert_eq!(pick("gzip, br"), Some("gzip"), "no br (pingora#1013)");
+        assert_eq!(pick("br"), None);
+        assert_eq!(pick("gzip, zstd"), Some("zstd"));
+        assert_eq!(pick("zstd;q=0.5, gzip"), Some("gzip"));
+        assert_eq!(pick("gzip;q=0.5, zstd;q=0.5"), Some("zstd"));
+        assert_eq!(pick("zstd;q=0, gzip;q=0.1"), Some("gzip"));
+        assert_eq!(pick("*"), Some("zstd"));
+        assert_eq!(pick("*;q=0.2, zstd;q=0"), Some("gzip"));
+        assert_eq!(pick("identity"), None);
+        assert_eq!(pick("gzip;q=0"), None);
+        assert_eq!(pick("deflate, compress"), None);
+        assert_eq!(pick("GZIP;Q=1.0"), Some("gzip"));
+        assert_eq!(
+            pick("gzip;q=2"),
+            None,
+            "an unreadable weight accepts nothing"
+        );
+        assert_eq!(pick(""), None);
+    }
+
+    #[test]
+    fn types_match_their_essence() {
+        let json = TypePattern::parse("application/json").unwrap();
+        let text = TypePattern::parse("text/*").unwrap();
+        assert!(json.matches("application/json"));
+        assert!(!json.matches("application/jsonx"));
+        assert!(text.matches("text/html"));
+        assert!(!text.matches("textual/html"));
+        assert!(TypePattern::parse("json").is_err());
+        assert!(TypePattern::parse("*/*").is_err());
+    }
+}
