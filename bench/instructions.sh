@@ -72,14 +72,7 @@ if [[ $CLUSTER == 1 ]]; then
     # Valgrind slows the gateway some fifty times: a timeout that never
     # sends it to its fallback.
     cluster_lines="cluster: { redis: redis://127.0.0.1:$REDIS/0, timeout: 5s }"
-    GATEHOUSE_EXTRA_ROUTES="
-  - name: clustered
-    match: { path_prefix: /clustered }
-    upstream: app
-    strip_prefix: /clustered
-    rate_limit: { requests: 1000000000, per: 1s, key: ip, scope: cluster }
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }"
+    GATEHOUSE_EXTRA_ROUTES=$(cluster_route)
 fi
 observe="access_log: $WORK/access.log"
 server_extra=""

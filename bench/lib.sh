@@ -13,6 +13,20 @@ mint_token() {
     printf '%s.%s.%s' "$header" "$payload" "$sig"
 }
 
+# cluster_route: the `limited` route's limit counted in Redis (append under
+# `routes:` with a `cluster:` section).
+cluster_route() {
+    cat <<YAML
+  - name: clustered
+    match: { path_prefix: /clustered }
+    upstream: app
+    strip_prefix: /clustered
+    rate_limit: { requests: 1000000000, per: 1s, key: ip, scope: cluster }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+YAML
+}
+
 # gatehouse_routes UPSTREAM_PORT: the cache, upstream, auth and routes
 # sections of every benchmarked gatehouse.
 gatehouse_routes() {

@@ -238,13 +238,7 @@ if [[ " ${SELECTED[*]} " == *" gatehouse-cluster "* ]]; then
     [[ -x $REDIS_BIN ]] || die "redis-server not found (scripts/install-deps.sh installs it), or leave gatehouse-cluster out of TARGETS"
     CLUSTER_LINES="cluster: { redis: redis://127.0.0.1:$REDIS_PORT/0, timeout: 50ms }"
     GATEHOUSE_EXTRA_ROUTES+="
-  - name: clustered
-    match: { path_prefix: /clustered }
-    upstream: app
-    strip_prefix: /clustered
-    rate_limit: { requests: 1000000000, per: 1s, key: ip, scope: cluster }
-    request_headers: { set: { X-Gateway: gatehouse } }
-    response_headers: { remove: [Server] }"
+$(cluster_route)"
 fi
 
 # gatehouse_yaml NAME PORT ADMIN_PORT SERVER_LINES TOP_LINES: prints a gatehouse

@@ -89,13 +89,8 @@ fn wait_store(gw: &Gateway, state: &str) {
 }
 
 fn store_errors(gw: &Gateway) -> u64 {
-    let text = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
+    metrics_text(gw)
+        .lines()
         .filter(|l| l.starts_with("gatehouse_cluster_store_errors_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
@@ -517,14 +512,7 @@ fn cluster_mistakes_are_config_errors_with_their_path() {
             "unknown key",
         ),
     ];
-    for (yaml, path, message) in cases {
-        let (code, out, err) = check_config(&yaml, &[]);
-        let text = format!("{out}{err}");
-        assert_ne!(code, 0, "{yaml}");
-        assert!(text.contains(path), "{path} in:\n{text}");
-        assert!(text.contains(message), "{message} in:\n{text}");
-        assert!(!text.contains("hunter2"), "{text}");
-    }
+    assert_config_errors(&cases, Some("hunter2"));
     // A URL from the environment; -t does not need Redis to be up.
     let yaml = format!(
         "{base}cluster: {{ redis: '${{REDIS_URL}}' }}\n{}",

@@ -303,11 +303,5 @@ fn compression_mistakes_are_config_errors_with_their_path() {
             "",
         ),
     ];
-    for (yaml, path, message) in cases {
-        let (code, out, err) = check_config(&yaml, &[]);
-        let text = format!("{out}{err}");
-        assert_ne!(code, 0, "{yaml}");
-        assert!(text.contains(path), "{path} in:\n{text}");
-        assert!(text.contains(message), "{message} in:\n{text}");
-    }
+    assert_config_errors(&cases, None);
 }

@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::net::IpAddr;
-use std::time::Duration;
-
 use common::*;
 
 fn body(up: &TestUpstream) -> String {
@@ -146,12 +143,7 @@ fn preflights_are_answered_by_the_gateway_and_refused_by_origin_method_or_header
         );
     }
     assert_eq!(up.count(), 0);
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&gw);
     assert!(
         metrics.contains("gatehouse_cors_refused_total{route=\"api\"} 9"),
         "{metrics}"
@@ -246,15 +238,6 @@ fn actual_requests_carry_the_fields_on_every_response_the_gateway_errors_include
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
 }
 
-fn from(ip: &str) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .local_address(ip.parse::<IpAddr>().unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn the_ip_filter_allows_denies_and_cannot_be_fooled_by_forwarded_headers() {
     let up = TestUpstream::named("app");
@@ -280,7 +263,7 @@ routes:
     );
     let gw = gateway(&body).start();
     let status = |ip: &str, path: &str, xff: Option<&str>| {
-        let mut req = from(ip).get(gw.url(path));
+        let mut req = client_from(ip).get(gw.url(path));
         if let Some(x) = xff {
             req = req.header("X-Forwarded-For", x);
         }
@@ -297,15 +280,10 @@ routes:
     assert_eq!(status("127.0.0.2", "/d", Some("127.0.0.1")), 403);
     // off: everyone.
     assert_eq!(status("127.0.0.2", "/public", None), 200);
-    let r = from("127.0.0.2").get(gw.url("/d")).send().unwrap();
+    let r = client_from("127.0.0.2").get(gw.url("/d")).send().unwrap();
     let problem = assert_problem(r, 403);
     assert!(!problem.to_string().contains("127.0.0.2"), "{problem}");
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&gw);
     assert!(
         metrics.contains("gatehouse_ip_filtered_total{route=\"default\"} 3"),
         "{metrics}"
@@ -320,7 +298,7 @@ routes:
         .server("trusted_proxies: [127.0.0.1/32]")
         .start();
     let status = |ip: &str, path: &str, xff: Option<&str>| {
-        let mut req = from(ip).get(gw.url(path));
+        let mut req = client_from(ip).get(gw.url(path));
         if let Some(x) = xff {
             req = req.header("X-Forwarded-For", x);
         }
@@ -357,11 +335,5 @@ fn edge_policy_mistakes_are_config_errors_with_their_path() {
         (format!("{base}ip_filter: {{ }}\n"), "ip_filter", "needs allow or deny"),
         (format!("{base}ip_filter: {{ allow: [10.0.0.0/8], block: [] }}\n"), "ip_filter.block", "unknown key"),
     ];
-    for (yaml, path, message) in cases {
-        let (code, out, err) = check_config(&yaml, &[]);
-        let text = format!("{out}{err}");
-        assert_ne!(code, 0, "{yaml}");
-        assert!(text.contains(path), "{path} in:\n{text}");
-        assert!(text.contains(message), "{message} in:\n{text}");
-    }
+    assert_config_errors(&cases, None);
 }

@@ -176,12 +176,13 @@ impl SharedCount {
         KeyDigest(Sha256::new())
     }
 
-    /// Counts one request of the key `digest` (`local` its hash in this
-    /// process, for the lease table) against `limit`.
+    /// Counts one request of a key against `limit`: `local` is its hash in
+    /// this process (the lease table), `digest` makes its digest when the
+    /// store is asked.
     pub async fn count(
         &self,
         local: u64,
-        digest: KeyDigest,
+        digest: impl FnOnce() -> KeyDigest,
         limit: u64,
     ) -> Result<Counted, StoreError> {
         let now = Instant::now();
@@ -196,7 +197,7 @@ impl SharedCount {
             Leased::Spent(counted) => return Ok(counted),
             Leased::Ask { want, give_back } => (want, give_back),
         };
-        let key = digest.key(&self.key_base);
+        let key = digest().key(&self.key_base);
         let (back_period, back) = give_back.unwrap_or((0, 0));
         let sent = Instant::now();
         let (script, sub_us, slots) = (Arc::clone(&self.script), self.sub_us, self.slots);

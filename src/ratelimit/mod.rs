@@ -284,9 +284,13 @@ impl RateLimit {
         use std::hash::BuildHasher;
         let mut local = self.key_hasher.build_hasher();
         self.key.hash_into(subject, &mut local);
-        let mut digest = SharedCount::key_hasher();
-        self.key.hash_into(subject, &mut digest);
         let local = std::hash::Hasher::finish(&local);
+        // The digest only for a call to the store, not for a spent lease.
+        let digest = || {
+            let mut digest = SharedCount::key_hasher();
+            self.key.hash_into(subject, &mut digest);
+            digest
+        };
         match shared.count.count(local, digest, self.requests).await {
             Ok(counted) => Ok(self.decision_of(counted)),
             Err(e) => {

@@ -795,3 +795,38 @@ pub fn sentinel(gw: &Gateway, up: &TestUpstream, path: &str) {
         up.name()
     );
 }
+
+/// A client whose connections come from `ip` (a loopback address).
+pub fn client_from(ip: &str) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// The gateway's `/metrics` text.
+pub fn metrics_text(gw: &Gateway) -> String {
+    client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+/// Asserts `gatehouse -t` refuses each YAML, naming the path and the
+/// message given, and never printing `secret`.
+pub fn assert_config_errors(cases: &[(String, &str, &str)], secret: Option<&str>) {
+    for (yaml, path, message) in cases {
+        let (code, out, err) = check_config(yaml, &[]);
+        let text = format!("{out}{err}");
+        assert_ne!(code, 0, "{yaml}");
+        assert!(text.contains(path), "{path} in:\n{text}");
+        assert!(text.contains(message), "{message} in:\n{text}");
+        if let Some(secret) = secret {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+}
