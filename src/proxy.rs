@@ -97,8 +97,9 @@ impl Proxy {
         let route = Arc::clone(&ctx.route);
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         let metrics = self.observer.metrics();
-        let (found, phase) = route::guard(&route, req, ctx.client_ip, metrics, id).await;
-        ctx.claims = found.claims;
+        let cert = false;
+        let (found, phase) = route::guard(&route, req, ctx.client_ip, cert, metrics, id).await;
+        ctx.identity = found.identity;
         ctx.limit = found.limit;
         phase
     }
@@ -129,7 +130,7 @@ impl Proxy {
         };
         let req = session.req_header();
         let authorization = req.headers.get(http::header::AUTHORIZATION);
-        let verified = route.auth.as_ref().zip(ctx.claims.as_deref());
+        let verified = ctx.identity.as_ref();
         let headers = auth::part_headers(ctx.request_id.header_value(), authorization, verified);
         let cache = ctx.cache_slot(session, self.cache.as_ref());
         let forwarded = ctx.forwarded(session);
@@ -137,7 +138,7 @@ impl Proxy {
             input: Input {
                 params: &ctx.params,
                 query: req.uri.query(),
-                claims: ctx.claims.as_deref(),
+                claims: ctx.claims(),
                 headers,
                 forwarded: Some(&forwarded),
             },
@@ -260,8 +261,14 @@ impl ProxyHttp for Proxy {
         let id = ctx.request_id.header_value().clone();
         upstream_request.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
         let route = &ctx.route;
-        let verified = route.auth.as_ref().zip(ctx.claims.as_deref());
-        auth::forward_identity(&route.identity_headers, verified, upstream_request);
+        if let Some(auth) = &route.auth {
+            auth.strip_keys(upstream_request);
+        }
+        auth::forward_identity(
+            &route.identity_headers,
+            ctx.identity.as_ref(),
+            upstream_request,
+        );
         route.request_headers.apply(upstream_request);
         // Response rules read bodies: ask for them uncompressed.
         if route.response_body.is_some() {

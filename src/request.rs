@@ -12,6 +12,7 @@ use pingora_core::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+use crate::auth::Identity;
 use crate::budget::Held;
 use crate::cache::{self, Cache, CachePolicy, Slot};
 use crate::forwarding::{self, Forwarded, RequestId};
@@ -45,8 +46,8 @@ pub struct RequestCtx {
     pub in_flight: Option<InFlight>,
     /// The request body against the route's `max_body`.
     pub body: BodyCount,
-    /// The verified token's claims, on a route with `auth`.
-    pub claims: Option<Arc<Claims>>,
+    /// Who the credentials verified as, on a route with `auth`.
+    pub identity: Option<Identity>,
     /// The rate limit count, for the `RateLimit-*` headers.
     pub limit: Option<Decision>,
     /// Path parameters, for an aggregate route's placeholders.
@@ -85,7 +86,7 @@ impl RequestCtx {
             tried: Vec::new(),
             in_flight: None,
             body: BodyCount::default(),
-            claims: None,
+            identity: None,
             limit: None,
             params: Params::default(),
             x_cache: None,
@@ -162,9 +163,14 @@ impl RequestCtx {
         }
     }
 
-    /// The verified token's `sub`, when it is a string.
+    /// The verified token's `sub` (when a string) or the API consumer.
     pub fn user(&self) -> Option<&str> {
-        self.claims.as_ref()?.get("sub")?.as_str()
+        self.identity.as_ref()?.user()
+    }
+
+    /// The verified token's claims or the consumer's fields.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.identity.as_ref().map(Identity::claims)
     }
 
     /// What request keys (rate limits, consistent hashing) are taken from.
@@ -172,8 +178,8 @@ impl RequestCtx {
         Subject {
             client_ip: self.client_ip,
             headers,
-            claims: self.claims.as_deref(),
-            consumer: None,
+            claims: self.claims(),
+            consumer: self.identity.as_ref().and_then(Identity::consumer),
         }
     }
 

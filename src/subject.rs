@@ -87,8 +87,9 @@ impl RequestKey {
     }
 
     /// Whether the key needs a verified token (so counting waits for auth).
-    pub fn needs_claims(&self) -> bool {
-        matches!(self, RequestKey::Claim(_))
+    /// Whether the key is known only once the request is authenticated.
+    pub fn needs_identity(&self) -> bool {
+        matches!(self, RequestKey::Claim(_) | RequestKey::Consumer)
     }
 
     /// Writes the key of `subject` into `hasher`: equal for the same

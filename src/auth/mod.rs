@@ -1,13 +1,16 @@
-//! JWT authentication at the door. Joins `request_filter` (find the token,
-//! verify it, check required claims and scopes: 401 or 403) and
-//! `upstream_request_filter` (identity headers: removed from every client
-//! request, then set from verified claims only).
+//! Authentication at the door: JWTs, API keys (`api_key`) and client
+//! certificates. Joins `request_filter` (find the credential, verify it,
+//! check required claims and scopes: 401 or 403) and
+//! `upstream_request_filter` (credentials of API keys removed; identity
+//! headers removed from every client request, then set from what was
+//! verified only).
 //!
 //! jsonwebtoken is permissive by default; here every provider pins its
 //! algorithms, requires `exp`, checks `nbf`, requires and checks `iss` and
 //! `aud` when they are configured, refuses a `crit` header, and takes keys
 //! only from its own configuration.
 
+pub mod api_key;
 mod cache;
 pub mod jwks;
 pub mod keys;
@@ -21,6 +24,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use pingora_http::RequestHeader;
 use serde_json::Value;
 
+use api_key::{ApiKeys, Consumer, KeyCheck};
 use cache::TokenCache;
 use jwks::RemoteJwks;
 use keys::{KeySet, NoKey};
@@ -143,14 +147,25 @@ impl std::fmt::Debug for Provider {
     }
 }
 
+/// The credentials a route accepts, for the challenge of a 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Schemes {
+    pub bearer: bool,
+    pub api_key: bool,
+}
+
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthError {
-    /// No token: 401, `WWW-Authenticate: Bearer`.
-    Missing,
+    /// No credential: 401 with the challenges of the route's schemes.
+    Missing(Schemes),
     /// A token that does not verify: 401 with `error="invalid_token"`.
     Invalid(&'static str),
-    /// A valid token without the required claims or scopes: 403.
+    /// An API key no consumer holds: 401, `WWW-Authenticate: ApiKey`.
+    UnknownKey,
+    /// No verified client certificate on a route that needs one: 401.
+    NoClientCert,
+    /// Valid credentials without the required claims or scopes: 403.
     Forbidden(&'static str),
 }
 
@@ -165,17 +180,27 @@ impl AuthError {
     /// A short, stable reason: the metric label and the problem detail.
     pub fn reason(&self) -> &'static str {
         match self {
-            AuthError::Missing => "missing_token",
+            AuthError::Missing(s) if s.bearer && s.api_key => "missing_credentials",
+            AuthError::Missing(s) if s.api_key => "missing_api_key",
+            AuthError::Missing(_) => "missing_token",
+            AuthError::UnknownKey => "unknown_api_key",
+            AuthError::NoClientCert => "missing_client_cert",
             AuthError::Invalid(r) | AuthError::Forbidden(r) => r,
         }
     }
 
-    pub fn www_authenticate(&self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            AuthError::Missing => "Bearer",
+    /// The challenge; none for a missing client certificate, for which
+    /// HTTP has no scheme.
+    pub fn www_authenticate(&self) -> Option<HeaderValue> {
+        Some(HeaderValue::from_static(match self {
+            AuthError::Missing(s) if s.bearer && s.api_key => "Bearer, ApiKey",
+            AuthError::Missing(s) if s.api_key => "ApiKey",
+            AuthError::Missing(_) => "Bearer",
             AuthError::Invalid(_) => "Bearer error=\"invalid_token\"",
+            AuthError::UnknownKey => "ApiKey",
+            AuthError::NoClientCert => return None,
             AuthError::Forbidden(_) => "Bearer error=\"insufficient_scope\"",
-        })
+        }))
     }
 }
 
@@ -230,7 +255,13 @@ impl Provider {
 
     /// Verifies the request's token and returns its claims.
     pub async fn authenticate(&self, req: &RequestHeader) -> Result<Arc<Claims>, AuthError> {
-        let token = self.token_from.find(req).ok_or(AuthError::Missing)?;
+        let token = self
+            .token_from
+            .find(req)
+            .ok_or(AuthError::Missing(Schemes {
+                bearer: true,
+                api_key: false,
+            }))?;
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::Invalid("malformed_token"));
         }
@@ -339,12 +370,21 @@ impl AuthError {
     /// The 401 or 403 answer, with `WWW-Authenticate`.
     pub fn response(&self, request_id: &str) -> crate::respond::Response {
         let detail = match self {
-            AuthError::Missing => "a bearer token is required",
+            AuthError::Missing(s) if s.bearer && s.api_key => {
+                "a bearer token or an API key is required"
+            }
+            AuthError::Missing(s) if s.api_key => "an API key is required",
+            AuthError::Missing(_) => "a bearer token is required",
             AuthError::Invalid(_) => "the token is not valid",
-            AuthError::Forbidden(_) => "the token does not grant access to this route",
+            AuthError::UnknownKey => "the API key is not valid",
+            AuthError::NoClientCert => "a verified client certificate is required",
+            AuthError::Forbidden(_) => "the credentials do not grant access to this route",
         };
-        crate::respond::Response::problem(self.status(), detail, request_id)
-            .with_header(http::header::WWW_AUTHENTICATE, self.www_authenticate())
+        let response = crate::respond::Response::problem(self.status(), detail, request_id);
+        match self.www_authenticate() {
+            Some(challenge) => response.with_header(http::header::WWW_AUTHENTICATE, challenge),
+            None => response,
+        }
     }
 }
 
@@ -359,11 +399,64 @@ fn same_but_underscores(sent: &str, identity: &str) -> bool {
             .all(|(s, i)| s == i || (separator(s) && separator(i)))
 }
 
+/// Who a request was verified as.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Token {
+        provider: Arc<Provider>,
+        claims: Arc<Claims>,
+    },
+    Consumer {
+        keys: Arc<ApiKeys>,
+        consumer: Arc<Consumer>,
+    },
+}
+
+impl Identity {
+    /// The token's claims, or the consumer's fields: what `require_claims`,
+    /// `claim:NAME` keys and `{claim.NAME}` placeholders read.
+    pub fn claims(&self) -> &Claims {
+        match self {
+            Identity::Token { claims, .. } => claims,
+            Identity::Consumer { consumer, .. } => &consumer.fields,
+        }
+    }
+
+    pub fn consumer(&self) -> Option<&str> {
+        match self {
+            Identity::Consumer { consumer, .. } => Some(&consumer.name),
+            Identity::Token { .. } => None,
+        }
+    }
+
+    /// The access log's `user` and the cache's per-user key: the token's
+    /// `sub` (when a string) or the consumer.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Identity::Token { claims, .. } => claims.get("sub")?.as_str(),
+            Identity::Consumer { consumer, .. } => Some(&consumer.name),
+        }
+    }
+
+    /// The identity headers sent upstream.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        match self {
+            Identity::Token { provider, claims } => provider
+                .claim_headers(claims)
+                .map(|(name, value)| (name.clone(), value))
+                .collect(),
+            Identity::Consumer { keys, consumer } => {
+                keys.consumer_header(consumer).into_iter().collect()
+            }
+        }
+    }
+}
+
 /// Identity headers on the upstream request: whatever the client sent
-/// under those names is dropped, then the verified claims are set.
+/// under those names is dropped, then the verified identity's are set.
 pub fn forward_identity(
     identity_headers: &[HeaderName],
-    verified: Option<(&RouteAuth, &Claims)>,
+    verified: Option<&Identity>,
     upstream: &mut RequestHeader,
 ) {
     if identity_headers.is_empty() {
@@ -376,8 +469,8 @@ pub fn forward_identity(
             .iter()
             .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
     });
-    if let Some((auth, claims)) = verified {
-        for (header, value) in auth.provider.claim_headers(claims) {
+    if let Some(identity) = verified {
+        for (header, value) in identity.headers() {
             let _ = upstream.insert_header(header, value);
         }
     }
@@ -385,32 +478,56 @@ pub fn forward_identity(
 
 /// What a request the gateway makes on a client's behalf (an aggregate
 /// part) carries of who asked: the request id, the client's
-/// `Authorization`, and the verified token's claim headers.
+/// `Authorization`, and the verified identity's headers (never an API key).
 pub fn part_headers(
     request_id: &HeaderValue,
     authorization: Option<&HeaderValue>,
-    verified: Option<(&RouteAuth, &Claims)>,
+    verified: Option<&Identity>,
 ) -> Vec<(HeaderName, HeaderValue)> {
     let mut headers = vec![(crate::forwarding::REQUEST_ID, request_id.clone())];
     headers.extend(authorization.map(|v| (http::header::AUTHORIZATION, v.clone())));
-    if let Some((auth, claims)) = verified {
-        let claimed = auth.provider.claim_headers(claims);
-        headers.extend(claimed.map(|(name, value)| (name.clone(), value)));
+    if let Some(identity) = verified {
+        headers.extend(identity.headers());
     }
     headers
 }
 
-/// A route's `auth`: the provider, plus claims and scopes a token must carry.
+/// One credential a route accepts.
+#[derive(Debug, Clone)]
+pub enum Method {
+    Jwt(Arc<Provider>),
+    ApiKey(Arc<ApiKeys>),
+}
+
+/// A route's `auth`: the credentials it accepts (any one of them), the
+/// claims and scopes they must carry, and whether a verified client
+/// certificate is needed as well.
 #[derive(Debug)]
 pub struct RouteAuth {
-    pub provider: Arc<Provider>,
+    /// Tokens first, then keys: a token sent beside a key is tried first
+    /// and its identity wins.
+    pub methods: Vec<Method>,
     pub require_claims: Vec<(String, Vec<Value>)>,
     pub require_scopes: Vec<String>,
+    pub client_cert: bool,
 }
 
 impl RouteAuth {
-    pub async fn authorize(&self, req: &RequestHeader) -> Result<Arc<Claims>, AuthError> {
-        let claims = self.provider.authenticate(req).await?;
+    /// The identity a request's credentials verify as (`None` on a route
+    /// that asks only for a client certificate, checked with
+    /// `client_cert_verified`).
+    pub async fn authorize(
+        &self,
+        req: &RequestHeader,
+        client_cert_verified: bool,
+    ) -> Result<Option<Identity>, AuthError> {
+        if self.client_cert && !client_cert_verified {
+            return Err(AuthError::NoClientCert);
+        }
+        let Some(identity) = self.verify(req).await? else {
+            return Ok(None);
+        };
+        let claims = identity.claims();
         for (name, accepted) in &self.require_claims {
             let ok = match claims.get(name) {
                 Some(Value::Array(items)) => items.iter().any(|i| accepted.contains(i)),
@@ -422,7 +539,7 @@ impl RouteAuth {
             }
         }
         if !self.require_scopes.is_empty() {
-            let granted = scopes(&claims);
+            let granted = scopes(claims);
             if !self
                 .require_scopes
                 .iter()
@@ -431,7 +548,59 @@ impl RouteAuth {
                 return Err(AuthError::Forbidden("insufficient_scope"));
             }
         }
-        Ok(claims)
+        Ok(Some(identity))
+    }
+
+    /// The first credential sent that verifies; the first failure when
+    /// none does; `Missing` when none was sent.
+    async fn verify(&self, req: &RequestHeader) -> Result<Option<Identity>, AuthError> {
+        if self.methods.is_empty() {
+            return Ok(None);
+        }
+        let mut first_failure = None;
+        for method in &self.methods {
+            let outcome = match method {
+                Method::Jwt(provider) => match provider.authenticate(req).await {
+                    Ok(claims) => Ok(Identity::Token {
+                        provider: Arc::clone(provider),
+                        claims,
+                    }),
+                    Err(AuthError::Missing(_)) => continue,
+                    Err(e) => Err(e),
+                },
+                Method::ApiKey(keys) => match keys.check(req) {
+                    KeyCheck::Valid(consumer) => Ok(Identity::Consumer {
+                        keys: Arc::clone(keys),
+                        consumer,
+                    }),
+                    KeyCheck::Missing => continue,
+                    KeyCheck::Unknown => Err(AuthError::UnknownKey),
+                },
+            };
+            match outcome {
+                Ok(identity) => return Ok(Some(identity)),
+                Err(e) => {
+                    first_failure.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_failure.unwrap_or(AuthError::Missing(self.schemes())))
+    }
+
+    fn schemes(&self) -> Schemes {
+        Schemes {
+            bearer: self.methods.iter().any(|m| matches!(m, Method::Jwt(_))),
+            api_key: self.methods.iter().any(|m| matches!(m, Method::ApiKey(_))),
+        }
+    }
+
+    /// Removes the route's API keys from the upstream request.
+    pub fn strip_keys(&self, upstream: &mut RequestHeader) {
+        for method in &self.methods {
+            if let Method::ApiKey(keys) = method {
+                keys.strip(upstream);
+            }
+        }
     }
 }
 

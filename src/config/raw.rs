@@ -184,6 +184,19 @@ pub struct RawAuth {
     /// Each a `RawJwtProvider`, read with its own path.
     #[serde(default)]
     pub jwt: BTreeMap<String, Value>,
+    /// Each a `RawApiKeys`.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, Value>,
+}
+
+/// One `auth.api_keys` provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKeys {
+    /// `header:NAME` or `query:NAME`.
+    pub from: String,
+    pub keys_file: String,
+    pub forward_consumer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,11 +233,15 @@ impl OneOrMany {
     }
 }
 
-/// `auth: { jwt: NAME, require_claims: {...}, require_scopes: [...] }`.
-#[derive(Debug, Deserialize)]
+/// `auth: { jwt: NAME | api_key: NAME, client_cert: true, require_claims:
+/// {...}, require_scopes: [...] }`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteAuth {
-    pub jwt: String,
+    pub jwt: Option<String>,
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub client_cert: bool,
     /// Claim -> an accepted value or a list of them.
     #[serde(default)]
     pub require_claims: BTreeMap<String, Value>,

@@ -213,7 +213,24 @@ fn describe_route(out: &mut String, route: &Route, sent: &str, path: &str, query
             let _ = writeln!(out, "auth: none");
         }
         Some(a) => {
-            let mut line = format!("auth: jwt {}", a.provider.name);
+            let methods: Vec<String> = a
+                .methods
+                .iter()
+                .map(|m| match m {
+                    crate::auth::Method::Jwt(p) => format!("jwt {}", p.name),
+                    crate::auth::Method::ApiKey(k) => {
+                        format!("api key {} ({} consumers)", k.name, k.consumer_count())
+                    }
+                })
+                .collect();
+            let mut line = format!("auth: {}", methods.join(" or "));
+            if a.client_cert {
+                line.push_str(if methods.is_empty() {
+                    "client certificate"
+                } else {
+                    ", and a client certificate"
+                });
+            }
             if !a.require_claims.is_empty() {
                 let claims: Vec<String> = a
                     .require_claims

@@ -1,24 +1,24 @@
 //! Who may pass: a route's `rate_limit` and `auth`, in the order that keeps
 //! floods cheap. A limit keyed by IP or header counts first, so a flood of
 //! bad tokens is limited before it costs a signature check; one keyed by a
-//! claim needs the verified token, and a request refused by authentication
-//! then counts against its client IP. Joins `request_filter`.
-
-use std::sync::Arc;
+//! claim or the consumer needs the verified identity, and a request refused
+//! by authentication then counts against its client IP. Joins
+//! `request_filter`.
 
 use pingora_http::RequestHeader;
 
 use super::Route;
+use crate::auth::Identity;
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, RateLimit};
 use crate::respond::Phase;
-use crate::subject::{Claims, Subject};
+use crate::subject::Subject;
 
 /// What guarding a request found, whatever it decided.
 #[derive(Default)]
 pub struct Guarded {
-    /// The verified token's claims.
-    pub claims: Option<Arc<Claims>>,
+    /// Who the credentials verified as.
+    pub identity: Option<Identity>,
     /// The rate limit's count, for the `RateLimit-*` headers (on a refusal
     /// too).
     pub limit: Option<Decision>,
@@ -29,12 +29,13 @@ pub async fn guard(
     route: &Route,
     req: &RequestHeader,
     client_ip: Option<std::net::IpAddr>,
+    client_cert_verified: bool,
     metrics: &Metrics,
     request_id: &str,
 ) -> (Guarded, Phase) {
     let mut found = Guarded::default();
     let (early, late) = match &route.rate_limit {
-        Some(l) if l.key.needs_claims() => (None, Some(&**l)),
+        Some(l) if l.key.needs_identity() => (None, Some(&**l)),
         other => (other.as_deref(), None),
     };
     let counter = Counter {
@@ -50,8 +51,8 @@ pub async fn guard(
         }
     }
     if let Some(auth) = &route.auth {
-        match auth.authorize(req).await {
-            Ok(claims) => found.claims = Some(claims),
+        match auth.authorize(req, client_cert_verified).await {
+            Ok(identity) => found.identity = identity,
             Err(e) => {
                 metrics
                     .auth_failures
@@ -69,8 +70,8 @@ pub async fn guard(
         }
     }
     if let Some(limit) = late {
-        let claims = found.claims.clone();
-        if let Some(refused) = counter.count(limit, claims.as_deref(), &mut found).await {
+        let identity = found.identity.clone();
+        if let Some(refused) = counter.count(limit, identity.as_ref(), &mut found).await {
             return (found, refused);
         }
     }
@@ -91,14 +92,14 @@ impl Counter<'_> {
     async fn count(
         &self,
         limit: &RateLimit,
-        claims: Option<&Claims>,
+        identity: Option<&Identity>,
         found: &mut Guarded,
     ) -> Option<Phase> {
         let subject = Subject {
             client_ip: self.client_ip,
             headers: &self.req.headers,
-            claims,
-            consumer: None,
+            claims: identity.map(Identity::claims),
+            consumer: identity.and_then(Identity::consumer),
         };
         let decision = match limit.admit(&subject, self.metrics).await {
             Ok(decision) => decision,

@@ -3,6 +3,7 @@
 //! One file per section; what they share (the error list, serde with
 //! paths, names, files, carrying state over a reload) is here.
 
+mod api_keys;
 mod carry;
 mod cluster;
 mod edge;
@@ -24,7 +25,6 @@ use serde_json::Value;
 use super::error::ConfigErrors;
 use super::source::{key_path, Document};
 use super::Config;
-use crate::auth::Provider;
 use crate::gateway::{Carried, Runtime};
 use crate::routing::Router;
 use crate::upstream::Upstream;
@@ -92,19 +92,21 @@ pub(super) fn compile(
     let listeners = cx.listeners(root.get("listen"));
     let admin = cx.admin(root.get("admin"), &listeners);
     let upstreams = cx.upstreams(root.get("upstreams"));
-    let providers = cx.providers(root.get("auth"));
+    let auth = cx.providers(root.get("auth"));
     let identity_headers: Arc<[HeaderName]> = {
-        let mut names: Vec<HeaderName> = providers
+        let mut names: Vec<HeaderName> = auth
+            .jwt
             .values()
             .flat_map(|p| p.forward_claims.iter().map(|(_, h)| h.clone()))
+            .chain(
+                auth.api_keys
+                    .values()
+                    .filter_map(|k| k.forward_consumer.clone()),
+            )
             .collect();
         names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         names.dedup();
         names.into()
-    };
-    let declared_providers: Vec<String> = match root.get("auth").and_then(|a| a.get("jwt")) {
-        Some(Value::Object(map)) => map.keys().cloned().collect(),
-        _ => Vec::new(),
     };
     let cluster = cx.cluster(root.get("cluster"));
     let edge = cx.edge_defaults(root);
@@ -112,8 +114,7 @@ pub(super) fn compile(
         cluster: cluster.as_ref(),
         edge: &edge,
         upstreams: &upstreams,
-        providers: &providers,
-        declared_providers: &declared_providers,
+        auth: &auth,
         identity_headers: &identity_headers,
     };
     let declared: Vec<String> = match root.get("upstreams") {
@@ -136,7 +137,7 @@ pub(super) fn compile(
         runtime: Runtime {
             router: Router::new(routes.into_iter().map(Arc::new).collect()),
             upstreams,
-            providers,
+            providers: auth.jwt,
             cluster: cluster.map(|c| c.cluster),
             carried: cx.carried,
         },
@@ -149,9 +150,7 @@ struct Shared<'a> {
     /// The top-level `cors` and `ip_filter`.
     edge: &'a edge::EdgeDefaults,
     upstreams: &'a BTreeMap<String, Arc<Upstream>>,
-    providers: &'a BTreeMap<String, Arc<Provider>>,
-    /// Every provider named in the file, valid or not.
-    declared_providers: &'a [String],
+    auth: &'a providers::Providers,
     identity_headers: &'a Arc<[HeaderName]>,
 }
 

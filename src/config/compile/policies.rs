@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::aggregate::{Aggregate, Part as AggregatePart, PathTemplate};
-use crate::auth::RouteAuth;
+use crate::auth::{Method, RouteAuth};
 use crate::cache::CachePolicy;
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
@@ -209,34 +209,83 @@ impl Compiler<'_> {
         value: &Value,
         shared: &Shared<'_>,
     ) -> Option<RouteAuth> {
-        let raw = match value {
-            Value::String(name) => RawRouteAuth {
-                jwt: name.clone(),
-                require_claims: BTreeMap::new(),
-                require_scopes: Vec::new(),
-            },
-            _ => self.de::<RawRouteAuth>(path, value)?,
-        };
-        let name_path = if value.is_string() {
-            path.to_string()
-        } else {
-            key_path(path, "jwt")
-        };
-        let Some(provider) = shared.providers.get(&raw.jwt) else {
-            // Declared but invalid: its own errors are already reported.
-            if shared.declared_providers.contains(&raw.jwt) {
-                return None;
+        // The short forms: one provider's name, or a list of them (any one
+        // credential passes).
+        let (raw, names) = match value {
+            Value::String(name) => (
+                RawRouteAuth::default(),
+                vec![(path.to_string(), name.clone(), None)],
+            ),
+            Value::Array(items) => {
+                let mut names = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(name) => names.push((index_path(path, i), name.to_string(), None)),
+                        None => self.error(&index_path(path, i), "name an auth provider"),
+                    }
+                }
+                if items.is_empty() {
+                    self.error(path, "list at least one auth provider");
+                }
+                (RawRouteAuth::default(), names)
             }
-            let known = known_names(
-                shared.declared_providers.iter(),
-                "none are defined under auth.jwt",
-            );
-            self.error(
-                &name_path,
-                format!("unknown auth provider \"{}\"; {known}", raw.jwt),
-            );
-            return None;
+            _ => {
+                let mut raw = self.de::<RawRouteAuth>(path, value)?;
+                let mut names = Vec::new();
+                // The long form names each provider's kind by its key.
+                if let Some(jwt) = raw.jwt.take() {
+                    names.push((key_path(path, "jwt"), jwt, Some(false)));
+                }
+                if let Some(key) = raw.api_key.take() {
+                    names.push((key_path(path, "api_key"), key, Some(true)));
+                }
+                if names.is_empty() && !raw.client_cert {
+                    self.error(path, "give jwt, api_key or client_cert: true");
+                }
+                (raw, names)
+            }
         };
+        let auth = shared.auth;
+        let mut methods = Vec::new();
+        let mut unresolved = false;
+        for (name_path, name, wants_api_key) in names {
+            let method = match (auth.jwt.get(&name), auth.api_keys.get(&name)) {
+                (Some(p), _) => Method::Jwt(Arc::clone(p)),
+                (_, Some(k)) => Method::ApiKey(Arc::clone(k)),
+                _ => {
+                    unresolved = true;
+                    // Declared but invalid: its own errors are already reported.
+                    if !auth.declared.contains(&name) {
+                        let known = known_names(
+                            auth.declared.iter(),
+                            "none are defined under auth.jwt or auth.api_keys",
+                        );
+                        self.error(
+                            &name_path,
+                            format!("unknown auth provider \"{name}\"; {known}"),
+                        );
+                    }
+                    continue;
+                }
+            };
+            let is_api_key = matches!(method, Method::ApiKey(_));
+            if wants_api_key.is_some_and(|wanted| wanted != is_api_key) {
+                let section = if is_api_key {
+                    "auth.api_keys"
+                } else {
+                    "auth.jwt"
+                };
+                self.error(&name_path, format!("\"{name}\" is a provider of {section}"));
+                unresolved = true;
+                continue;
+            }
+            methods.push(method);
+        }
+        if unresolved {
+            return None;
+        }
+        // Tokens first: a token sent beside a key is tried first.
+        methods.sort_by_key(|m| matches!(m, Method::ApiKey(_)));
         let mut require_claims = Vec::new();
         for (claim, accepted) in raw.require_claims {
             let cpath = key_path(&key_path(path, "require_claims"), &claim);
@@ -268,9 +317,10 @@ impl Compiler<'_> {
             );
         }
         Some(RouteAuth {
-            provider: Arc::clone(provider),
+            methods,
             require_claims,
             require_scopes: raw.require_scopes,
+            client_cert: raw.client_cert,
         })
     }
 

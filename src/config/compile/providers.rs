@@ -36,18 +36,43 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-forwarded-host",
 ];
 
+/// The compiled `auth` section.
+#[derive(Default)]
+pub(super) struct Providers {
+    pub jwt: BTreeMap<String, Arc<Provider>>,
+    pub api_keys: BTreeMap<String, Arc<crate::auth::api_key::ApiKeys>>,
+    /// Every provider named in the file, valid or not.
+    pub declared: Vec<String>,
+}
+
+/// Whether `header` frames or routes a request, so no credential or
+/// identity may be read from or written to it.
+pub(super) fn is_reserved(header: &HeaderName) -> bool {
+    RESERVED_HEADERS.contains(&header.as_str())
+}
+
 impl Compiler<'_> {
-    pub(super) fn providers(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Provider>> {
+    /// The `auth` section: JWT providers and API key providers.
+    pub(super) fn providers(&mut self, value: Option<&Value>) -> Providers {
         let Some(value) = value.filter(|v| !v.is_null()) else {
-            return BTreeMap::new();
+            return Providers::default();
         };
         let Some(raw) = self.de::<RawAuth>("auth", value) else {
-            return BTreeMap::new();
+            return Providers::default();
         };
-        self.carry_each("auth.jwt", "provider", &raw.jwt, |cx, path, name, item| {
+        let jwt = self.carry_each("auth.jwt", "provider", &raw.jwt, |cx, path, name, item| {
             let raw = cx.de::<RawJwtProvider>(path, item)?;
             cx.provider(path, name, raw)
-        })
+        });
+        let jwt_names: Vec<String> = raw.jwt.keys().cloned().collect();
+        let api_keys = self.api_key_providers(&raw.api_keys, &jwt_names);
+        let mut declared = jwt_names;
+        declared.extend(raw.api_keys.keys().cloned());
+        Providers {
+            jwt,
+            api_keys,
+            declared,
+        }
     }
 
     pub(super) fn provider(
