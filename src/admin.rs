@@ -43,6 +43,21 @@ impl AdminApp {
     /// upstream without one. The cluster's store is listed; it fails
     /// readiness only while down for a route that refuses without it
     /// (`on_store_error: deny`).
+    /// The served certificates' remaining lifetimes, as of this scrape (a
+    /// reload may have replaced them).
+    fn certificate_expiry(&self) {
+        let gauge = &self.metrics.tls_certificate_expiry;
+        gauge.reset();
+        let now = crate::tls::now_unix();
+        for (_, table) in &self.gateway.current().certificates {
+            for cert in &table.certificates {
+                gauge
+                    .with_label_values(&[cert.label()])
+                    .set(cert.not_after - now);
+            }
+        }
+    }
+
     fn ready(&self) -> Response<Vec<u8>> {
         let runtime = self.gateway.current();
         let mut reasons: Vec<String> = runtime
@@ -237,11 +252,14 @@ impl ServeHttp for AdminApp {
             ),
             (_, "/healthz") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (Method::GET | Method::HEAD, "/readyz") => self.ready(),
-            (Method::GET | Method::HEAD, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(),
-            ),
+            (Method::GET | Method::HEAD, "/metrics") => {
+                self.certificate_expiry();
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )
+            }
             (Method::POST, "/reload") => self.reload().await,
             (_, "/readyz" | "/metrics") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (_, "/reload") => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),

@@ -24,6 +24,8 @@ pub struct Runtime {
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// The `cluster` section: the store shared with the other instances.
     pub cluster: Option<Arc<Cluster>>,
+    /// Each TLS listener's certificates, chosen by SNI at each handshake.
+    pub certificates: Vec<(std::net::SocketAddr, Arc<crate::tls::CertTable>)>,
     /// What the next reload may carry over.
     pub carried: Carried,
 }

@@ -66,5 +66,6 @@ pub mod route;
 pub mod routing;
 pub mod server;
 pub(crate) mod subject;
+pub mod tls;
 pub(crate) mod transform;
 pub(crate) mod upstream;

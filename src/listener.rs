@@ -921,18 +921,26 @@ impl GetSocketDigest for Framed {
 // Peeking is only asked for to detect h2c, which is off.
 impl Peek for Framed {}
 
+/// A TLS listener: its address, its acceptor (fixed at start) and the
+/// callbacks that pick its certificate per handshake.
+pub type TlsListener = (
+    SocketAddr,
+    SslAcceptor,
+    Arc<dyn pingora_core::listeners::TlsAccept + Send + Sync>,
+);
+
 /// The gateway's listeners as one Pingora application: TLS connections
 /// are accepted here, within `header_timeout` of their TCP accept (Pingora
 /// would wait 60 s), then every connection goes to the HTTP application.
 pub struct Gate<A> {
     http: Arc<A>,
-    /// TLS listeners: their address and acceptor.
-    tls: Vec<(SocketAddr, SslAcceptor)>,
+    /// TLS listeners: their address, acceptor and handshake callbacks.
+    tls: Vec<TlsListener>,
     header_timeout: Duration,
 }
 
 impl<A> Gate<A> {
-    pub fn new(http: A, tls: Vec<(SocketAddr, SslAcceptor)>, header_timeout: Duration) -> Self {
+    pub fn new(http: A, tls: Vec<TlsListener>, header_timeout: Duration) -> Self {
         Gate {
             http: Arc::new(http),
             tls,
@@ -941,7 +949,7 @@ impl<A> Gate<A> {
     }
 
     /// The acceptor of the TLS listener this connection came in on, if any.
-    fn acceptor(&self, stream: &Stream) -> Option<&SslAcceptor> {
+    fn acceptor(&self, stream: &Stream) -> Option<&TlsListener> {
         if self.tls.is_empty() || stream.get_ssl_digest().is_some() {
             return None;
         }
@@ -953,13 +961,12 @@ impl<A> Gate<A> {
         let same_ip = |a: &SocketAddr| a.ip().to_canonical() == local.ip().to_canonical();
         self.tls
             .iter()
-            .find(|(addr, _)| addr.port() == local.port() && same_ip(addr))
+            .find(|(addr, ..)| addr.port() == local.port() && same_ip(addr))
             .or_else(|| {
                 self.tls
                     .iter()
-                    .find(|(addr, _)| addr.port() == local.port() && addr.ip().is_unspecified())
+                    .find(|(addr, ..)| addr.port() == local.port() && addr.ip().is_unspecified())
             })
-            .map(|(_, acceptor)| acceptor)
     }
 }
 
@@ -975,10 +982,14 @@ where
     ) -> Option<Stream> {
         let stream = match self.acceptor(&stream) {
             None => stream,
-            Some(acceptor) => {
+            Some((_, acceptor, callbacks)) => {
                 let deadline = accepted_at(&stream) + self.header_timeout;
                 let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-                let handshake = pingora_core::protocols::tls::server::handshake(acceptor, *l4);
+                let handshake = pingora_core::protocols::tls::server::handshake_with_callback(
+                    acceptor,
+                    *l4,
+                    callbacks.as_ref(),
+                );
                 match tokio::time::timeout_at(deadline, handshake).await {
                     // An HTTP/2 client must also send its preface in time;
                     // an HTTP/1 head is timed by the head guard.
@@ -1004,24 +1015,6 @@ where
     async fn cleanup(&self) {
         self.http.cleanup().await
     }
-}
-
-/// A TLS acceptor for one certificate and key: Mozilla's "intermediate"
-/// profile, HTTP/2 preferred over HTTP/1.1 by ALPN.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<SslAcceptor, String> {
-    use pingora_core::tls::ssl::{select_next_proto, AlpnError, SslFiletype, SslMethod};
-    let mut b =
-        SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| e.to_string())?;
-    b.set_private_key_file(key, SslFiletype::PEM)
-        .map_err(|e| format!("cannot read the key: {e}"))?;
-    b.set_certificate_chain_file(cert)
-        .map_err(|e| format!("cannot read the certificate: {e}"))?;
-    b.check_private_key()
-        .map_err(|_| "the key does not match the certificate".to_string())?;
-    b.set_alpn_select_callback(|_, offered| {
-        select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::NOACK)
-    });
-    Ok(b.build())
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
+    /// Seconds each TLS certificate has left, set at each scrape.
+    pub tls_certificate_expiry: IntGaugeVec,
     pub rate_limited: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub cache_requests: IntCounterVec,
@@ -52,6 +54,17 @@ impl Metrics {
         registry
             .register(Box::new(duration.clone()))
             .expect("metric names are unique");
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_tls_certificate_expiry_seconds",
+                "Seconds until each served TLS certificate expires, by its first DNS name.",
+            ),
+            &["name"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tls_certificate_expiry.clone()))
+            .expect("unique metric");
         let upstream_healthy = IntGaugeVec::new(
             Opts::new(
                 "gatehouse_upstream_healthy",
@@ -86,6 +99,7 @@ impl Metrics {
                 &["upstream", "target", "outcome"],
             ),
             upstream_healthy,
+            tls_certificate_expiry,
             rate_limited: counter(
                 &registry,
                 "gatehouse_rate_limited_total",

@@ -97,7 +97,7 @@ impl Proxy {
         let route = Arc::clone(&ctx.route);
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         let metrics = self.observer.metrics();
-        let cert = false;
+        let cert = ctx.client_cert.is_some();
         let (found, phase) = route::guard(&route, req, ctx.client_ip, cert, metrics, id).await;
         ctx.identity = found.identity;
         ctx.limit = found.limit;
@@ -130,8 +130,9 @@ impl Proxy {
         };
         let req = session.req_header();
         let authorization = req.headers.get(http::header::AUTHORIZATION);
-        let verified = ctx.identity.as_ref();
-        let headers = auth::part_headers(ctx.request_id.header_value(), authorization, verified);
+        let (verified, cert) = (ctx.identity.as_ref(), ctx.client_cert.as_ref());
+        let id = ctx.request_id.header_value();
+        let headers = auth::part_headers(id, authorization, verified, cert);
         let cache = ctx.cache_slot(session, self.cache.as_ref());
         let forwarded = ctx.forwarded(session);
         let asked = Asked {
@@ -264,11 +265,8 @@ impl ProxyHttp for Proxy {
         if let Some(auth) = &route.auth {
             auth.strip_keys(upstream_request);
         }
-        auth::forward_identity(
-            &route.identity_headers,
-            ctx.identity.as_ref(),
-            upstream_request,
-        );
+        let (identity, cert) = (ctx.identity.as_ref(), ctx.client_cert.as_ref());
+        auth::forward_identity(&route.identity_headers, identity, cert, upstream_request);
         route.request_headers.apply(upstream_request);
         // Response rules read bodies: ask for them uncompressed.
         if route.response_body.is_some() {

@@ -21,6 +21,7 @@ use crate::respond::{Phase, Response};
 use crate::route::{Route, Selected};
 use crate::routing::Params;
 use crate::subject::{Claims, Subject};
+use crate::tls::ClientCert;
 use crate::transform::body::{BodyCount, Refusal, Rewrite};
 use crate::upstream::InFlight;
 
@@ -48,6 +49,8 @@ pub struct RequestCtx {
     pub body: BodyCount,
     /// Who the credentials verified as, on a route with `auth`.
     pub identity: Option<Identity>,
+    /// The connection's verified client certificate.
+    pub client_cert: Option<ClientCert>,
     /// The rate limit count, for the `RateLimit-*` headers.
     pub limit: Option<Decision>,
     /// Path parameters, for an aggregate route's placeholders.
@@ -87,6 +90,7 @@ impl RequestCtx {
             in_flight: None,
             body: BodyCount::default(),
             identity: None,
+            client_cert: None,
             limit: None,
             params: Params::default(),
             x_cache: None,
@@ -115,6 +119,12 @@ impl RequestCtx {
     pub fn identify(&mut self, session: &Session, trusted_proxies: &[IpNet]) {
         let req = session.req_header();
         self.request_id = RequestId::from_headers(&req.headers);
+        // Set by `tls::Handshake` only for a certificate that verified.
+        self.client_cert = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|tls| tls.extension.get::<ClientCert>())
+            .cloned();
         if let Some(peer) = session
             .client_addr()
             .and_then(|a| a.as_inet())

@@ -10,6 +10,7 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
+use pingora_core::tls::x509::X509;
 use pingora_proxy::HttpProxy;
 
 use crate::access_log::{AccessLog, LogCloser};
@@ -171,15 +172,34 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                 addrs.push(ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)))
             }
             // TLS is accepted by the gate, within header_timeout.
-            Some(files) => {
-                let acceptor =
-                    crate::listener::tls_acceptor(&files.cert, &files.key).map_err(|message| {
-                        StartError::Tls {
-                            addr: addr.clone(),
-                            message,
-                        }
+            Some(settings) => {
+                let client_ca = match &settings.client_ca {
+                    Some(file) => std::fs::read(file)
+                        .map_err(|e| e.to_string())
+                        .and_then(|pem| X509::stack_from_pem(&pem).map_err(|e| e.to_string())),
+                    None => Ok(Vec::new()),
+                };
+                let acceptor = client_ca
+                    .and_then(|ca| crate::tls::acceptor(settings, &ca))
+                    .map_err(|message| StartError::Tls {
+                        addr: addr.clone(),
+                        message,
                     })?;
-                tls.push((listener.addr, acceptor));
+                // Each handshake reads the live configuration's
+                // certificates for this listener.
+                let live = Arc::clone(&gateway);
+                let at = listener.addr;
+                let handshake = crate::tls::Handshake {
+                    table: Box::new(move || {
+                        let runtime = live.load();
+                        let found = runtime.certificates.iter().find(|(a, _)| *a == at);
+                        found.map(|(_, table)| Arc::clone(table))
+                    }),
+                    verifies_clients: settings.client_cert != crate::tls::ClientCertMode::Off,
+                };
+                let callbacks: Arc<dyn pingora_core::listeners::TlsAccept + Send + Sync> =
+                    Arc::new(handshake);
+                tls.push((listener.addr, acceptor, callbacks));
                 addrs.push(ListenerConfig::tcp(addr));
             }
         }

@@ -29,6 +29,7 @@ use cache::TokenCache;
 use jwks::RemoteJwks;
 use keys::{KeySet, NoKey};
 
+use crate::tls::ClientCert;
 use crate::transform::headers::remove_fields;
 
 pub use crate::subject::Claims;
@@ -457,6 +458,7 @@ impl Identity {
 pub fn forward_identity(
     identity_headers: &[HeaderName],
     verified: Option<&Identity>,
+    client_cert: Option<&ClientCert>,
     upstream: &mut RequestHeader,
 ) {
     if identity_headers.is_empty() {
@@ -474,6 +476,9 @@ pub fn forward_identity(
             let _ = upstream.insert_header(header, value);
         }
     }
+    for (header, value) in client_cert.into_iter().flat_map(ClientCert::headers) {
+        let _ = upstream.insert_header(header, value);
+    }
 }
 
 /// What a request the gateway makes on a client's behalf (an aggregate
@@ -483,12 +488,14 @@ pub fn part_headers(
     request_id: &HeaderValue,
     authorization: Option<&HeaderValue>,
     verified: Option<&Identity>,
+    client_cert: Option<&ClientCert>,
 ) -> Vec<(HeaderName, HeaderValue)> {
     let mut headers = vec![(crate::forwarding::REQUEST_ID, request_id.clone())];
     headers.extend(authorization.map(|v| (http::header::AUTHORIZATION, v.clone())));
     if let Some(identity) = verified {
         headers.extend(identity.headers());
     }
+    headers.extend(client_cert.into_iter().flat_map(ClientCert::headers));
     headers
 }
 

@@ -94,13 +94,9 @@ impl Default for ServerSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub addr: SocketAddr,
-    pub tls: Option<TlsFiles>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// What a TLS listener fixes at start; its certificates are in the
+    /// runtime (`Runtime::certificates`), read again on every reload.
+    pub tls: Option<crate::tls::ListenerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

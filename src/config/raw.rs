@@ -55,9 +55,25 @@ pub struct RawListenTls {
     pub tls: Option<RawTls>,
 }
 
+/// A listener's `tls`: `cert` and `key` (one certificate) or
+/// `certificates` (chosen by SNI), and the listener's TLS settings.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub certificates: Option<Vec<RawCertificate>>,
+    pub client_ca: Option<String>,
+    /// `optional` or `required`.
+    pub client_cert: Option<String>,
+    /// `"1.2"` or `"1.3"`.
+    pub min_version: Option<Value>,
+    pub ticket_keys: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
     pub cert: String,
     pub key: String,
 }

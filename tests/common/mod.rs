@@ -6,6 +6,7 @@
 
 pub mod h2client;
 pub mod jwt;
+pub mod pki;
 pub mod redis;
 
 use std::convert::Infallible;
@@ -314,6 +315,9 @@ pub struct GatewayBuilder {
     body: String,
     server_extra: Vec<String>,
     tls: Option<(PathBuf, PathBuf)>,
+    /// A TLS listener's whole `tls` value (a YAML flow mapping), instead
+    /// of `tls`.
+    tls_block: Option<String>,
     env: Vec<(String, String)>,
     /// The plain listener's host: `127.0.0.1`, or `[::]` (IPv4 clients
     /// then arrive as IPv4-mapped IPv6 addresses).
@@ -325,6 +329,7 @@ pub fn gateway(body: &str) -> GatewayBuilder {
         body: body.to_string(),
         server_extra: Vec::new(),
         tls: None,
+        tls_block: None,
         env: Vec::new(),
         listen_host: "127.0.0.1",
     }
@@ -340,6 +345,13 @@ impl GatewayBuilder {
     /// Adds a TLS listener with this certificate and key.
     pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
         self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
+    }
+
+    /// Adds a TLS listener with this `tls` value, e.g.
+    /// `{ certificates: [...], client_cert: required, client_ca: ca.pem }`.
+    pub fn tls_block(mut self, block: &str) -> Self {
+        self.tls_block = Some(block.to_string());
         self
     }
 
@@ -370,7 +382,7 @@ impl GatewayBuilder {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
-        let tls_port = self.tls.as_ref().map(|_| free_port());
+        let tls_port = (self.tls.is_some() || self.tls_block.is_some()).then(free_port);
         let mut yaml = format!(
             "server:\n  threads: 1\n  pid_file: {d}/gatehouse.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n  graceful_shutdown_timeout: 1s\n",
             d = dir.path().display()
@@ -385,6 +397,9 @@ impl GatewayBuilder {
                 cert.display(),
                 key.display()
             ));
+        }
+        if let (Some(block), Some(p)) = (&self.tls_block, tls_port) {
+            yaml.push_str(&format!("  - address: 127.0.0.1:{p}\n    tls: {block}\n"));
         }
         yaml.push_str(&format!("admin:\n  listen: 127.0.0.1:{admin_port}\n"));
         yaml.push_str(&self.body);

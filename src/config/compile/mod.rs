@@ -11,6 +11,7 @@ mod policies;
 mod providers;
 mod routes;
 mod server;
+mod tls;
 mod upstreams;
 
 use std::collections::BTreeMap;
@@ -89,7 +90,7 @@ pub(super) fn compile(
     }
     let server = cx.server(root.get("server"));
     let access_log = cx.access_log(root.get("access_log"));
-    let listeners = cx.listeners(root.get("listen"));
+    let (listeners, certificates) = cx.listeners(root.get("listen"));
     let admin = cx.admin(root.get("admin"), &listeners);
     let upstreams = cx.upstreams(root.get("upstreams"));
     let auth = cx.providers(root.get("auth"));
@@ -104,6 +105,12 @@ pub(super) fn compile(
                     .filter_map(|k| k.forward_consumer.clone()),
             )
             .collect();
+        // Said by the gateway of a verified client certificate only: a
+        // client's own values never pass, on any listener.
+        names.extend([
+            crate::tls::CLIENT_CERT_SUBJECT,
+            crate::tls::CLIENT_CERT_SHA256,
+        ]);
         names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         names.dedup();
         names.into()
@@ -139,6 +146,7 @@ pub(super) fn compile(
             upstreams,
             providers: auth.jwt,
             cluster: cluster.map(|c| c.cluster),
+            certificates,
             carried: cx.carried,
         },
     })

@@ -10,7 +10,10 @@ use super::*;
 use crate::access_log::Sink;
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
-use crate::config::{AdminSettings, Listener, ServerSettings, TlsFiles};
+use crate::config::{AdminSettings, Listener, ServerSettings};
+
+/// Each TLS listener's certificate table.
+pub(super) type Certificates = Vec<(std::net::SocketAddr, std::sync::Arc<crate::tls::CertTable>)>;
 
 impl Compiler<'_> {
     /// `access_log: stdout | off | PATH` (default stdout).
@@ -162,21 +165,23 @@ impl Compiler<'_> {
         s
     }
 
-    pub(super) fn listeners(&mut self, value: Option<&Value>) -> Vec<Listener> {
+    /// The listeners, and each TLS listener's certificates.
+    pub(super) fn listeners(&mut self, value: Option<&Value>) -> (Vec<Listener>, Certificates) {
         let mut out: Vec<Listener> = Vec::new();
+        let mut certificates = Vec::new();
         let items = match value {
             None | Some(Value::Null) => {
                 self.error(
                     "listen",
                     "listen must name at least one address, like 0.0.0.0:8080",
                 );
-                return out;
+                return (out, certificates);
             }
             Some(Value::Array(items)) => items.as_slice(),
             Some(one @ Value::String(_)) => std::slice::from_ref(one),
             Some(_) => {
                 self.error("listen", "listen must be a list of addresses");
-                return out;
+                return (out, certificates);
             }
         };
         if items.is_empty() {
@@ -205,10 +210,14 @@ impl Compiler<'_> {
                 self.error(&path, format!("{addr} is listed twice"));
                 continue;
             }
-            let tls = tls.and_then(|t| self.tls_files(&key_path(&path, "tls"), &t));
+            let tls = tls.and_then(|t| self.listener_tls(&key_path(&path, "tls"), &t));
+            let tls = tls.map(|(settings, table)| {
+                certificates.push((addr, table));
+                settings
+            });
             out.push(Listener { addr, tls });
         }
-        out
+        (out, certificates)
     }
 
     pub(super) fn socket_addr(&mut self, path: &str, address: &str) -> Option<SocketAddr> {
@@ -222,27 +231,6 @@ impl Compiler<'_> {
                 None
             }
         }
-    }
-
-    /// Checks that the certificate and key can be read and parsed now, so
-    /// `-t` catches what would otherwise fail at start.
-    pub(super) fn tls_files(&mut self, path: &str, raw: &RawTls) -> Option<TlsFiles> {
-        use pingora_core::tls::pkey::PKey;
-        let certs = self.read_certificates(&key_path(path, "cert"), &raw.cert);
-        let kpath = key_path(path, "key");
-        let key = self.read_file(&kpath, &raw.key).and_then(|(key, pem)| {
-            // The key's content never appears in a message.
-            if PKey::private_key_from_pem(&pem).is_ok() {
-                return Some(key);
-            }
-            self.error(
-                &kpath,
-                format!("{} holds no PEM private key", key.display()),
-            );
-            None
-        });
-        let ((cert, _), key) = (certs?, key?);
-        Some(TlsFiles { cert, key })
     }
 
     /// The PEM certificates of the file named at `path` (one at least).

@@ -1,0 +1,455 @@
+//! TLS at the edge end to end (SPEC 6.5, 6.6): certificates chosen by SNI
+//! (exact names, wildcards, the first by default), a reload serving renewed
+//! files, `min_version`, the ALPN refusal, the expiry metric; client
+//! certificates `required` and `optional`, routes needing one, the subject
+//! and fingerprint headers set only from a verified certificate and always
+//! stripped from client input; `-t` errors.
+
+mod common;
+
+use std::path::Path;
+
+use common::pki::{all_versions, handshake, Ca, Issued};
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio_rustls::rustls;
+
+fn upstream() -> TestUpstream {
+    TestUpstream::with_handler("app", |_| Reply::text(200, "ok"))
+}
+
+fn routes(up: &TestUpstream) -> String {
+    format!(
+        "{jwt}upstreams:
+  app:
+    targets: [{addr}]
+routes:
+  - name: open
+    match: {{ path_prefix: /open }}
+    upstream: app
+  - name: certified
+    match: {{ path_prefix: /certified }}
+    upstream: app
+    auth: {{ client_cert: true }}
+  - name: both
+    match: {{ path_prefix: /both }}
+    upstream: app
+    auth: {{ jwt: main, client_cert: true }}
+",
+        jwt = common::jwt::rs256_provider("main"),
+        addr = up.addr
+    )
+}
+
+/// An HTTPS client trusting `ca`, reaching the gateway's TLS listener as
+/// `name`, with a client certificate when given.
+fn https(
+    ca: &Ca,
+    gw: &Gateway,
+    name: &str,
+    identity: Option<&Issued>,
+) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .resolve(name, gw.tls_addr.unwrap())
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(id) = identity {
+        b = b.identity(id.identity());
+    }
+    b.build().unwrap()
+}
+
+fn url(gw: &Gateway, name: &str, path: &str) -> String {
+    format!("https://{name}:{}{path}", gw.tls_addr.unwrap().port())
+}
+
+fn hex_sha256(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn pair(dir: &Path, name: &str) -> String {
+    format!(
+        "{{ cert: {}, key: {} }}",
+        dir.join(format!("{name}.pem")).display(),
+        dir.join(format!("{name}.key")).display()
+    )
+}
+
+#[test]
+fn sni_picks_each_certificate_and_the_first_one_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let api = ca.issue(&["api.test"], "api", None, None);
+    let shop = ca.issue(&["*.shop.test", "shop.test"], "shop", None, None);
+    api.write(dir.path(), "api");
+    shop.write(dir.path(), "shop");
+    let up = upstream();
+    let gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}, {}] }}",
+            pair(dir.path(), "api"),
+            pair(dir.path(), "shop")
+        ))
+        .start();
+    let addr = gw.tls_addr.unwrap();
+    let served = |sni: &str| handshake(addr, sni, &[b"h2"], &all_versions()).unwrap().0;
+    assert_eq!(served("api.test"), api.der);
+    assert_eq!(served("API.Test"), api.der);
+    assert_eq!(served("www.shop.test"), shop.der);
+    assert_eq!(served("shop.test"), shop.der);
+    // A wildcard covers one label only; an unknown name gets the first.
+    assert_eq!(served("a.b.shop.test"), api.der);
+    assert_eq!(served("elsewhere.test"), api.der);
+
+    // And a real client verifies each by its name.
+    for name in ["api.test", "www.shop.test"] {
+        let r = https(&ca, &gw, name, None)
+            .get(url(&gw, name, "/open"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+    }
+
+    // Each certificate's lifetime is exported.
+    let m = metrics_text(&gw);
+    for name in ["api.test", "*.shop.test"] {
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "gatehouse_tls_certificate_expiry_seconds{{name=\"{name}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("{name} in\n{m}"));
+        let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(secs > 86_400.0 * 365.0, "{line}");
+    }
+}
+
+#[test]
+fn a_reload_serves_renewed_certificates_and_keeps_them_when_files_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let first = ca.issue(&["api.test"], "api", None, None);
+    first.write(dir.path(), "api");
+    let up = upstream();
+    let gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}] }}",
+            pair(dir.path(), "api")
+        ))
+        .start();
+    let addr = gw.tls_addr.unwrap();
+    let served = || {
+        handshake(addr, "api.test", &[b"h2"], &all_versions())
+            .unwrap()
+            .0
+    };
+    assert_eq!(served(), first.der);
+    // A connection opened before the reload.
+    let kept = https(&ca, &gw, "api.test", None);
+    assert_eq!(
+        kept.get(url(&gw, "api.test", "/open"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let renewed = ca.issue(&["api.test"], "api", None, None);
+    renewed.write(dir.path(), "api");
+    let (status, body) = admin(&gw, "POST", "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(served(), renewed.der);
+    assert_eq!(
+        kept.get(url(&gw, "api.test", "/open"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A key that is not the certificate's: the reload is refused and the
+    // renewed certificate stays.
+    let other = ca.issue(&["api.test"], "api", None, None);
+    std::fs::write(dir.path().join("api.key"), &other.key_pem).unwrap();
+    let (status, body) = admin(&gw, "POST", "/reload");
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        body.contains("the key does not match the certificate"),
+        "{body}"
+    );
+    assert_eq!(served(), renewed.der);
+}
+
+#[test]
+fn alpn_without_h2_or_http1_is_refused_and_min_version_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let up = upstream();
+    let gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], min_version: \"1.3\" }}",
+            pair(dir.path(), "api")
+        ))
+        .start();
+    let addr = gw.tls_addr.unwrap();
+    match handshake(addr, "api.test", &[b"spdy/3", b"foo"], &all_versions()) {
+        Err(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {}
+        other => panic!("expected the no_application_protocol alert, got {other:?}"),
+    }
+    let (_, chosen) = handshake(addr, "api.test", &[b"foo", b"http/1.1"], &all_versions()).unwrap();
+    assert_eq!(chosen.as_deref(), Some(&b"http/1.1"[..]));
+    let (_, chosen) = handshake(addr, "api.test", &[b"http/1.1", b"h2"], &all_versions()).unwrap();
+    assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+    // No ALPN at all: served (HTTP/1.1).
+    let (_, chosen) = handshake(addr, "api.test", &[], &all_versions()).unwrap();
+    assert_eq!(chosen, None);
+    // TLS 1.2 only, on a 1.3 listener: refused.
+    assert!(handshake(addr, "api.test", &[b"h2"], &[&rustls::version::TLS12]).is_err());
+    assert!(handshake(addr, "api.test", &[b"h2"], &[&rustls::version::TLS13]).is_ok());
+}
+
+#[test]
+fn required_client_certificates_are_verified_and_described_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let clients = Ca::new("clients CA");
+    let stranger_ca = Ca::new("another CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let clients_pem = clients.write(dir.path(), "clients");
+    let up = upstream();
+    let gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], client_ca: {}, client_cert: required }}",
+            pair(dir.path(), "api"),
+            clients_pem.display()
+        ))
+        .start();
+    let alice = clients.issue(&[], "alice", Some("Acme, Inc."), None);
+    let r = https(&ca, &gw, "api.test", Some(&alice))
+        .get(url(&gw, "api.test", "/open"))
+        .header("X-Client-Cert-Subject", "CN=admin")
+        .header("X-Client-Cert-Sha256", "00")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.header_all("x-client-cert-subject"),
+        ["CN=alice,O=Acme\\, Inc."]
+    );
+    let fingerprint = hex_sha256(&alice.der);
+    assert_eq!(
+        seen.header_all("x-client-cert-sha256"),
+        [fingerprint.as_str()]
+    );
+
+    // No certificate, or one another CA signed: no handshake, no request.
+    let before = up.count();
+    assert!(https(&ca, &gw, "api.test", None)
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .is_err());
+    let mallory = stranger_ca.issue(&[], "alice", Some("Acme, Inc."), None);
+    assert!(https(&ca, &gw, "api.test", Some(&mallory))
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .is_err());
+    assert_eq!(up.count(), before);
+}
+
+#[test]
+fn optional_client_certificates_let_routes_ask_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let clients = Ca::new("clients CA");
+    let stranger_ca = Ca::new("another CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let clients_pem = clients.write(dir.path(), "clients");
+    let up = upstream();
+    let gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], client_ca: {}, client_cert: optional }}",
+            pair(dir.path(), "api"),
+            clients_pem.display()
+        ))
+        .start();
+    let bob = clients.issue(&[], "bob", None, None);
+    let mallory = stranger_ca.issue(&[], "bob", None, None);
+    let anonymous = https(&ca, &gw, "api.test", None);
+    let with_bob = https(&ca, &gw, "api.test", Some(&bob));
+    let with_mallory = https(&ca, &gw, "api.test", Some(&mallory));
+
+    // Without a certificate: served, and a forged subject never passes.
+    let r = anonymous
+        .get(url(&gw, "api.test", "/open"))
+        .header("X-Client-Cert-Subject", "CN=bob")
+        .header("X_Client_Cert_Sha256", "00")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    assert_eq!(seen.header("x-client-cert-subject"), None);
+    assert_eq!(seen.header("x_client_cert_sha256"), None);
+    let r = anonymous
+        .get(url(&gw, "api.test", "/certified"))
+        .send()
+        .unwrap();
+    let p = assert_problem(r, 401);
+    assert_eq!(p["detail"], "a verified client certificate is required");
+
+    // A certificate that does not verify is served as none.
+    let r = with_mallory
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().header("x-client-cert-subject"), None);
+    assert_problem(
+        with_mallory
+            .get(url(&gw, "api.test", "/certified"))
+            .send()
+            .unwrap(),
+        401,
+    );
+
+    // A verified one passes and is described.
+    let r = with_bob
+        .get(url(&gw, "api.test", "/certified"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().header("x-client-cert-subject"), Some("CN=bob"));
+
+    // Beside a JWT: both are needed.
+    let token = common::jwt::rs256_token("bob");
+    let r = with_bob.get(url(&gw, "api.test", "/both")).send().unwrap();
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_problem(r, 401);
+    assert_problem(
+        anonymous
+            .get(url(&gw, "api.test", "/both"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        401,
+    );
+    let r = with_bob
+        .get(url(&gw, "api.test", "/both"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The plain listener strips the headers too.
+    let r = client()
+        .get(gw.url("/open"))
+        .header("X-Client-Cert-Subject", "CN=bob")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().header("x-client-cert-subject"), None);
+    assert_problem(client().get(gw.url("/certified")).send().unwrap(), 401);
+}
+
+#[test]
+fn tls_mistakes_are_config_errors_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    ca.issue(&["api.test", "www.test"], "dup", None, None)
+        .write(dir.path(), "dup");
+    ca.issue(&["old.test"], "old", None, Some((2020, 1, 1)))
+        .write(dir.path(), "old");
+    let mismatched = ca.issue(&["x.test"], "x", None, None);
+    mismatched.write(dir.path(), "x");
+    std::fs::write(
+        dir.path().join("x.key"),
+        ca.issue(&["x.test"], "x", None, None).key_pem,
+    )
+    .unwrap();
+    let ca_pem = ca.write(dir.path(), "ca");
+    let yaml = |tls: &str| {
+        format!(
+            "listen:\n  - address: 127.0.0.1:8443\n    tls: {tls}\nupstreams:\n  app:\n    targets: [127.0.0.1:9]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+        )
+    };
+    let d = dir.path();
+    let cases = vec![
+        (
+            yaml(&format!(
+                "{{ certificates: [{}, {}] }}",
+                pair(d, "api"),
+                pair(d, "dup")
+            )),
+            "listen[0].tls.certificates",
+            "certificates 1 and 2 both claim api.test",
+        ),
+        (
+            yaml(&format!("{{ certificates: [{}] }}", pair(d, "old"))),
+            "listen[0].tls.certificates[0].cert",
+            "has expired",
+        ),
+        (
+            yaml(&format!("{{ certificates: [{}] }}", pair(d, "x"))),
+            "listen[0].tls.certificates[0].key",
+            "the key does not match the certificate",
+        ),
+        (
+            yaml(&format!("{{ certificates: [{}] }}", pair(d, "missing"))),
+            "listen[0].tls.certificates[0].cert",
+            "cannot read",
+        ),
+        (
+            yaml(&format!(
+                "{{ certificates: [{}], min_version: \"1.1\" }}",
+                pair(d, "api")
+            )),
+            "listen[0].tls.min_version",
+            "use \"1.2\" or \"1.3\"",
+        ),
+        (
+            yaml(&format!(
+                "{{ certificates: [{}], client_cert: required }}",
+                pair(d, "api")
+            )),
+            "listen[0].tls.client_ca",
+            "client_cert needs client_ca",
+        ),
+        (
+            yaml(&format!(
+                "{{ certificates: [{}], client_ca: {}, client_cert: sometimes }}",
+                pair(d, "api"),
+                ca_pem.display()
+            )),
+            "listen[0].tls.client_cert",
+            "use optional or required",
+        ),
+        (
+            yaml(&format!(
+                "{{ certificates: [{}], ticket_keys: t.key }}",
+                pair(d, "api")
+            )),
+            "listen[0].tls.ticket_keys",
+            "not supported",
+        ),
+        (
+            yaml("{ client_cert: optional }"),
+            "listen[0].tls",
+            "give cert and key, or certificates",
+        ),
+    ];
+    assert_config_errors(&cases, Some("PRIVATE KEY"));
+}
