@@ -179,8 +179,18 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                         .and_then(|pem| X509::stack_from_pem(&pem).map_err(|e| e.to_string())),
                     None => Ok(Vec::new()),
                 };
+                let ticket_keys = settings.ticket_keys.then(|| {
+                    let live = Arc::clone(&gateway);
+                    let at = listener.addr;
+                    let lookup: crate::tls::tickets::KeysLookup = Box::new(move || {
+                        let runtime = live.load();
+                        let found = runtime.certificates.iter().find(|(a, _)| *a == at);
+                        found.and_then(|(_, table)| table.ticket_keys.clone())
+                    });
+                    lookup
+                });
                 let acceptor = client_ca
-                    .and_then(|ca| crate::tls::acceptor(settings, &ca))
+                    .and_then(|ca| crate::tls::acceptor(settings, &ca, ticket_keys))
                     .map_err(|message| StartError::Tls {
                         addr: addr.clone(),
                         message,

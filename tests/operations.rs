@@ -434,18 +434,6 @@ fn an_upgrade_under_load_fails_no_request_and_the_old_process_leaves() {
     let _ = &mut new;
 }
 
-/// Kills the child when dropped.
-struct Guard(std::process::Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-fn scopeguard(c: std::process::Child) -> Guard {
-    Guard(c)
-}
-
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits() {
     let up = TestUpstream::with_handler("slow", |_| {

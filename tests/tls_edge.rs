@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::pki::{all_versions, handshake, Ca, Issued};
+use common::pki::{all_versions, handshake, request_resuming, Ca, Issued};
 use common::*;
 use sha2::{Digest, Sha256};
 use tokio_rustls::rustls;
@@ -363,6 +363,111 @@ fn optional_client_certificates_let_routes_ask_for_one() {
     assert_problem(client().get(gw.url("/certified")).send().unwrap(), 401);
 }
 
+/// `n` random-looking 80-byte ticket keys, each named by its first byte.
+fn ticket_keys(names: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in names {
+        let key: Vec<u8> = (0..80u32)
+            .map(|i| {
+                (i as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(*name)
+                    .rotate_left(3)
+            })
+            .collect();
+        let mut key = key;
+        key[0] = *name;
+        out.extend(key);
+    }
+    out
+}
+
+#[test]
+fn shared_ticket_keys_resume_sessions_in_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let up = upstream();
+    let start = |keys: Option<&Path>| {
+        let block = match keys {
+            Some(k) => format!(
+                "{{ certificates: [{}], ticket_keys: {} }}",
+                pair(dir.path(), "api"),
+                k.display()
+            ),
+            None => format!("{{ certificates: [{}] }}", pair(dir.path(), "api")),
+        };
+        gateway(&routes(&up)).tls_block(&block).start()
+    };
+    let old_keys = dir.path().join("old.key");
+    std::fs::write(&old_keys, ticket_keys(&[1])).unwrap();
+    // The next process has a new key first and the old one after it, as
+    // keys rotate.
+    let rotated = dir.path().join("rotated.key");
+    std::fs::write(&rotated, ticket_keys(&[2, 1])).unwrap();
+
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        let label = format!("{:?}", versions[0].version);
+        // Without ticket_keys: each process its own keys; no resumption
+        // from one to the other.
+        let (a, b) = (start(None), start(None));
+        let client = common::pki::resuming_client(&versions);
+        let (resumed, status) = request_resuming(&client, a.tls_addr.unwrap(), "api.test");
+        assert!(
+            !resumed && status.starts_with("HTTP/1.1 200"),
+            "{label}: {status}"
+        );
+        // Within one process a session resumes.
+        let (resumed, _) = request_resuming(&client, a.tls_addr.unwrap(), "api.test");
+        assert!(resumed, "{label}: the same process resumes");
+        let (resumed, _) = request_resuming(&client, b.tls_addr.unwrap(), "api.test");
+        assert!(!resumed, "{label}: another process's keys cannot resume it");
+        drop((a, b));
+
+        // With the same keys: a ticket of the first process resumes in the
+        // second, which decrypts it with its second key.
+        let (a, b) = (start(Some(&old_keys)), start(Some(&rotated)));
+        let client = common::pki::resuming_client(&versions);
+        let (resumed, _) = request_resuming(&client, a.tls_addr.unwrap(), "api.test");
+        assert!(!resumed, "{label}");
+        let (resumed, status) = request_resuming(&client, b.tls_addr.unwrap(), "api.test");
+        assert!(resumed, "{label}: resumed across processes");
+        assert!(status.starts_with("HTTP/1.1 200"), "{label}: {status}");
+    }
+}
+
+#[test]
+fn ticket_keys_resume_sessions_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let keys = dir.path().join("tickets.key");
+    std::fs::write(&keys, ticket_keys(&[9])).unwrap();
+    let up = upstream();
+    let mut gw = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], ticket_keys: {} }}",
+            pair(dir.path(), "api"),
+            keys.display()
+        ))
+        .start();
+    let addr = gw.tls_addr.unwrap();
+    let client = common::pki::resuming_client(&[&rustls::version::TLS13]);
+    let (resumed, status) = request_resuming(&client, addr, "api.test");
+    assert!(!resumed && status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let (mut new, gone) = upgrade(&mut gw);
+    assert!(gone, "the old process did not leave\n{}", gw.log_text());
+    let (resumed, status) = request_resuming(&client, addr, "api.test");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(resumed, "the new process resumes the old one's session");
+    assert!(new.0.try_wait().unwrap().is_none(), "the new process died");
+    // The old process is gone: the gateway's guard must not kill a reused pid.
+    gw.child = std::process::Command::new("true").spawn().unwrap();
+}
+
 #[test]
 fn tls_mistakes_are_config_errors_with_their_paths() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,6 +486,8 @@ fn tls_mistakes_are_config_errors_with_their_paths() {
     )
     .unwrap();
     let ca_pem = ca.write(dir.path(), "ca");
+    let short_keys = dir.path().join("short.key");
+    std::fs::write(&short_keys, [7u8; 48]).unwrap();
     let yaml = |tls: &str| {
         format!(
             "listen:\n  - address: 127.0.0.1:8443\n    tls: {tls}\nupstreams:\n  app:\n    targets: [127.0.0.1:9]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
@@ -439,11 +546,12 @@ fn tls_mistakes_are_config_errors_with_their_paths() {
         ),
         (
             yaml(&format!(
-                "{{ certificates: [{}], ticket_keys: t.key }}",
-                pair(d, "api")
+                "{{ certificates: [{}], ticket_keys: {} }}",
+                pair(d, "api"),
+                short_keys.display()
             )),
             "listen[0].tls.ticket_keys",
-            "not supported",
+            "holds 48 bytes; a ticket-key file holds one or more 80-byte keys",
         ),
         (
             yaml("{ client_cert: optional }"),

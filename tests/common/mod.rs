@@ -845,3 +845,46 @@ pub fn assert_config_errors(cases: &[(String, &str, &str)], secret: Option<&str>
         }
     }
 }
+
+/// Kills the child when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn scopeguard(c: Child) -> Guard {
+    Guard(c)
+}
+
+/// Starts `gatehouse -u` on `gw`'s configuration (its log in the
+/// gateway's folder as `new.log`) and sends the old process SIGQUIT; true
+/// once the old process has left, within 20 s.
+pub fn upgrade(gw: &mut Gateway) -> (Guard, bool) {
+    let new = Command::new(BIN)
+        .arg("-u")
+        .arg("-c")
+        .arg(&gw.conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(gw.dir.path().join("new.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let new = scopeguard(new);
+    signal(gw.child.id(), "QUIT");
+    let start = Instant::now();
+    let gone = loop {
+        if let Ok(Some(_)) = gw.child.try_wait() {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (new, gone)
+}

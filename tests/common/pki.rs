@@ -205,3 +205,50 @@ pub fn handshake(
 pub fn all_versions() -> Vec<&'static rustls::SupportedProtocolVersion> {
     vec![&rustls::version::TLS13, &rustls::version::TLS12]
 }
+
+/// A client config that accepts any server certificate and keeps session
+/// tickets (rustls's in-memory store, keyed by server name), offering
+/// `versions`.
+pub fn resuming_client(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let recorder = Arc::new(Recorder {
+        seen: Mutex::new(None),
+        provider: Arc::clone(&provider),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(recorder)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// One HTTP/1.1 request over TLS with `config` (reading the whole answer,
+/// so the session tickets sent after the handshake are kept): whether the
+/// handshake resumed a session, and the status line.
+pub fn request_resuming(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    sni: &str,
+) -> (bool, String) {
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::clone(config), name).unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    {
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        tls.write_all(
+            format!("GET /open HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let _ = tls.read_to_end(&mut answer);
+    }
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let text = String::from_utf8_lossy(&answer);
+    (resumed, text.lines().next().unwrap_or("").to_string())
+}

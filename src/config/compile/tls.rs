@@ -10,6 +10,7 @@ use pingora_core::tls::ssl::SslVersion;
 use super::*;
 use crate::config::raw::RawTls;
 use crate::config::source::index_path;
+use crate::tls::tickets::TicketKeys;
 use crate::tls::{now_unix, CertTable, Certificate, ClientCertMode, ListenerTls};
 
 /// A certificate expiring sooner than this is a warning.
@@ -97,18 +98,21 @@ impl Compiler<'_> {
                 None
             }
         };
-        if raw.ticket_keys.is_some() {
-            // Said plainly rather than accepted and ignored: without it,
-            // each process makes its own ticket keys.
-            self.error(
-                &key_path(path, "ticket_keys"),
-                "ticket_keys is not supported by this build yet; leave it out (each process then makes its own ticket keys)",
-            );
-        }
+        let ticket_keys = raw.ticket_keys.as_deref().and_then(|file| {
+            let tpath = key_path(path, "ticket_keys");
+            let (resolved, bytes) = self.read_file(&tpath, file)?;
+            match TicketKeys::parse(&bytes) {
+                Ok(keys) => Some(Arc::new(keys)),
+                Err(e) => {
+                    self.error(&tpath, format!("{}: {e}", resolved.display()));
+                    None
+                }
+            }
+        });
         if self.errors.0.len() > before {
             return None;
         }
-        let table = match CertTable::new(certificates) {
+        let mut table = match CertTable::new(certificates) {
             Ok(t) => t,
             Err(e) => {
                 self.error(&key_path(path, "certificates"), e);
@@ -119,7 +123,9 @@ impl Compiler<'_> {
             min_version,
             client_cert,
             client_ca,
+            ticket_keys: ticket_keys.is_some(),
         };
+        table.ticket_keys = ticket_keys;
         Some((settings, Arc::new(table)))
     }
 

@@ -6,7 +6,10 @@
 //! configuration, so a reload serves renewed files to new connections and
 //! leaves open ones alone. After the handshake the same callback records a
 //! verified client certificate on the connection, where `request` reads it.
-//! A leaf: it knows nothing of routes.
+//! Session-ticket keys (`tickets`) are read with the certificates. A leaf:
+//! it knows nothing of routes.
+
+pub mod tickets;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -46,6 +49,9 @@ pub struct ListenerTls {
     pub client_cert: ClientCertMode,
     /// The client CA file, already checked to hold certificates.
     pub client_ca: Option<std::path::PathBuf>,
+    /// Whether tickets use `ticket_keys` (the keys themselves are read
+    /// again on every reload).
+    pub ticket_keys: bool,
 }
 
 /// One certificate with its chain and key, and the names it serves.
@@ -110,6 +116,8 @@ pub fn now_unix() -> i64 {
 pub struct CertTable {
     pub certificates: Vec<Certificate>,
     by_name: HashMap<String, usize>,
+    /// The listener's `ticket_keys`, when it has them.
+    pub ticket_keys: Option<Arc<tickets::TicketKeys>>,
 }
 
 impl std::fmt::Debug for CertTable {
@@ -145,6 +153,7 @@ impl CertTable {
         Ok(CertTable {
             certificates,
             by_name,
+            ticket_keys: None,
         })
     }
 
@@ -232,7 +241,11 @@ fn escape_rfc4514(value: &str) -> String {
 
 /// The acceptor of a TLS listener. `client_ca` holds the CA certificates
 /// when client certificates are asked for.
-pub fn acceptor(settings: &ListenerTls, client_ca: &[X509]) -> Result<SslAcceptor, String> {
+pub fn acceptor(
+    settings: &ListenerTls,
+    client_ca: &[X509],
+    ticket_keys: Option<tickets::KeysLookup>,
+) -> Result<SslAcceptor, String> {
     let mut b =
         SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| e.to_string())?;
     b.set_min_proto_version(Some(settings.min_version))
@@ -253,6 +266,9 @@ pub fn acceptor(settings: &ListenerTls, client_ca: &[X509]) -> Result<SslAccepto
                 .map_err(|e| e.to_string())?;
             b.add_client_ca(ca).map_err(|e| e.to_string())?;
         }
+    }
+    if let Some(lookup) = ticket_keys {
+        tickets::install(&mut b, lookup)?;
     }
     match settings.client_cert {
         ClientCertMode::Off => {}
