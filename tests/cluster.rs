@@ -522,3 +522,57 @@ fn cluster_mistakes_are_config_errors_with_their_path() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(!format!("{out}{err}").contains("s3cret"));
 }
+
+#[test]
+fn a_rediss_store_is_shared_over_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("redis CA");
+    let (cert, key) = ca
+        .issue(&["localhost"], "redis", None, None)
+        .write(dir.path(), "redis");
+    let ca_file = ca.write(dir.path(), "ca");
+    let redis = Redis::start_tls(&cert, &key);
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "cluster:\n  redis: {}\n  key_prefix: \"tls:\"\n  timeout: 2s\nupstreams:\n  app:\n    targets: [{}]\nroutes:\n  - name: shared\n    match: {{ path_prefix: /shared }}\n    upstream: app\n    rate_limit: {{ requests: 4, per: 1m, scope: cluster, on_store_error: deny }}\n",
+        redis.tls_url(),
+        up.addr
+    );
+    // The gateways trust the test CA (OpenSSL reads SSL_CERT_FILE).
+    let ca_path = ca_file.display().to_string();
+    let gateways: Vec<Gateway> = (0..2)
+        .map(|_| gateway(&body).env("SSL_CERT_FILE", &ca_path).start())
+        .collect();
+    for gw in &gateways {
+        wait_store(gw, "up");
+    }
+    // One budget of 4 across both instances, over TLS only (the
+    // gateways know no other port).
+    let mut admitted = 0;
+    for i in 0..8 {
+        let r = client().get(gateways[i % 2].url("/shared")).send().unwrap();
+        if r.status() == 200 {
+            admitted += 1;
+        } else {
+            assert_problem(r, 429);
+        }
+    }
+    assert_eq!(admitted, 4);
+    let keys = redis.command(&["KEYS", "tls:*"]);
+    assert!(keys.contains("tls:rl:shared:"), "{keys}");
+
+    // A gateway that does not trust the CA never talks to the store: on
+    // a deny route it refuses rather than counting alone.
+    let untrusting = gateway(&body).start();
+    eventually(Duration::from_secs(10), "a refused store call", || {
+        client()
+            .get(untrusting.url("/shared"))
+            .send()
+            .unwrap()
+            .status()
+            == 503
+    });
+    wait_store(&untrusting, "down");
+    let (_, ready) = admin_json(&untrusting, "GET", "/readyz");
+    assert!(ready["cluster"]["last_error"].is_string(), "{ready}");
+}

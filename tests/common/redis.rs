@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// With [`Redis::start_tls`]: the TLS port (the plain one stays, for
+    /// the test's own commands) and the server's TLS arguments.
+    pub tls_port: Option<u16>,
+    tls_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -18,13 +22,39 @@ impl Redis {
     /// Starts `redis-server` on a free port; fails naming the install
     /// script when it is missing (never skips).
     pub fn start() -> Redis {
+        Self::start_with(None)
+    }
+
+    /// Starts it with a TLS port too, serving `cert` and `key` (clients
+    /// are not asked for certificates).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> Redis {
         let mut redis = Redis {
             child: None,
             port: 0,
+            tls_port: None,
+            tls_args: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
         for _ in 0..3 {
             redis.port = super::free_port();
+            if let Some((cert, key)) = tls {
+                let port = super::free_port();
+                redis.tls_port = Some(port);
+                redis.tls_args = vec![
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    key.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ];
+            }
             if redis.spawn() {
                 return redis;
             }
@@ -44,6 +74,7 @@ impl Redis {
             .args(["--enable-debug-command", "local"])
             .args(["--dir", &self.dir.path().display().to_string()])
             .args(["--logfile", &self.log_path()])
+            .args(&self.tls_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -79,6 +110,13 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The `rediss://` URL of the TLS port, by the name its certificate
+    /// holds.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with start_tls");
+        format!("rediss://localhost:{port}/0")
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients).
