@@ -59,6 +59,15 @@ routes:
     rate_limit: { requests: 1000000000, per: 1s, key: ip }
     request_headers: { set: { X-Gateway: gatehouse } }
     response_headers: { remove: [Server] }
+  # The compressed JSON route: the upstream's 3 KiB list, gzip (level 6).
+  - name: gzipped
+    match: { path_prefix: /gzip }
+    upstream: app
+    strip_prefix: /gzip
+    add_prefix: /big
+    compression: { }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
   # Served from the cache after the first request: the upstream never sees the rest.
   - name: cached
     match: { path_prefix: /cached }

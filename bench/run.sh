@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -32,6 +32,14 @@ REDIS_BIN=${REDIS_BIN:-$(command -v redis-server || echo /usr/bin/redis-server)}
 
 # 42-byte JSON body the upstream returns; every target must return it verbatim.
 BODY='{"ok":true,"service":"bench","id":7,"v":1}'
+# The compressed JSON route's body: 30 users, about 3 KiB (nginx takes at most 4 KiB in one `return`), as an API list
+# answer looks (repetitive field names, varied values).
+BIG_BODY=$(python3 -c '
+import json
+users = [{"id": i, "name": f"user-{i:04d}", "email": f"user{i}@example.com", "active": i % 3 != 0,
+          "roles": ["reader"] + (["editor"] if i % 4 == 0 else []), "score": (i * 7919) % 1000 / 10}
+         for i in range(30)]
+print(json.dumps({"users": users, "total": 30}, separators=(",", ":")))')
 
 die() { echo "bench: error: $*" >&2; exit 1; }
 note() { echo "bench: $*" >&2; }
@@ -125,6 +133,8 @@ TARGET_DEFS=(
     "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
     "gatehouse-limit|gatehouse|http://127.0.0.1:$GH_PORT/limited$REQ_PATH|-"
     "gatehouse-cluster|gatehouse|http://127.0.0.1:$GH_PORT/clustered$REQ_PATH|-"
+    "nginx-gzip|nginx|http://127.0.0.1:$NGX_PORT/gzip$REQ_PATH|gzip"
+    "gatehouse-gzip|gatehouse|http://127.0.0.1:$GH_PORT/gzip$REQ_PATH|gzip"
 )
 
 declare -A T_SERVER=() T_URL=() T_AUTH=()
@@ -194,6 +204,7 @@ $(nginx_temp_paths upstream)
         listen 127.0.0.1:$UP_PORT backlog=4096;
         default_type application/json;
         location / { return 200 '$BODY'; }
+        location /big/ { return 200 '$BIG_BODY'; }
     }
 }
 EOF
@@ -222,6 +233,20 @@ $(nginx_temp_paths nginx)
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Gateway gatehouse;
+        }
+        # The compressed JSON route: the same upstream's larger body, gzip
+        # level 6 as gatehouse's default.
+        location /gzip/ {
+            proxy_pass http://app/big/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Gateway gatehouse;
+            gzip on;
+            gzip_types application/json;
+            gzip_comp_level 6;
+            gzip_min_length 1024;
+            gzip_proxied any;
+            gzip_vary on;
         }
     }
 }
@@ -300,7 +325,8 @@ start_server() {   # $1 = name, rest = command (run pinned, in the foreground, l
     SERVER_PID[$name]=$!
 }
 
-# check_target NAME: the target must answer 200 with exactly BODY.
+# check_target NAME: the target must answer 200 with exactly BODY (gzip
+# targets: BIG_BODY, gzip-encoded).
 check_target() {
     local name=$1 url=${T_URL[$1]} server=${T_SERVER[$1]} out code body
     if [[ $server != - ]] && ! kill -0 "${SERVER_PID[$server]}" 2>/dev/null; then
@@ -308,12 +334,21 @@ check_target() {
         die "$server (pid ${SERVER_PID[$server]}) is no longer running"
     fi
     local auth=()
+    local want=$BODY
     [[ ${T_AUTH[$name]} == bearer ]] && auth=(-H "Authorization: Bearer $TOKEN")
+    if [[ ${T_AUTH[$name]} == gzip ]]; then
+        want=$BIG_BODY
+        auth=(-H "Accept-Encoding: gzip")
+        local encoding
+        encoding=$(curl -s --max-time 5 -o /dev/null -D - "${auth[@]}" "$url" | tr -d '\r' | awk -F': ' 'tolower($1) == "content-encoding" {print $2}')
+        [[ $encoding == gzip ]] || die "$name: $url did not answer gzip-encoded (Content-Encoding: ${encoding:-none})"
+        auth+=(--compressed)
+    fi
     out=$(curl -s --max-time 5 "${auth[@]}" -w '\n%{http_code}' "$url") || die "$name: no HTTP answer from $url"
     code=${out##*$'\n'}
     body=${out%$'\n'*}
     [[ $code == 200 ]] || die "$name: $url answered HTTP $code, not 200 (body: ${body:0:200})"
-    [[ $body == "$BODY" ]] || die "$name: $url answered 200 but with an unexpected body: ${body:0:200}"
+    [[ $body == "$want" ]] || die "$name: $url answered 200 but with an unexpected body: ${body:0:200}"
 }
 
 # pids_of SERVER: the server process and all its descendants (nginx: master + workers).
@@ -417,6 +452,7 @@ run_wrk() {
     [[ $server == - ]] || s0=$(cpu_ticks "${pids[@]}")
     local auth=()
     [[ ${T_AUTH[$name]} == bearer ]] && auth=(-H "Authorization: Bearer $TOKEN")
+    [[ ${T_AUTH[$name]} == gzip ]] && auth=(-H "Accept-Encoding: gzip")
     taskset -c "$LOAD_CPU" "$WRK_BIN" -t1 -c"$CONNS" -d"${secs}s" --latency "${auth[@]}" "${T_URL[$name]}" >"$outfile" 2>&1 \
         || { cat "$outfile" >&2; die "wrk failed against $name"; }
     [[ $server == - ]] || s1=$(cpu_ticks "${pids[@]}")
@@ -633,6 +669,9 @@ for g in ("gatehouse", "gatehouse-quiet"):
         obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
 if round_ratio("gatehouse-auth", "gatehouse") is not None:
     obs.append(f"gatehouse-auth vs gatehouse (auth + limit vs plain): {round_ratio('gatehouse-auth', 'gatehouse'):.2f}× rps")
+if round_ratio("gatehouse-gzip", "nginx-gzip") is not None:
+    obs.append(f"gatehouse-gzip vs nginx-gzip (compressed JSON, gzip level 6): "
+               f"{round_ratio('gatehouse-gzip', 'nginx-gzip'):.2f}× rps")
 if round_ratio("gatehouse-cluster", "gatehouse-limit") is not None:
     p50_round = defaultdict(dict)
     for r in rows:
