@@ -305,3 +305,35 @@ fn compression_mistakes_are_config_errors_with_their_path() {
     ];
     assert_config_errors(&cases, None);
 }
+
+#[test]
+fn http2_clients_get_compressed_answers_too() {
+    let up = upstream();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), &["gw.test"]);
+    let gw = gateway(&body(&up)).tls(&cert, &key).start();
+    let addr = gw.tls_addr.unwrap();
+    for encoding in ["gzip", "zstd"] {
+        let r = common::h2client::get(
+            addr,
+            &cert,
+            "gw.test",
+            "/api/list",
+            &[("accept-encoding", encoding)],
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), Some(encoding));
+        assert!(r
+            .header("content-length")
+            .is_none_or(|l| l == r.body.len().to_string()));
+        assert_eq!(
+            decode(encoding, &r.body),
+            json_body().as_bytes(),
+            "{encoding}"
+        );
+    }
+    let r = common::h2client::get(addr, &cert, "gw.test", "/api/list", &[]).unwrap();
+    assert_eq!(r.header("content-encoding"), None);
+    assert_eq!(r.body, json_body().as_bytes());
+}
