@@ -189,6 +189,18 @@ impl ProxyHttp for Proxy {
         RequestCtx::begin(&self.unmatched)
     }
 
+    // Pingora's own error lines name the request by this; its default
+    // carries the query, which may hold an API key or a token.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {} (route {})",
+            req.method,
+            req.uri.path(),
+            ctx.route.name
+        )
+    }
+
     // Pingora's response compression alone, switched off (level 0):
     // `compression` switches it on per response for the routes that ask.
     fn init_downstream_modules(&self, modules: &mut pingora_core::modules::http::HttpModules) {

@@ -231,7 +231,14 @@ impl RequestCtx {
     pub fn cache_key(&self, session: &Session, policy: &CachePolicy) -> String {
         let req = session.req_header();
         let origin = cache::origin(&self.forwarded(session));
-        cache::primary_key(req, &origin, self.routed_path(req), policy, self.user())
+        let subject = self.identity.as_ref().and_then(Identity::cache_subject);
+        cache::primary_key(
+            req,
+            &origin,
+            self.routed_path(req),
+            policy,
+            subject.as_deref(),
+        )
     }
 
     /// The forwarding fields for this request's upstream side.

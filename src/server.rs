@@ -174,18 +174,32 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             // TLS is accepted by the gate, within header_timeout.
             Some(settings) => {
                 let client_ca = match &settings.client_ca {
-                    Some(file) => std::fs::read(file)
+                    Some((file, _)) => std::fs::read(file)
                         .map_err(|e| e.to_string())
                         .and_then(|pem| X509::stack_from_pem(&pem).map_err(|e| e.to_string())),
                     None => Ok(Vec::new()),
                 };
+                let started = gateway.load();
+                let initial = started
+                    .certificates
+                    .iter()
+                    .find(|(a, _)| *a == listener.addr);
+                let Some((_, initial)) = initial.cloned() else {
+                    return Err(StartError::Tls {
+                        addr: addr.clone(),
+                        message: "no certificates were loaded".into(),
+                    });
+                };
                 let ticket_keys = settings.ticket_keys.then(|| {
                     let live = Arc::clone(&gateway);
                     let at = listener.addr;
+                    let initial_keys = initial.ticket_keys.clone();
                     let lookup: crate::tls::tickets::KeysLookup = Box::new(move || {
                         let runtime = live.load();
                         let found = runtime.certificates.iter().find(|(a, _)| *a == at);
-                        found.and_then(|(_, table)| table.ticket_keys.clone())
+                        found
+                            .and_then(|(_, table)| table.ticket_keys.clone())
+                            .or_else(|| initial_keys.clone())
                     });
                     lookup
                 });
@@ -200,6 +214,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                 let live = Arc::clone(&gateway);
                 let at = listener.addr;
                 let handshake = crate::tls::Handshake {
+                    initial,
                     table: Box::new(move || {
                         let runtime = live.load();
                         let found = runtime.certificates.iter().find(|(a, _)| *a == at);

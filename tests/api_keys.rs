@@ -52,6 +52,9 @@ fn config(up: &TestUpstream, keys: &Path, access_log: &Path) -> String {
 upstreams:
   app:
     targets: [{addr}]
+  nowhere:
+    targets: [127.0.0.1:9]
+    retries: 0
 routes:
   - name: header
     match: {{ path_prefix: /h }}
@@ -77,8 +80,12 @@ routes:
   - name: cached
     match: {{ path_prefix: /cached }}
     upstream: app
-    auth: partners
+    auth: [main, partners]
     cache: {{ ttl: 30s }}
+  - name: dead
+    match: {{ path_prefix: /dead }}
+    upstream: nowhere
+    auth: by_query
 cache:
   max_size: 1MiB
 ",
@@ -244,6 +251,19 @@ fn keys_by_query_are_removed_from_the_query_the_upstream_sees() {
     );
     let text = std::fs::read_to_string(&s.access_log).unwrap_or_default();
     assert!(!text.contains(BOB_KEY), "{text}");
+
+    // An upstream failure is logged by the gateway, naming the request
+    // without its query.
+    let r = client()
+        .get(gw.url(&format!("/dead/x?api_key={BOB_KEY}")))
+        .send()
+        .unwrap();
+    assert_problem(r, 502);
+    eventually(Duration::from_secs(5), "the failure logged", || {
+        gw.log_text().contains("/dead/x")
+    });
+    let log = gw.log_text();
+    assert!(!log.contains(BOB_KEY), "{log}");
 }
 
 #[test]
@@ -352,9 +372,18 @@ fn the_cache_keeps_an_entry_per_consumer() {
     let (x, bob) = get(BOB_KEY);
     assert_eq!(x, "MISS");
     assert_ne!(bob, acme);
+    // A token whose `sub` is a consumer's name is someone else: its own
+    // entry.
+    let r = client()
+        .get(s.gw.url("/cached/x"))
+        .bearer_auth(common::jwt::rs256_token("acme"))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert_ne!(r.text().unwrap(), acme);
     // No key, no entry: refused before the cache.
     assert_problem(client().get(s.gw.url("/cached/x")).send().unwrap(), 401);
-    assert_eq!(s.up.count(), 2);
+    assert_eq!(s.up.count(), 3);
 }
 
 #[test]
@@ -434,6 +463,19 @@ fn mistakes_in_api_keys_are_config_errors_with_their_paths() {
             yaml(&provider("header:X-API-Key", &good), "[main, nobody]"),
             "routes[0].auth[1]",
             "unknown auth provider \"nobody\"; known: main, partners",
+        ),
+        (
+            yaml(
+                &provider("header:X-API-Key", &good),
+                "{ client_cert: true, require_claims: { tier: [gold] } }",
+            ),
+            "routes[0].auth",
+            "a client certificate has no claims",
+        ),
+        (
+            yaml(&provider("query:api+key", &good), "partners"),
+            "auth.api_keys.partners.from",
+            "is not a valid query parameter name",
         ),
         (
             yaml(&provider("header:X-API-Key", &good), "{ jwt: partners }"),

@@ -438,6 +438,50 @@ fn shared_ticket_keys_resume_sessions_in_another_process() {
 }
 
 #[test]
+fn a_session_never_resumes_where_clients_verify_otherwise() {
+    // Two instances share ticket keys; one asks for no client certificate,
+    // the other requires one. A ticket from the first must not let a
+    // client without a certificate into the second.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    let clients = ca.write(dir.path(), "clients");
+    let keys = dir.path().join("tickets.key");
+    std::fs::write(&keys, ticket_keys(&[5])).unwrap();
+    let up = upstream();
+    let open = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], ticket_keys: {} }}",
+            pair(dir.path(), "api"),
+            keys.display()
+        ))
+        .start();
+    let strict = gateway(&routes(&up))
+        .tls_block(&format!(
+            "{{ certificates: [{}], ticket_keys: {}, client_ca: {}, client_cert: required }}",
+            pair(dir.path(), "api"),
+            keys.display(),
+            clients.display()
+        ))
+        .start();
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        let client = common::pki::resuming_client(&versions);
+        let (_, status) = request_resuming(&client, open.tls_addr.unwrap(), "api.test");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let (resumed, status) = request_resuming(&client, strict.tls_addr.unwrap(), "api.test");
+        assert!(
+            !resumed,
+            "{versions:?}: resumed into a listener that requires certificates"
+        );
+        assert!(
+            !status.starts_with("HTTP/1.1 200"),
+            "{versions:?}: {status}"
+        );
+    }
+}
+
+#[test]
 fn ticket_keys_resume_sessions_across_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");

@@ -34,7 +34,10 @@ impl KeySource {
                 .map_err(|_| format!("\"{name}\" is not a valid header name"));
         }
         if let Some(name) = s.strip_prefix("query:") {
-            if name.is_empty() || name.contains(['&', '=', ' ', '#']) {
+            // Names are compared as sent: `%` and `+` would be spelled
+            // otherwise by some clients, and a key found under one spelling
+            // must be the one stripped.
+            if name.is_empty() || name.contains(['&', '=', ' ', '#', '%', '+']) {
                 return Err(format!("\"{name}\" is not a valid query parameter name"));
             }
             return Ok(KeySource::Query(name.to_string()));
@@ -67,6 +70,9 @@ impl KeySource {
 pub struct Consumer {
     pub name: String,
     pub fields: Claims,
+    /// The provider's name and the consumer's, as one key: consumers of two
+    /// providers may share a name, never a rate-limit count or a cache entry.
+    pub scoped: String,
 }
 
 /// One `auth.api_keys` provider, compiled with its keys file.
@@ -106,7 +112,10 @@ impl ApiKeys {
     ) -> Self {
         let consumers = entries
             .into_iter()
-            .map(|(digest, consumer)| (digest, Arc::new(consumer)))
+            .map(|(digest, mut consumer)| {
+                consumer.scoped = format!("{name}\0{}", consumer.name);
+                (digest, Arc::new(consumer))
+            })
             .collect();
         ApiKeys {
             name,
@@ -173,8 +182,9 @@ impl ApiKeys {
     }
 }
 
-/// Whether a `name=value` pair of a query is parameter `name` (decoded as
-/// `routing::query_values` decodes names, so `api%5Fkey` is `api_key`).
+/// Whether a `name=value` pair of a query is parameter `name`, its name
+/// percent-decoded: more than `routing::query_values` finds (it compares
+/// names as sent), so any spelling of the key's name is stripped.
 fn query_pair_is(pair: &str, name: &str) -> bool {
     let raw = pair.split_once('=').map_or(pair, |(n, _)| n);
     let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
@@ -248,7 +258,14 @@ pub fn parse_keys_file(
             }
             fields.insert(field.clone(), value.clone());
         }
-        out.push((digest, Consumer { name, fields }));
+        out.push((
+            digest,
+            Consumer {
+                name,
+                fields,
+                scoped: String::new(),
+            },
+        ));
     }
     if errors.is_empty() {
         Ok(out)

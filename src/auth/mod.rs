@@ -423,11 +423,26 @@ impl Identity {
         }
     }
 
+    /// The consumer as rate limits key it: scoped by its provider.
     pub fn consumer(&self) -> Option<&str> {
         match self {
-            Identity::Consumer { consumer, .. } => Some(&consumer.name),
+            Identity::Consumer { consumer, .. } => Some(&consumer.scoped),
             Identity::Token { .. } => None,
         }
+    }
+
+    /// Who the cache keeps entries per: the kind, the provider and the
+    /// user, so a token's `sub` never shares an entry with a consumer of
+    /// the same name (or another provider's user). `None` without a user.
+    pub fn cache_subject(&self) -> Option<String> {
+        let (kind, provider, user) = match self {
+            Identity::Token { provider, .. } => ("jwt", provider.name.as_str(), self.user()?),
+            Identity::Consumer { keys, consumer } => {
+                ("key", keys.name.as_str(), consumer.name.as_str())
+            }
+        };
+        // Length-prefixed: a `sub` cannot forge the fields after it.
+        Some(format!("{kind}:{provider}:{}:{user}", user.len()))
     }
 
     /// The access log's `user` and the cache's per-user key: the token's

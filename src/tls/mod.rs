@@ -32,6 +32,7 @@ pub const CLIENT_CERT_SHA256: HeaderName = HeaderName::from_static("x-client-cer
 
 /// `client_cert` of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum ClientCertMode {
     /// Not asked for.
     Off,
@@ -47,8 +48,10 @@ pub enum ClientCertMode {
 pub struct ListenerTls {
     pub min_version: SslVersion,
     pub client_cert: ClientCertMode,
-    /// The client CA file, already checked to hold certificates.
-    pub client_ca: Option<std::path::PathBuf>,
+    /// The client CA file, already checked to hold certificates, and the
+    /// SHA-256 of its content: an edited file is a change only an upgrade
+    /// makes, and a reload says so.
+    pub client_ca: Option<(std::path::PathBuf, [u8; 32])>,
     /// Whether tickets use `ticket_keys` (the keys themselves are read
     /// again on every reload).
     pub ticket_keys: bool,
@@ -182,7 +185,7 @@ impl ClientCert {
         let digest = cert.digest(MessageDigest::sha256()).ok()?;
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         Some(ClientCert {
-            subject: HeaderValue::from_str(&rfc4514(cert.subject_name())).ok()?,
+            subject: HeaderValue::from_str(&rfc4514(cert.subject_name())?).ok()?,
             sha256: HeaderValue::from_str(&hex).ok()?,
         })
     }
@@ -199,7 +202,7 @@ impl ClientCert {
 
 /// A name in RFC 4514 form: the last RDN first, `SHORT=value`, with the
 /// special characters escaped.
-fn rfc4514(name: &X509NameRef) -> String {
+fn rfc4514(name: &X509NameRef) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
     for entry in name.entries() {
         let nid = entry.object().nid();
@@ -207,14 +210,13 @@ fn rfc4514(name: &X509NameRef) -> String {
             .short_name()
             .map(str::to_string)
             .unwrap_or_else(|_| entry.object().to_string());
-        let value = match entry.data().to_string() {
-            Ok(v) => escape_rfc4514(&v),
-            Err(_) => continue,
-        };
+        // A value that cannot be read would change who the subject names:
+        // then no subject at all.
+        let value = escape_rfc4514(&entry.data().to_string().ok()?);
         parts.push(format!("{key}={value}"));
     }
     parts.reverse();
-    parts.join(",")
+    Some(parts.join(","))
 }
 
 fn escape_rfc4514(value: &str) -> String {
@@ -255,9 +257,12 @@ pub fn acceptor(
     b.set_alpn_select_callback(|_, offered| {
         select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::ALERT_FATAL)
     });
-    // Resumed sessions of a verifying listener need a context id, or
-    // OpenSSL refuses the resumption.
-    b.set_session_id_context(b"gatehouse")
+    // A resumed session skips the certificate request and keeps the
+    // verification it had: it may resume only where the same clients would
+    // verify. The context is the client-certificate mode and CAs, so a
+    // session (or shared ticket) from a listener or instance that verifies
+    // otherwise starts a full handshake instead.
+    b.set_session_id_context(&session_context(settings.client_cert, client_ca))
         .map_err(|e| e.to_string())?;
     if settings.client_cert != ClientCertMode::Off {
         for ca in client_ca {
@@ -283,19 +288,37 @@ pub fn acceptor(
     Ok(b.build())
 }
 
+/// SHA-256 of what decides whether a client verifies here: 32 bytes,
+/// OpenSSL's limit for a session id context.
+fn session_context(mode: ClientCertMode, client_ca: &[X509]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"gatehouse client certificates:");
+    h.update([mode as u8]);
+    if mode != ClientCertMode::Off {
+        for ca in client_ca {
+            let der = ca.to_der().unwrap_or_default();
+            h.update((der.len() as u64).to_be_bytes());
+            h.update(&der);
+        }
+    }
+    h.finalize().into()
+}
+
 /// The TLS accept callbacks of one listener: its certificate table read
 /// from the live configuration at each handshake.
 pub struct Handshake {
     pub table: Box<dyn Fn() -> Option<Arc<CertTable>> + Send + Sync>,
+    /// The table the process started with: a reload that drops or moves
+    /// this listener (a change only an upgrade makes) leaves it serving.
+    pub initial: Arc<CertTable>,
     pub verifies_clients: bool,
 }
 
 #[async_trait]
 impl TlsAccept for Handshake {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let Some(table) = (self.table)() else {
-            return;
-        };
+        let table = (self.table)().unwrap_or_else(|| Arc::clone(&self.initial));
         let cert = table.select(ssl.servername(NameType::HOST_NAME));
         // A failure leaves the handshake without a certificate: it fails.
         let mut ok = ext::ssl_use_certificate(ssl, &cert.chain[0]).is_ok()

@@ -144,8 +144,11 @@ unsafe extern "C" fn ticket_key(
             None => return -1,
         }
     };
+    // No keys (cannot happen while ticket_keys is fixed at start, but a
+    // missing table must not fail handshakes): issue no ticket, and treat
+    // a presented one as unknown, a full handshake.
     let Some(keys) = lookup() else {
-        return if encrypt == 1 { 0 } else { -1 };
+        return 0;
     };
     let Some(first) = keys.0.first() else {
         return 0;

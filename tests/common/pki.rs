@@ -242,11 +242,11 @@ pub fn request_resuming(
     let mut answer = Vec::new();
     {
         let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-        tls.write_all(
-            format!("GET /open HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        let _ = tls.read_to_end(&mut answer);
+        // A refused handshake shows as an empty answer.
+        let request = format!("GET /open HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+        if tls.write_all(request.as_bytes()).is_ok() {
+            let _ = tls.read_to_end(&mut answer);
+        }
     }
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let text = String::from_utf8_lossy(&answer);

@@ -284,6 +284,16 @@ impl Compiler<'_> {
         if unresolved {
             return None;
         }
+        // A certificate alone carries no claims: a check on them would pass
+        // every certificate.
+        if methods.is_empty() && (!raw.require_claims.is_empty() || !raw.require_scopes.is_empty())
+        {
+            self.error(
+                path,
+                "require_claims and require_scopes need jwt or api_key: a client certificate has no claims",
+            );
+            return None;
+        }
         // Tokens first: a token sent beside a key is tried first.
         methods.sort_by_key(|m| matches!(m, Method::ApiKey(_)));
         let mut require_claims = Vec::new();

@@ -79,9 +79,18 @@ impl Compiler<'_> {
             }
         };
         let client_ca = match (&raw.client_ca, client_cert) {
-            (Some(file), ClientCertMode::Optional | ClientCertMode::Required) => self
-                .read_certificates(&key_path(path, "client_ca"), file)
-                .map(|(resolved, _)| resolved),
+            (Some(file), ClientCertMode::Optional | ClientCertMode::Required) => {
+                let cpath = key_path(path, "client_ca");
+                self.read_certificates(&cpath, file)
+                    .map(|(resolved, certs)| {
+                        use sha2::{Digest, Sha256};
+                        let mut h = Sha256::new();
+                        for c in &certs {
+                            h.update(c.to_der().unwrap_or_default());
+                        }
+                        (resolved, h.finalize().into())
+                    })
+            }
             (Some(_), ClientCertMode::Off) => {
                 self.error(
                     &key_path(path, "client_cert"),
