@@ -12,6 +12,7 @@
 #   GATEHOUSE_BIN=/path/to/other/gatehouse bench/instructions.sh   # compare builds
 #   BARE=1 bench/instructions.sh                 # Pingora alone (examples/bare_proxy.rs), the floor
 #   ROUTE=/limited/v1/users/7 bench/instructions.sh              # a local rate limit
+#   ENCODING=gzip ROUTE=/gzip/v1/users/7 bench/instructions.sh     # the compressed JSON route, gzip asked for
 #   CLUSTER=1 ROUTE=/clustered/v1/users/7 bench/instructions.sh  # the same limit counted in Redis
 #                                                # (a redis-server of its own; its instructions are not counted)
 set -euo pipefail
@@ -23,6 +24,7 @@ ROUTE=${ROUTE:-/v1/users/7}
 QUIET=${QUIET:-0}
 BARE=${BARE:-0}
 CLUSTER=${CLUSTER:-0}
+ENCODING=${ENCODING:-}
 BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 for tool in valgrind python3 curl openssl; do
     command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
@@ -55,6 +57,7 @@ http {
         listen 127.0.0.1:$UP;
         default_type application/json;
         location / { return 200 '{"ok":true,"service":"bench","id":7,"v":1}'; }
+        location /big/ { return 200 '$(. "$ROOT/bench/lib.sh" && big_body)'; }
     }
 }
 EOF
@@ -109,12 +112,15 @@ run() {
             sleep 0.2
         done
     fi
-    python3 - "$GH" "$ROUTE" "$count" "$TOKEN" <<'PY'
+    python3 - "$GH" "$ROUTE" "$count" "$TOKEN" "$ENCODING" <<'PY'
 import http.client, sys
-port, route, count, token = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+port, route, count, token, encoding = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 c = http.client.HTTPConnection("127.0.0.1", port)
+headers = {"Authorization": "Bearer " + token}
+if encoding:
+    headers["Accept-Encoding"] = encoding
 for _ in range(count):
-    c.request("GET", route, headers={"Authorization": "Bearer " + token})
+    c.request("GET", route, headers=headers)
     r = c.getresponse()
     r.read()
     assert r.status == 200, r.status

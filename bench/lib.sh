@@ -13,6 +13,18 @@ mint_token() {
     printf '%s.%s.%s' "$header" "$payload" "$sig"
 }
 
+# big_body: the compressed JSON route's body: 30 users, about 3 KiB (nginx
+# takes at most 4 KiB in one `return`), as an API list answer looks
+# (repetitive field names, varied values).
+big_body() {
+    python3 -c '
+import json
+users = [{"id": i, "name": f"user-{i:04d}", "email": f"user{i}@example.com", "active": i % 3 != 0,
+          "roles": ["reader"] + (["editor"] if i % 4 == 0 else []), "score": (i * 7919) % 1000 / 10}
+         for i in range(30)]
+print(json.dumps({"users": users, "total": 30}, separators=(",", ":")))'
+}
+
 # cluster_route: the `limited` route's limit counted in Redis (append under
 # `routes:` with a `cluster:` section).
 cluster_route() {

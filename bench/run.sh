@@ -32,14 +32,9 @@ REDIS_BIN=${REDIS_BIN:-$(command -v redis-server || echo /usr/bin/redis-server)}
 
 # 42-byte JSON body the upstream returns; every target must return it verbatim.
 BODY='{"ok":true,"service":"bench","id":7,"v":1}'
-# The compressed JSON route's body: 30 users, about 3 KiB (nginx takes at most 4 KiB in one `return`), as an API list
-# answer looks (repetitive field names, varied values).
-BIG_BODY=$(python3 -c '
-import json
-users = [{"id": i, "name": f"user-{i:04d}", "email": f"user{i}@example.com", "active": i % 3 != 0,
-          "roles": ["reader"] + (["editor"] if i % 4 == 0 else []), "score": (i * 7919) % 1000 / 10}
-         for i in range(30)]
-print(json.dumps({"users": users, "total": 30}, separators=(",", ":")))')
+# The compressed JSON route's body (bench/lib.sh).
+BIG_BODY=$(. "$ROOT/bench/lib.sh" && big_body)
+
 
 die() { echo "bench: error: $*" >&2; exit 1; }
 note() { echo "bench: $*" >&2; }
