@@ -30,6 +30,17 @@ pub struct Runtime {
     pub carried: Carried,
 }
 
+impl Runtime {
+    /// The certificates of the TLS listener at `addr`.
+    pub fn certificates_for(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Option<&Arc<crate::tls::CertTable>> {
+        let found = self.certificates.iter().find(|(a, _)| *a == addr);
+        found.map(|(_, table)| table)
+    }
+}
+
 /// What a reload carries over while its configuration is unchanged: an
 /// upstream's health and connection pool, a provider's fetched keys and
 /// verified tokens, a route's rate-limit counts, the cluster's connection.

@@ -179,28 +179,23 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                         .and_then(|pem| X509::stack_from_pem(&pem).map_err(|e| e.to_string())),
                     None => Ok(Vec::new()),
                 };
-                let started = gateway.load();
-                let initial = started
-                    .certificates
-                    .iter()
-                    .find(|(a, _)| *a == listener.addr);
-                let Some((_, initial)) = initial.cloned() else {
+                // Each handshake reads the live configuration's
+                // certificates and ticket keys for this listener.
+                let Some(initial) = gateway.load().certificates_for(listener.addr).cloned() else {
                     return Err(StartError::Tls {
                         addr: addr.clone(),
                         message: "no certificates were loaded".into(),
                     });
                 };
+                let (live, at) = (Arc::clone(&gateway), listener.addr);
+                let table = Arc::new(crate::tls::LiveTable {
+                    lookup: Box::new(move || live.load().certificates_for(at).cloned()),
+                    initial,
+                });
                 let ticket_keys = settings.ticket_keys.then(|| {
-                    let live = Arc::clone(&gateway);
-                    let at = listener.addr;
-                    let initial_keys = initial.ticket_keys.clone();
-                    let lookup: crate::tls::tickets::KeysLookup = Box::new(move || {
-                        let runtime = live.load();
-                        let found = runtime.certificates.iter().find(|(a, _)| *a == at);
-                        found
-                            .and_then(|(_, table)| table.ticket_keys.clone())
-                            .or_else(|| initial_keys.clone())
-                    });
+                    let table = Arc::clone(&table);
+                    let lookup: crate::tls::tickets::KeysLookup =
+                        Box::new(move || table.current().ticket_keys.clone());
                     lookup
                 });
                 let acceptor = client_ca
@@ -209,17 +204,8 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                         addr: addr.clone(),
                         message,
                     })?;
-                // Each handshake reads the live configuration's
-                // certificates for this listener.
-                let live = Arc::clone(&gateway);
-                let at = listener.addr;
                 let handshake = crate::tls::Handshake {
-                    initial,
-                    table: Box::new(move || {
-                        let runtime = live.load();
-                        let found = runtime.certificates.iter().find(|(a, _)| *a == at);
-                        found.map(|(_, table)| Arc::clone(table))
-                    }),
+                    table,
                     verifies_clients: settings.client_cert != crate::tls::ClientCertMode::Off,
                 };
                 let callbacks: Arc<dyn pingora_core::listeners::TlsAccept + Send + Sync> =

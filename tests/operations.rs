@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -382,33 +382,10 @@ fn ten_reloads_under_load_fail_no_request() {
 #[test]
 fn an_upgrade_under_load_fails_no_request_and_the_old_process_leaves() {
     let up = TestUpstream::named("app");
-    let gw = gateway(&body_with(&up, "")).start();
-    let old_pid = gw.child.id();
-    let load = Load::start(gw.addr, "/r/upgrade", 2, 2);
+    let mut old = gateway(&body_with(&up, "")).start();
+    let load = Load::start(old.addr, "/r/upgrade", 2, 2);
     std::thread::sleep(Duration::from_millis(300));
-    let new = Command::new(BIN)
-        .arg("-u")
-        .arg("-c")
-        .arg(&gw.conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(gw.dir.path().join("new.log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    let mut new = scopeguard(new);
-    signal(old_pid, "QUIT");
-    let mut old = gw;
-    let start = Instant::now();
-    let gone = loop {
-        if let Ok(Some(_)) = old.child.try_wait() {
-            break true;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (mut new, gone) = upgrade(&mut old);
     // Keep the load on the new process a little longer.
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failures) = load.stop();

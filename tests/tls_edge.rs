@@ -73,6 +73,27 @@ fn hex_sha256(der: &[u8]) -> String {
         .collect()
 }
 
+/// A folder holding `api.test`'s certificate and key (`api.pem`,
+/// `api.key`), issued by a new CA.
+fn api_site() -> (tempfile::TempDir, Ca) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.issue(&["api.test"], "api", None, None)
+        .write(dir.path(), "api");
+    (dir, ca)
+}
+
+/// A gateway on [`routes`] whose TLS listener serves `api.test` from
+/// `dir`, with `extra` settings after its certificates (`, min_version: ...`).
+fn api_gateway(up: &TestUpstream, dir: &Path, extra: &str) -> Gateway {
+    gateway(&routes(up))
+        .tls_block(&format!(
+            "{{ certificates: [{}]{extra} }}",
+            pair(dir, "api")
+        ))
+        .start()
+}
+
 fn pair(dir: &Path, name: &str) -> String {
     format!(
         "{{ cert: {}, key: {} }}",
@@ -139,12 +160,7 @@ fn a_reload_serves_renewed_certificates_and_keeps_them_when_files_fail() {
     let first = ca.issue(&["api.test"], "api", None, None);
     first.write(dir.path(), "api");
     let up = upstream();
-    let gw = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}] }}",
-            pair(dir.path(), "api")
-        ))
-        .start();
+    let gw = api_gateway(&up, dir.path(), "");
     let addr = gw.tls_addr.unwrap();
     let served = || {
         handshake(addr, "api.test", &[b"h2"], &all_versions())
@@ -190,17 +206,9 @@ fn a_reload_serves_renewed_certificates_and_keeps_them_when_files_fail() {
 
 #[test]
 fn alpn_without_h2_or_http1_is_refused_and_min_version_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
+    let (dir, _ca) = api_site();
     let up = upstream();
-    let gw = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], min_version: \"1.3\" }}",
-            pair(dir.path(), "api")
-        ))
-        .start();
+    let gw = api_gateway(&up, dir.path(), ", min_version: \"1.3\"");
     let addr = gw.tls_addr.unwrap();
     match handshake(addr, "api.test", &[b"spdy/3", b"foo"], &all_versions()) {
         Err(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {}
@@ -220,21 +228,19 @@ fn alpn_without_h2_or_http1_is_refused_and_min_version_holds() {
 
 #[test]
 fn required_client_certificates_are_verified_and_described_upstream() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
+    let (dir, ca) = api_site();
     let clients = Ca::new("clients CA");
     let stranger_ca = Ca::new("another CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
     let clients_pem = clients.write(dir.path(), "clients");
     let up = upstream();
-    let gw = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], client_ca: {}, client_cert: required }}",
-            pair(dir.path(), "api"),
+    let gw = api_gateway(
+        &up,
+        dir.path(),
+        &format!(
+            ", client_ca: {}, client_cert: required",
             clients_pem.display()
-        ))
-        .start();
+        ),
+    );
     let alice = clients.issue(&[], "alice", Some("Acme, Inc."), None);
     let r = https(&ca, &gw, "api.test", Some(&alice))
         .get(url(&gw, "api.test", "/open"))
@@ -270,21 +276,19 @@ fn required_client_certificates_are_verified_and_described_upstream() {
 
 #[test]
 fn optional_client_certificates_let_routes_ask_for_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
+    let (dir, ca) = api_site();
     let clients = Ca::new("clients CA");
     let stranger_ca = Ca::new("another CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
     let clients_pem = clients.write(dir.path(), "clients");
     let up = upstream();
-    let gw = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], client_ca: {}, client_cert: optional }}",
-            pair(dir.path(), "api"),
+    let gw = api_gateway(
+        &up,
+        dir.path(),
+        &format!(
+            ", client_ca: {}, client_cert: optional",
             clients_pem.display()
-        ))
-        .start();
+        ),
+    );
     let bob = clients.issue(&[], "bob", None, None);
     let mallory = stranger_ca.issue(&[], "bob", None, None);
     let anonymous = https(&ca, &gw, "api.test", None);
@@ -384,21 +388,11 @@ fn ticket_keys(names: &[u8]) -> Vec<u8> {
 
 #[test]
 fn shared_ticket_keys_resume_sessions_in_another_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
+    let (dir, _ca) = api_site();
     let up = upstream();
     let start = |keys: Option<&Path>| {
-        let block = match keys {
-            Some(k) => format!(
-                "{{ certificates: [{}], ticket_keys: {} }}",
-                pair(dir.path(), "api"),
-                k.display()
-            ),
-            None => format!("{{ certificates: [{}] }}", pair(dir.path(), "api")),
-        };
-        gateway(&routes(&up)).tls_block(&block).start()
+        let extra = keys.map_or(String::new(), |k| format!(", ticket_keys: {}", k.display()));
+        api_gateway(&up, dir.path(), &extra)
     };
     let old_keys = dir.path().join("old.key");
     std::fs::write(&old_keys, ticket_keys(&[1])).unwrap();
@@ -442,29 +436,25 @@ fn a_session_never_resumes_where_clients_verify_otherwise() {
     // Two instances share ticket keys; one asks for no client certificate,
     // the other requires one. A ticket from the first must not let a
     // client without a certificate into the second.
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
+    let (dir, ca) = api_site();
     let clients = ca.write(dir.path(), "clients");
     let keys = dir.path().join("tickets.key");
     std::fs::write(&keys, ticket_keys(&[5])).unwrap();
     let up = upstream();
-    let open = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], ticket_keys: {} }}",
-            pair(dir.path(), "api"),
-            keys.display()
-        ))
-        .start();
-    let strict = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], ticket_keys: {}, client_ca: {}, client_cert: required }}",
-            pair(dir.path(), "api"),
+    let open = api_gateway(
+        &up,
+        dir.path(),
+        &format!(", ticket_keys: {}", keys.display()),
+    );
+    let strict = api_gateway(
+        &up,
+        dir.path(),
+        &format!(
+            ", ticket_keys: {}, client_ca: {}, client_cert: required",
             keys.display(),
             clients.display()
-        ))
-        .start();
+        ),
+    );
     for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
         let client = common::pki::resuming_client(&versions);
         let (_, status) = request_resuming(&client, open.tls_addr.unwrap(), "api.test");
@@ -483,20 +473,15 @@ fn a_session_never_resumes_where_clients_verify_otherwise() {
 
 #[test]
 fn ticket_keys_resume_sessions_across_an_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
+    let (dir, _ca) = api_site();
     let keys = dir.path().join("tickets.key");
     std::fs::write(&keys, ticket_keys(&[9])).unwrap();
     let up = upstream();
-    let mut gw = gateway(&routes(&up))
-        .tls_block(&format!(
-            "{{ certificates: [{}], ticket_keys: {} }}",
-            pair(dir.path(), "api"),
-            keys.display()
-        ))
-        .start();
+    let mut gw = api_gateway(
+        &up,
+        dir.path(),
+        &format!(", ticket_keys: {}", keys.display()),
+    );
     let addr = gw.tls_addr.unwrap();
     let client = common::pki::resuming_client(&[&rustls::version::TLS13]);
     let (resumed, status) = request_resuming(&client, addr, "api.test");
@@ -514,10 +499,7 @@ fn ticket_keys_resume_sessions_across_an_upgrade() {
 
 #[test]
 fn tls_mistakes_are_config_errors_with_their_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.issue(&["api.test"], "api", None, None)
-        .write(dir.path(), "api");
+    let (dir, ca) = api_site();
     ca.issue(&["api.test", "www.test"], "dup", None, None)
         .write(dir.path(), "dup");
     ca.issue(&["old.test"], "old", None, Some((2020, 1, 1)))

@@ -174,8 +174,8 @@ impl ApiKeys {
     }
 
     /// The header naming the consumer upstream.
-    pub fn consumer_header(&self, consumer: &Consumer) -> Option<(HeaderName, HeaderValue)> {
-        let header = self.forward_consumer.clone()?;
+    pub fn consumer_header(&self, consumer: &Consumer) -> Option<(&HeaderName, HeaderValue)> {
+        let header = self.forward_consumer.as_ref()?;
         HeaderValue::from_str(&consumer.name)
             .ok()
             .map(|value| (header, value))

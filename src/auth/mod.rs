@@ -454,15 +454,19 @@ impl Identity {
         }
     }
 
-    /// The identity headers sent upstream.
-    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+    /// Hands each identity header sent upstream to `set` (no list built:
+    /// this runs per request).
+    pub fn each_header(&self, mut set: impl FnMut(&HeaderName, HeaderValue)) {
         match self {
-            Identity::Token { provider, claims } => provider
-                .claim_headers(claims)
-                .map(|(name, value)| (name.clone(), value))
-                .collect(),
+            Identity::Token { provider, claims } => {
+                for (name, value) in provider.claim_headers(claims) {
+                    set(name, value);
+                }
+            }
             Identity::Consumer { keys, consumer } => {
-                keys.consumer_header(consumer).into_iter().collect()
+                if let Some((name, value)) = keys.consumer_header(consumer) {
+                    set(name, value);
+                }
             }
         }
     }
@@ -487,9 +491,9 @@ pub fn forward_identity(
             .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
     });
     if let Some(identity) = verified {
-        for (header, value) in identity.headers() {
-            let _ = upstream.insert_header(header, value);
-        }
+        identity.each_header(|header, value| {
+            let _ = upstream.insert_header(header.clone(), value);
+        });
     }
     for (header, value) in client_cert.into_iter().flat_map(ClientCert::headers) {
         let _ = upstream.insert_header(header, value);
@@ -508,7 +512,7 @@ pub fn part_headers(
     let mut headers = vec![(crate::forwarding::REQUEST_ID, request_id.clone())];
     headers.extend(authorization.map(|v| (http::header::AUTHORIZATION, v.clone())));
     if let Some(identity) = verified {
-        headers.extend(identity.headers());
+        identity.each_header(|name, value| headers.push((name.clone(), value)));
     }
     headers.extend(client_cert.into_iter().flat_map(ClientCert::headers));
     headers

@@ -305,20 +305,31 @@ fn session_context(mode: ClientCertMode, client_ca: &[X509]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The TLS accept callbacks of one listener: its certificate table read
-/// from the live configuration at each handshake.
-pub struct Handshake {
-    pub table: Box<dyn Fn() -> Option<Arc<CertTable>> + Send + Sync>,
+/// A listener's certificate table (and ticket keys) as of now: the live
+/// configuration's, read at each handshake.
+pub struct LiveTable {
+    pub lookup: Box<dyn Fn() -> Option<Arc<CertTable>> + Send + Sync>,
     /// The table the process started with: a reload that drops or moves
     /// this listener (a change only an upgrade makes) leaves it serving.
     pub initial: Arc<CertTable>,
+}
+
+impl LiveTable {
+    pub fn current(&self) -> Arc<CertTable> {
+        (self.lookup)().unwrap_or_else(|| Arc::clone(&self.initial))
+    }
+}
+
+/// The TLS accept callbacks of one listener.
+pub struct Handshake {
+    pub table: Arc<LiveTable>,
     pub verifies_clients: bool,
 }
 
 #[async_trait]
 impl TlsAccept for Handshake {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let table = (self.table)().unwrap_or_else(|| Arc::clone(&self.initial));
+        let table = self.table.current();
         let cert = table.select(ssl.servername(NameType::HOST_NAME));
         // A failure leaves the handshake without a certificate: it fails.
         let mut ok = ext::ssl_use_certificate(ssl, &cert.chain[0]).is_ok()
