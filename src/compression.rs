@@ -10,35 +10,41 @@
 //! response at the route's level. The module encodes the body as it
 //! streams, drops `Content-Length` and weakens the `ETag`.
 //!
-//! `br` is not offered: Pingora 0.9's brotli encoder ends a body with a
-//! flush, never the stream's final block (cloudflare/pingora#1013), which
-//! strict decoders (Node's `fetch`, the `brotli` tool) reject. A client
-//! asking for `br` and `gzip` gets `gzip`; one asking for `br` alone gets
-//! the body unencoded. Offer it again once Pingora finishes the stream.
+//! `br` is encoded here, with the `brotli` crate Pingora's module uses,
+//! in `response_body_filter`: Pingora 0.9's own brotli encoder ends a body
+//! with a flush, never the stream's last block (cloudflare/pingora#1013),
+//! which strict decoders (Node's `fetch`, the `brotli` tool) reject. This
+//! one finishes the stream; `zstd` and `gzip` stay with Pingora's module.
 //!
 //! The cache stores what the upstream sent; compression happens after it,
 //! per response, so a cached entry is never served in an encoding the
 //! client did not accept.
 
+use std::io::Write;
+
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use pingora_core::modules::http::compression::ResponseCompression;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
-/// The encodings gatehouse produces, best first on equal q-values (`br`
-/// would come first; see the module's doc for why it is left out).
+use crate::transform::headers::weaken_etag;
+
+/// The encodings gatehouse produces, best first on equal q-values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
+    Brotli,
     Zstd,
     Gzip,
 }
 
 impl Encoding {
-    const ALL: [Encoding; 2] = [Encoding::Zstd, Encoding::Gzip];
+    const ALL: [Encoding; 3] = [Encoding::Brotli, Encoding::Zstd, Encoding::Gzip];
 
     pub fn token(self) -> &'static str {
         match self {
+            Encoding::Brotli => "br",
             Encoding::Zstd => "zstd",
             Encoding::Gzip => "gzip",
         }
@@ -94,11 +100,11 @@ pub struct Compression {
 }
 
 /// The encoding `accept_encoding` rates highest among ours: by q-value,
-/// then `zstd`, `gzip`; `q=0` refuses one, `*` stands for those not
+/// then `br`, `zstd`, `gzip`; `q=0` refuses one, `*` stands for those not
 /// named. `None`: none acceptable (or no `Accept-Encoding`).
 pub fn negotiate<'a>(accept_encoding: impl Iterator<Item = &'a HeaderValue>) -> Option<Encoding> {
     // Per encoding, the q-value its own entry gives, and the one of `*`.
-    let mut named: [Option<u16>; 2] = [None; 2];
+    let mut named: [Option<u16>; Encoding::ALL.len()] = [None; Encoding::ALL.len()];
     let mut any: Option<u16> = None;
     for value in accept_encoding {
         let Ok(text) = value.to_str() else { continue };
@@ -195,43 +201,88 @@ impl Compression {
     }
 
     /// Decides for the response about to go out and, when it is to be
-    /// compressed, switches Pingora's module on with the encoding chosen.
-    pub fn respond(&self, session: &mut Session, resp: &mut ResponseHeader) {
+    /// compressed, switches Pingora's module on with the encoding chosen,
+    /// or, for `br`, returns the encoder `response_body_filter` feeds.
+    pub fn respond(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+    ) -> Option<Box<BrotliBody>> {
         if !self.compressible(session.req_header(), resp) {
-            return;
+            return None;
         }
         // The answer depends on Accept-Encoding, whoever asks.
         add_vary_accept_encoding(resp);
-        let Some(encoding) = negotiate(
+        let encoding = negotiate(
             session
                 .req_header()
                 .headers
                 .get_all(header::ACCEPT_ENCODING)
                 .iter(),
-        ) else {
-            return;
-        };
-        let Some(module) = session
+        )?;
+        if encoding == Encoding::Brotli {
+            // What Pingora's module does to the head of a body it encodes.
+            resp.remove_header(&header::CONTENT_LENGTH);
+            resp.remove_header(&header::ACCEPT_RANGES);
+            let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+            let _ = resp.insert_header(header::CONTENT_ENCODING, encoding.token());
+            weaken_etag(resp);
+            return Some(Box::new(BrotliBody::new(self.level)));
+        }
+        let module = session
             .downstream_modules_ctx
-            .get_mut::<ResponseCompression>()
-        else {
-            return;
-        };
+            .get_mut::<ResponseCompression>()?;
         if !module.is_header_phase() {
-            return;
+            return None;
         }
         module.adjust_level(self.level);
         module.adjust_decompression(false);
-        let Ok(mut asked) = RequestHeader::build(Method::GET, b"/", Some(1)) else {
-            return;
-        };
-        if asked
+        let mut asked = RequestHeader::build(Method::GET, b"/", Some(1)).ok()?;
+        asked
             .insert_header(header::ACCEPT_ENCODING, encoding.token())
-            .is_err()
-        {
-            return;
-        }
+            .ok()?;
         module.request_filter(&asked);
+        None
+    }
+}
+
+/// A response body being encoded as `br`; `None` once its stream is
+/// finished.
+pub struct BrotliBody(Option<brotli::CompressorWriter<Vec<u8>>>);
+
+impl BrotliBody {
+    /// Window and buffer as Pingora's own brotli encoder has them; the
+    /// level is the route's (1 to 9 of brotli's 0 to 11).
+    fn new(level: u32) -> Self {
+        const BUFFER: usize = 4096;
+        const WINDOW_BITS: u32 = 19;
+        BrotliBody(Some(brotli::CompressorWriter::new(
+            Vec::new(),
+            BUFFER,
+            level,
+            WINDOW_BITS,
+        )))
+    }
+
+    /// Replaces `body` by what the encoder has ready (nothing, often, until
+    /// its buffer fills); at the end of the stream by the rest and the
+    /// stream's last block.
+    pub fn encode(&mut self, body: &mut Option<Bytes>, end: bool) -> std::io::Result<()> {
+        let Some(writer) = self.0.as_mut() else {
+            return Ok(());
+        };
+        if let Some(chunk) = body.as_deref() {
+            writer.write_all(chunk)?;
+        }
+        let ready = if end {
+            // Finishing is what `into_inner` does (and what Pingora's
+            // encoder never reaches).
+            self.0.take().map(|w| w.into_inner()).unwrap_or_default()
+        } else {
+            std::mem::take(writer.get_mut())
+        };
+        *body = (!ready.is_empty()).then(|| Bytes::from(ready));
+        Ok(())
     }
 }
 
@@ -252,6 +303,46 @@ fn add_vary_accept_encoding(resp: &mut ResponseHeader) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_br_body_is_a_finished_stream_in_any_chunking() {
+        let original: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .collect();
+        for chunk in [1usize, 700, 5000, original.len()] {
+            let mut encoder = BrotliBody::new(6);
+            let mut encoded = Vec::new();
+            let pieces: Vec<&[u8]> = original.chunks(chunk).collect();
+            for piece in &pieces {
+                let mut body = Some(Bytes::copy_from_slice(piece));
+                encoder.encode(&mut body, false).unwrap();
+                encoded.extend(body.unwrap_or_default());
+            }
+            // Pingora ends a body with an empty call.
+            let mut last = None;
+            encoder.encode(&mut last, true).unwrap();
+            encoded.extend(last.expect("the stream's last block"));
+            let mut decoded = Vec::new();
+            brotli::Decompressor::new(&encoded[..], 4096)
+                .read_to_end(&mut decoded)
+                .unwrap();
+            assert_eq!(decoded, original, "chunks of {chunk}");
+            assert!(encoded.len() < original.len() / 4);
+            let mut after = Some(Bytes::from_static(b"x"));
+            encoder.encode(&mut after, true).unwrap();
+            assert_eq!(after.as_deref(), Some(&b"x"[..]), "finished: untouched");
+        }
+        // An empty body is still a whole (empty) stream.
+        let mut encoder = BrotliBody::new(6);
+        let mut body = None;
+        encoder.encode(&mut body, true).unwrap();
+        let mut decoded = Vec::new();
+        brotli::Decompressor::new(&body.unwrap()[..], 4096)
+            .read_to_end(&mut decoded)
+            .unwrap();
+        assert!(decoded.is_empty());
+    }
 
     fn pick(value: &str) -> Option<&'static str> {
         let v = HeaderValue::from_str(value).unwrap();
@@ -261,14 +352,15 @@ mod tests {
     #[test]
     fn the_highest_q_value_wins_then_br_zstd_gzip() {
         assert_eq!(pick("gzip"), Some("gzip"));
-        assert_eq!(pick("gzip, br"), Some("gzip"), "no br (pingora#1013)");
-        assert_eq!(pick("br"), None);
+        assert_eq!(pick("gzip, br"), Some("br"));
+        assert_eq!(pick("br;q=0.9, zstd"), Some("zstd"));
+        assert_eq!(pick("gzip, zstd, br"), Some("br"));
         assert_eq!(pick("gzip, zstd"), Some("zstd"));
         assert_eq!(pick("zstd;q=0.5, gzip"), Some("gzip"));
         assert_eq!(pick("gzip;q=0.5, zstd;q=0.5"), Some("zstd"));
         assert_eq!(pick("zstd;q=0, gzip;q=0.1"), Some("gzip"));
-        assert_eq!(pick("*"), Some("zstd"));
-        assert_eq!(pick("*;q=0.2, zstd;q=0"), Some("gzip"));
+        assert_eq!(pick("*"), Some("br"));
+        assert_eq!(pick("*;q=0.2, br;q=0, zstd;q=0"), Some("gzip"));
         assert_eq!(pick("identity"), None);
         assert_eq!(pick("gzip;q=0"), None);
         assert_eq!(pick("deflate, compress"), None);

@@ -13,7 +13,7 @@ use http::StatusCode;
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorType, Result};
+use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -377,9 +377,24 @@ impl ProxyHttp for Proxy {
         let id = ctx.request_id.header_value().clone();
         upstream_response.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
         if let Some(compression) = ctx.route.compression.as_ref() {
-            compression.respond(session, upstream_response);
+            ctx.brotli = compression.respond(session, upstream_response);
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(brotli) = ctx.brotli.as_mut() {
+            brotli
+                .encode(body, end_of_stream)
+                .or_err(ErrorType::InternalError, "while encoding br")?;
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

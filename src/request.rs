@@ -15,6 +15,7 @@ use pingora_proxy::Session;
 use crate::auth::Identity;
 use crate::budget::Held;
 use crate::cache::{self, Cache, CachePolicy, Slot};
+use crate::compression::BrotliBody;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::ratelimit::Decision;
 use crate::respond::{Phase, Response};
@@ -65,6 +66,8 @@ pub struct RequestCtx {
     /// Boxed: rare, and the context travels inside every request's future.
     pub request_rewrite: Option<Box<Rewrite>>,
     pub response_rewrite: Option<Box<Rewrite>>,
+    /// The response body's `br` encoder, when `compression` chose `br`.
+    pub brotli: Option<Box<BrotliBody>>,
     /// A body rule refused a body in a body phase: the answer to give.
     pub refusal: Option<Refusal>,
     /// An aggregate answer's share of `max_buffered`, until it is sent.
@@ -98,6 +101,7 @@ impl RequestCtx {
             start: Instant::now(),
             request_rewrite: None,
             response_rewrite: None,
+            brotli: None,
             refusal: None,
             answer_held: None,
             cors: crate::cors::Admitted::default(),

@@ -521,16 +521,7 @@ impl Rewrite {
         if !rewrite.codings.is_empty() {
             resp.remove_header(&http::header::CONTENT_ENCODING);
         }
-        // The bytes change: a strong validator would claim otherwise.
-        if let Some(etag) = resp.headers.get(http::header::ETAG).cloned() {
-            if !etag.as_bytes().starts_with(b"W/") {
-                let mut weak = b"W/".to_vec();
-                weak.extend_from_slice(etag.as_bytes());
-                if let Ok(v) = http::HeaderValue::from_bytes(&weak) {
-                    let _ = resp.insert_header(http::header::ETAG, v);
-                }
-            }
-        }
+        super::headers::weaken_etag(resp);
         if kind == BodyKind::Xml {
             let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
         }

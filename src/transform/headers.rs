@@ -5,6 +5,31 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use pingora_http::{RequestHeader, ResponseHeader};
 
+/// For a body whose bytes the gateway changes: a strong validator would
+/// claim they are the upstream's, so it becomes weak (`W/"…"`); one that is
+/// not a quoted tag at all is dropped (RFC 9110 8.8.3), as nginx does.
+pub fn weaken_etag(resp: &mut ResponseHeader) {
+    let Some(etag) = resp.headers.get(http::header::ETAG) else {
+        return;
+    };
+    let tag = etag.as_bytes();
+    if tag.starts_with(b"W/") {
+        return;
+    }
+    let weak = tag
+        .starts_with(b"\"")
+        .then(|| HeaderValue::from_bytes(&[b"W/", tag].concat()).ok())
+        .flatten();
+    match weak {
+        Some(weak) => {
+            let _ = resp.insert_header(http::header::ETAG, weak);
+        }
+        None => {
+            resp.remove_header(&http::header::ETAG);
+        }
+    }
+}
+
 /// Requests and responses both carry a case-preserving header map that must
 /// be edited through its own methods; this trait lets one rule set edit both.
 pub trait EditHeaders {
