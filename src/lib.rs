@@ -65,6 +65,7 @@ pub(crate) mod respond;
 pub mod route;
 pub mod routing;
 pub mod server;
+pub(crate) mod split;
 pub(crate) mod subject;
 pub mod tls;
 pub(crate) mod transform;

@@ -144,34 +144,40 @@ fn route(
     let uri: http::Uri = url
         .parse()
         .with_context(|| format!("\"{url}\" is not a URL or path"))?;
-    let mut map = http::HeaderMap::new();
+    let mut head = pingora_http::RequestHeader::build(
+        method,
+        uri.path_and_query().map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+        None,
+    )
+    .context("cannot build the request")?;
     for h in headers {
         let (name, value) = h
             .split_once(':')
             .with_context(|| format!("header \"{h}\" must be written Name: value"))?;
-        map.append(
+        head.append_header(
             http::HeaderName::from_bytes(name.trim().as_bytes()).context("bad header name")?,
             http::HeaderValue::from_str(value.trim()).context("bad header value")?,
-        );
+        )
+        .context("bad header")?;
     }
     // The host as the proxy sees it: the URL's authority wins over `Host`.
     let host = uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| map.get(http::header::HOST).and_then(|v| v.to_str().ok()))
+        .or_else(|| head.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()))
         .map(gatehouse::forwarding::strip_port);
-    let request = gatehouse::routing::RouteRequest {
-        method: &method,
-        path: uri.path(),
-        host,
-        headers: &map,
-    };
-    let (text, matched) = gatehouse::route::explain(
+    // Credentials are verified for `match.claims` (not under Pingora here:
+    // a runtime of its own).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let (text, matched) = runtime.block_on(gatehouse::route::explain(
         &config.runtime.router,
-        &request,
-        uri.query(),
+        &head,
+        host,
         config.server.path_params,
-    );
+    ));
     print!("{text}");
     Ok(if matched {
         ExitCode::SUCCESS

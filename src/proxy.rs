@@ -50,7 +50,7 @@ pub struct Proxy {
 impl Proxy {
     /// The route, and what routing worked out; the head's limits and the
     /// body's declared length. Synchronous on purpose.
-    fn select(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
+    async fn select(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         // HTTP/1 heads were measured as they arrived (`listener`).
         let limits = (self.settings.max_headers, self.settings.max_header_size);
@@ -59,7 +59,8 @@ impl Proxy {
         }
         let runtime = self.gateway.load();
         let host = forwarding::request_host(req);
-        let selected = route::select(&runtime.router, req, host, self.settings.path_params, id);
+        let selected =
+            route::select(&runtime.router, req, host, self.settings.path_params, id).await;
         let selected = match selected {
             Ok(selected) => selected,
             Err(response) => return Phase::Respond(response),
@@ -98,7 +99,9 @@ impl Proxy {
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         let metrics = self.observer.metrics();
         let cert = ctx.client_cert.is_some();
-        let (found, phase) = route::guard(&route, req, ctx.client_ip, cert, metrics, id).await;
+        let verified = ctx.identity.take();
+        let (found, phase) =
+            route::guard(&route, req, ctx.client_ip, cert, verified, metrics, id).await;
         ctx.identity = found.identity;
         ctx.limit = found.limit;
         phase
@@ -210,7 +213,7 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.identify(session, &self.settings.trusted_proxies);
-        let mut phase = self.select(session, ctx);
+        let mut phase = self.select(session, ctx).await;
         if let Phase::Continue = phase {
             phase = self.edge(session, ctx);
         }
@@ -227,7 +230,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(upstream) = ctx.route.upstream().cloned() else {
+        let Some(upstream) = ctx.upstream(&session.req_header().headers) else {
             return Error::e_explain(ErrorType::InternalError, "no upstream for this request");
         };
         ctx.body.restart();
@@ -248,7 +251,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let (Some(upstream), Some(in_flight)) = (ctx.route.upstream(), ctx.in_flight.take()) else {
+        let (Some(upstream), Some(in_flight)) = (ctx.upstream.as_ref(), ctx.in_flight.take()) else {
             return e;
         };
         let family = (self.settings.metrics).then(|| &self.observer.metrics().upstream_requests);

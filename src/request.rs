@@ -24,7 +24,7 @@ use crate::routing::Params;
 use crate::subject::{Claims, Subject};
 use crate::tls::ClientCert;
 use crate::transform::body::{BodyCount, Refusal, Rewrite};
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, Upstream};
 
 const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
@@ -44,6 +44,8 @@ pub struct RequestCtx {
     pub normalized_path: Option<String>,
     pub deadline: Option<Instant>,
     /// Targets whose connect failed, for retries.
+    /// The upstream chosen for this request (a split's side), once asked.
+    pub upstream: Option<Arc<Upstream>>,
     pub tried: Vec<usize>,
     pub in_flight: Option<InFlight>,
     /// The request body against the route's `max_body`.
@@ -89,6 +91,7 @@ impl RequestCtx {
             upstream_uri: None,
             normalized_path: None,
             deadline: None,
+            upstream: None,
             tried: Vec::new(),
             in_flight: None,
             body: BodyCount::default(),
@@ -148,6 +151,8 @@ impl RequestCtx {
         self.normalized_path = selected.normalized_path;
         self.params = selected.params;
         self.deadline = selected.deadline;
+        // Verified by routing (`match.claims`); `guard` takes it from here.
+        self.identity = selected.identity;
     }
 
     pub fn problem(&self, status: StatusCode, detail: &str) -> Phase {
@@ -195,6 +200,17 @@ impl RequestCtx {
             claims: self.claims(),
             consumer: self.identity.as_ref().and_then(Identity::consumer),
         }
+    }
+
+    /// The upstream of this request: chosen at the first ask (after the
+    /// identity is known, which a split's key may need), then kept, so a
+    /// retry stays on the side chosen.
+    pub fn upstream(&mut self, headers: &http::HeaderMap) -> Option<Arc<Upstream>> {
+        if self.upstream.is_none() {
+            let route = Arc::clone(&self.route);
+            self.upstream = route.upstream_for(&self.subject(headers)).cloned();
+        }
+        self.upstream.clone()
     }
 
     /// The path as routed (normalized once, in `request_filter`).

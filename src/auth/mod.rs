@@ -542,16 +542,23 @@ impl RouteAuth {
     /// The identity a request's credentials verify as (`None` on a route
     /// that asks only for a client certificate, checked with
     /// `client_cert_verified`).
+    /// `verified`: the identity routing already verified these credentials
+    /// as (for `match.claims`), so they are not verified twice.
     pub async fn authorize(
         &self,
         req: &RequestHeader,
         client_cert_verified: bool,
+        verified: Option<Identity>,
     ) -> Result<Option<Identity>, AuthError> {
         if self.client_cert && !client_cert_verified {
             return Err(AuthError::NoClientCert);
         }
-        let Some(identity) = self.verify(req).await? else {
-            return Ok(None);
+        let identity = match verified {
+            Some(identity) => identity,
+            None => match self.identify(req).await? {
+                Some(identity) => identity,
+                None => return Ok(None),
+            },
         };
         let claims = identity.claims();
         for (name, accepted) in &self.require_claims {
@@ -579,7 +586,7 @@ impl RouteAuth {
 
     /// The first credential sent that verifies; the first failure when
     /// none does; `Missing` when none was sent.
-    async fn verify(&self, req: &RequestHeader) -> Result<Option<Identity>, AuthError> {
+    pub async fn identify(&self, req: &RequestHeader) -> Result<Option<Identity>, AuthError> {
         if self.methods.is_empty() {
             return Ok(None);
         }

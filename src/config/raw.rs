@@ -152,6 +152,21 @@ pub struct RawRoute {
     pub cors: Option<Value>,
     pub ip_filter: Option<Value>,
     pub compression: Option<Value>,
+    pub split: Option<RawSplit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    pub by: Option<String>,
+    pub to: Vec<RawSplitSide>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplitSide {
+    pub upstream: String,
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +178,10 @@ pub struct RawMatch {
     pub methods: Option<Vec<String>>,
     pub host: Option<String>,
     pub headers: Option<BTreeMap<String, String>>,
+    /// Values are scalars (`"2"` or `2`), compared as text.
+    pub query: Option<BTreeMap<String, Value>>,
+    /// Values are scalars, compared as JSON values.
+    pub claims: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,10 +3,18 @@
 
 use std::fmt::Write;
 
+use pingora_http::RequestHeader;
+
 use super::{Route, Routes, Target};
+use crate::auth::Identity;
 use crate::routing::{
-    header_matches, normalize_path, HostPattern, PathParams, PathPattern, RouteRequest, Segment,
+    claim_matches, header_matches, normalize_path, HostPattern, PathParams, PathPattern,
+    RouteRequest, Segment,
 };
+
+/// What a route's credentials verified as, for its `match.claims`: the
+/// identity, or why there is none.
+type Verified = Result<Identity, String>;
 
 fn describe_path(p: &PathPattern) -> String {
     match p {
@@ -32,7 +40,12 @@ fn describe_path(p: &PathPattern) -> String {
 }
 
 /// Each condition of `route` against `req`: (description, holds).
-fn checks(route: &Route, req: &RouteRequest<'_>) -> Vec<(String, bool)> {
+/// `verified` is what the route's credentials verified as, by route name.
+fn checks(
+    route: &Route,
+    req: &RouteRequest<'_>,
+    verified: &[(std::sync::Arc<str>, Verified)],
+) -> Vec<(String, bool)> {
     let m = &route.matcher;
     let mut out = vec![(describe_path(&m.path), m.path.matches(req.path, None))];
     if let Some(methods) = &m.methods {
@@ -61,6 +74,36 @@ fn checks(route: &Route, req: &RouteRequest<'_>) -> Vec<(String, bool)> {
             ok,
         ));
     }
+    for (name, value) in &m.query {
+        out.push((format!("query {name}={value}"), m.matches_query(req.query)));
+    }
+    let found = verified.iter().find(|(n, _)| *n == route.name);
+    for (name, value) in &m.claims {
+        let (ok, note) = match found.map(|(_, v)| v) {
+            Some(Ok(identity)) => (claim_matches(identity.claims(), name, value), String::new()),
+            Some(Err(why)) => (false, format!(" (credentials: {why})")),
+            None => (false, " (no credentials checked)".to_string()),
+        };
+        out.push((format!("claim {name} = {value}{note}"), ok));
+    }
+    out
+}
+
+/// The identity each route with `match.claims` verifies `head`'s
+/// credentials as, as routing would find it.
+async fn verify_for_claims(router: &Routes, head: &RequestHeader) -> Vec<(std::sync::Arc<str>, Verified)> {
+    let mut out = Vec::new();
+    for route in router.routes() {
+        let Some(auth) = route.auth.as_ref().filter(|_| !route.matcher.claims.is_empty()) else {
+            continue;
+        };
+        let verified = match auth.identify(head).await {
+            Ok(Some(identity)) => Ok(identity),
+            Ok(None) => Err("the route verifies no token or key".to_string()),
+            Err(e) => Err(e.reason().to_string()),
+        };
+        out.push((std::sync::Arc::clone(&route.name), verified));
+    }
     out
 }
 
@@ -73,14 +116,26 @@ fn failed(checks: &[(String, bool)]) -> String {
         .join(", ")
 }
 
-/// The explanation, and whether a route matched.
-pub fn explain(
+/// The explanation of the route `head` would take, and whether one
+/// matched. `host` is its host without the port. Credentials it carries
+/// are verified for the routes with `match.claims` (keys must be at hand:
+/// a JWKS not yet fetched verifies nothing).
+pub async fn explain(
     router: &Routes,
-    req: &RouteRequest<'_>,
-    query: Option<&str>,
+    head: &RequestHeader,
+    host: Option<&str>,
     path_params: PathParams,
 ) -> (String, bool) {
     use crate::routing::{path_params as params_in, without_params, PathParamsFound as Params};
+    let query = head.uri.query();
+    let req = RouteRequest {
+        method: &head.method,
+        path: head.uri.path(),
+        host,
+        headers: &head.headers,
+        query,
+    };
+    let verified = verify_for_claims(router, head).await;
     let mut out = String::new();
     let sent = match normalize_path(req.path) {
         Ok(p) => p.into_owned(),
@@ -108,7 +163,7 @@ pub fn explain(
     };
     let req = RouteRequest {
         path: &path,
-        ..*req
+        ..req
     };
     let _ = writeln!(
         out,
@@ -119,7 +174,7 @@ pub fn explain(
     );
     let mut before = Vec::new();
     for route in router.routes() {
-        let c = checks(route, &req);
+        let c = checks(route, &req, &verified);
         if c.iter().all(|(_, ok)| *ok) {
             let _ = writeln!(out, "route: {}", route.name);
             for (what, _) in &c {
@@ -143,7 +198,7 @@ pub fn explain(
         .routes()
         .iter()
         .map(|r| {
-            let c = checks(r, &req);
+            let c = checks(r, &req, &verified);
             let score = if c[0].1 {
                 10_000 - c.iter().filter(|(_, ok)| !ok).count()
             } else {
@@ -171,26 +226,50 @@ fn common_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
+fn describe_targets(up: &crate::upstream::Upstream) -> String {
+    let targets: Vec<String> = up
+        .targets
+        .iter()
+        .map(|t| {
+            if t.weight == 1 {
+                t.label.to_string()
+            } else {
+                format!("{} (weight {})", t.label, t.weight)
+            }
+        })
+        .collect();
+    targets.join(", ")
+}
+
 fn describe_route(out: &mut String, route: &Route, sent: &str, path: &str, query: Option<&str>) {
+    let forwarded = |out: &mut String| {
+        let _ = writeln!(
+            out,
+            "forwarded as: {}",
+            route.rewrite.apply_kept(sent, path, query)
+        );
+    };
     match &route.target {
         Target::Upstream(up) => {
-            let targets: Vec<String> = up
-                .targets
-                .iter()
-                .map(|t| {
-                    if t.weight == 1 {
-                        t.label.to_string()
-                    } else {
-                        format!("{} (weight {})", t.label, t.weight)
-                    }
-                })
-                .collect();
-            let _ = writeln!(out, "upstream: {} -> {}", up.name, targets.join(", "));
-            let _ = writeln!(
-                out,
-                "forwarded as: {}",
-                route.rewrite.apply_kept(sent, path, query)
-            );
+            let _ = writeln!(out, "upstream: {} -> {}", up.name, describe_targets(up));
+            forwarded(out);
+        }
+        Target::Split(split) => {
+            let by = split
+                .by
+                .as_ref()
+                .map_or("at random".to_string(), |k| format!("by {k}"));
+            let _ = writeln!(out, "split {by}:");
+            for side in &split.sides {
+                let _ = writeln!(
+                    out,
+                    "  weight {}: upstream {} -> {}",
+                    side.weight,
+                    side.upstream.name,
+                    describe_targets(&side.upstream)
+                );
+            }
+            forwarded(out);
         }
         Target::Aggregate(agg) => {
             let _ = writeln!(out, "aggregate (timeout {:?}):", agg.timeout);

@@ -24,12 +24,14 @@ pub struct Guarded {
     pub limit: Option<Decision>,
 }
 
-/// Rate limit and authentication of `req` on `route`.
+/// Rate limit and authentication of `req` on `route`; `verified` is the
+/// identity routing verified the credentials as, if it had to.
 pub async fn guard(
     route: &Route,
     req: &RequestHeader,
     client_ip: Option<std::net::IpAddr>,
     client_cert_verified: bool,
+    verified: Option<Identity>,
     metrics: &Metrics,
     request_id: &str,
 ) -> (Guarded, Phase) {
@@ -51,7 +53,7 @@ pub async fn guard(
         }
     }
     if let Some(auth) = &route.auth {
-        match auth.authorize(req, client_cert_verified).await {
+        match auth.authorize(req, client_cert_verified, verified).await {
             Ok(identity) => found.identity = identity,
             Err(e) => {
                 metrics

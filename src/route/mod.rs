@@ -56,6 +56,8 @@ use crate::ip_filter::IpFilter;
 use crate::metrics::Series;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
+use crate::split::Split;
+use crate::subject::Subject;
 use crate::transform::body::ResponseBodyRules;
 use crate::transform::headers::{Deprecation, HeaderRules};
 use crate::transform::json::JsonRules;
@@ -97,6 +99,8 @@ pub struct Route {
 #[derive(Debug)]
 pub enum Target {
     Upstream(Arc<Upstream>),
+    /// One of several upstreams, by weight (`split`).
+    Split(Split),
     Aggregate(Aggregate),
     /// No route matched: the gateway answers itself.
     None,
@@ -114,6 +118,8 @@ impl Route {
                 methods: None,
                 host: None,
                 headers: Vec::new(),
+                query: Vec::new(),
+                claims: Vec::new(),
             },
             target: Target::None,
             rewrite: PathRewrite::default(),
@@ -136,9 +142,12 @@ impl Route {
         }
     }
 
-    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
+    /// The upstream a request `subject` describes goes to (for a split,
+    /// the side it falls on).
+    pub fn upstream_for(&self, subject: &Subject<'_>) -> Option<&Arc<Upstream>> {
         match &self.target {
             Target::Upstream(u) => Some(u),
+            Target::Split(split) => Some(split.choose(subject)),
             Target::Aggregate(_) | Target::None => None,
         }
     }
@@ -146,7 +155,7 @@ impl Route {
     pub fn aggregate(&self) -> Option<&Aggregate> {
         match &self.target {
             Target::Aggregate(a) => Some(a),
-            Target::Upstream(_) | Target::None => None,
+            Target::Upstream(_) | Target::Split(_) | Target::None => None,
         }
     }
 }

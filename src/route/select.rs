@@ -11,14 +11,18 @@ use http::StatusCode;
 use pingora_http::RequestHeader;
 
 use super::{Route, Routes};
+use crate::auth::Identity;
 use crate::respond::Response;
 use crate::routing::{
-    normalize_path, path_params, without_params, Params, PathParams, PathParamsFound, RouteOutcome,
-    RouteRequest,
+    normalize_path, path_params, without_params, Claimed, Params, PathParams, PathParamsFound,
+    RouteOutcome, RouteRequest,
 };
 
 /// The route chosen for a request, and what routing worked out.
 pub struct Selected {
+    /// Who the route's credentials verified as, when `match.claims` had to
+    /// verify them to choose it: `guard` does not verify them again.
+    pub identity: Option<Identity>,
     pub route: Arc<Route>,
     /// Path and query for the upstream, when they differ from the client's.
     pub upstream_uri: Option<String>,
@@ -32,8 +36,10 @@ pub struct Selected {
 
 /// The route of `req`, or the answer when there is none (`400` for a path
 /// that is refused, `404`, `405` with `Allow`). `host` is the request's host
-/// without its port.
-pub fn select(
+/// without its port. A route with `match.claims` verifies its credentials
+/// to be chosen: without valid ones, or with other claims, it does not
+/// match and the next route is tried.
+pub async fn select(
     routes: &Routes,
     req: &RequestHeader,
     host: Option<&str>,
@@ -68,28 +74,40 @@ pub fn select(
         path: match_path,
         host,
         headers: &req.headers,
+        query: req.uri.query(),
     };
     let preflight = crate::cors::preflight_method(&req.method, &req.headers)
         .and_then(|asked| preflight_route(routes, &request, &asked));
-    let outcome = match preflight {
-        Some(route) => RouteOutcome::Matched(route),
-        None => routes.find(&request),
-    };
-    let route = match outcome {
-        RouteOutcome::Matched(route) => Arc::clone(route),
-        RouteOutcome::NotFound => {
-            return Err(problem(
-                StatusCode::NOT_FOUND,
-                "no route matches this request",
-            ))
-        }
-        RouteOutcome::MethodNotAllowed { allow } => {
-            let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
-            return Err(problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{} is not allowed here", req.method),
-            )
-            .with_header(ALLOW, allow));
+    // Identities verified for `match.claims`, by route name.
+    let mut verified: Vec<(Arc<str>, Option<Identity>)> = Vec::new();
+    let route = loop {
+        let outcome = match preflight {
+            Some(route) => RouteOutcome::Matched(route),
+            None => routes.find(&request, |route| claimed(route, &verified)),
+        };
+        match outcome {
+            RouteOutcome::Matched(route) => break Arc::clone(route),
+            RouteOutcome::NeedsIdentity(route) => {
+                let identity = match &route.auth {
+                    Some(auth) => auth.identify(req).await.ok().flatten(),
+                    None => None,
+                };
+                verified.push((Arc::clone(&route.name), identity));
+            }
+            RouteOutcome::NotFound => {
+                return Err(problem(
+                    StatusCode::NOT_FOUND,
+                    "no route matches this request",
+                ))
+            }
+            RouteOutcome::MethodNotAllowed { allow } => {
+                let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
+                return Err(problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{} is not allowed here", req.method),
+                )
+                .with_header(ALLOW, allow));
+            }
         }
     };
     // Anything but an origin-form target as the client wrote it is rebuilt,
@@ -103,7 +121,12 @@ pub fn select(
     if route.aggregate().is_some() {
         route.matcher.path.matches(match_path, Some(&mut params));
     }
+    let identity = verified
+        .into_iter()
+        .find(|(name, _)| *name == route.name)
+        .and_then(|(_, identity)| identity);
     Ok(Selected {
+        identity,
         normalized_path: match path {
             Cow::Owned(p) => Some(p),
             Cow::Borrowed(_) => None,
@@ -128,7 +151,8 @@ fn preflight_route<'r>(
         method: asked,
         ..*request
     };
-    if let RouteOutcome::Matched(route) = routes.find(&actual) {
+    // A preflight carries no credentials: no `match.claims` holds.
+    if let RouteOutcome::Matched(route) = routes.find(&actual, |_| Claimed::Fail) {
         if route.cors.is_some() {
             return Some(route);
         }
@@ -138,5 +162,24 @@ fn preflight_route<'r>(
         route.cors.is_some()
             && m.path.matches(request.path, None)
             && m.matches_host_and_headers(request.host, request.headers)
+            && m.matches_query(request.query)
+            && m.claims.is_empty()
     })
+}
+
+/// What `verified` tells of `route`'s `match.claims`.
+fn claimed(route: &Route, verified: &[(Arc<str>, Option<Identity>)]) -> Claimed {
+    match verified.iter().find(|(name, _)| *name == route.name) {
+        None => Claimed::Unknown,
+        Some((_, identity)) => {
+            if route
+                .matcher
+                .matches_claims(identity.as_ref().map(Identity::claims))
+            {
+                Claimed::Hold
+            } else {
+                Claimed::Fail
+            }
+        }
+    }
 }

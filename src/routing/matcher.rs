@@ -3,6 +3,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
+use serde_json::Value;
 
 /// One path condition.
 #[derive(Debug)]
@@ -225,6 +226,22 @@ pub struct RouteMatcher {
     pub methods: Option<MethodSet>,
     pub host: Option<HostPattern>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `match.query`: each parameter has this value (one of its values,
+    /// percent-decoded).
+    pub query: Vec<(String, String)>,
+    /// `match.claims`: each claim of the verified identity is this value
+    /// (or, an array, holds it). Checked last, by the router's caller,
+    /// which verifies the route's credentials to learn them.
+    pub claims: Vec<(String, Value)>,
+}
+
+/// Whether a claim holds `expected`: equal, or an array holding it.
+pub fn claim_matches(claims: &serde_json::Map<String, Value>, name: &str, expected: &Value) -> bool {
+    match claims.get(name) {
+        Some(Value::Array(items)) => items.contains(expected),
+        Some(v) => v == expected,
+        None => false,
+    }
 }
 
 /// Whether any of the request's `name` fields is exactly `value`.
@@ -235,7 +252,29 @@ pub fn header_matches(headers: &HeaderMap, name: &HeaderName, value: &HeaderValu
 impl RouteMatcher {
     /// How many conditions beyond the path: more is more specific.
     pub fn condition_count(&self) -> usize {
-        usize::from(self.methods.is_some()) + usize::from(self.host.is_some()) + self.headers.len()
+        usize::from(self.methods.is_some())
+            + usize::from(self.host.is_some())
+            + self.headers.len()
+            + self.query.len()
+            + self.claims.len()
+    }
+
+    /// Every `match.query` condition holds for `query`.
+    pub fn matches_query(&self, query: Option<&str>) -> bool {
+        self.query.iter().all(|(name, value)| {
+            query.is_some_and(|q| super::query_values(q, name).any(|v| v == value.as_str()))
+        })
+    }
+
+    /// Every `match.claims` condition holds for `claims` (none: a request
+    /// without a verified identity).
+    pub fn matches_claims(&self, claims: Option<&serde_json::Map<String, Value>>) -> bool {
+        self.claims.is_empty()
+            || claims.is_some_and(|c| {
+                self.claims
+                    .iter()
+                    .all(|(name, expected)| claim_matches(c, name, expected))
+            })
     }
 
     /// Everything but the path and the method.

@@ -10,7 +10,7 @@ mod normalize;
 use http::{HeaderMap, Method};
 
 pub use matcher::{
-    header_matches, HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment,
+    claim_matches, header_matches, HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment,
 };
 pub use normalize::{
     normalize_path, path_params, segment_name, without_params, Params as PathParamsFound,
@@ -106,10 +106,23 @@ pub struct RouteRequest<'a> {
     /// Host without port.
     pub host: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The query, without the `?`.
+    pub query: Option<&'a str>,
+}
+
+/// What the router's caller knows of a route's `match.claims`.
+pub enum Claimed {
+    Hold,
+    Fail,
+    /// The route's credentials have not been verified yet.
+    Unknown,
 }
 
 pub enum RouteOutcome<'r, T> {
     Matched(&'r T),
+    /// Everything but `match.claims` holds for this route, and its
+    /// credentials must be verified to tell (then ask again).
+    NeedsIdentity(&'r T),
     /// A route matches everything but the method; `allow` lists the methods
     /// that would have matched.
     MethodNotAllowed {
@@ -155,16 +168,32 @@ impl<T: Routable> Router<T> {
         &self.routes
     }
 
-    pub fn find(&self, req: &RouteRequest<'_>) -> RouteOutcome<'_, T> {
+    /// The first route whose conditions hold. A route with `match.claims`
+    /// is asked of `claimed` (only once all else holds, so credentials are
+    /// verified only for a route the request could take).
+    pub fn find(
+        &self,
+        req: &RouteRequest<'_>,
+        mut claimed: impl FnMut(&T) -> Claimed,
+    ) -> RouteOutcome<'_, T> {
         let mut allowed: Option<Vec<&Method>> = None;
         for route in &self.routes {
             let m = route.matcher();
-            if !m.path.matches(req.path, None) || !m.matches_host_and_headers(req.host, req.headers)
+            if !m.path.matches(req.path, None)
+                || !m.matches_host_and_headers(req.host, req.headers)
+                || !m.matches_query(req.query)
             {
                 continue;
             }
             if m.matches_method(req.method) {
-                return RouteOutcome::Matched(route);
+                if m.claims.is_empty() {
+                    return RouteOutcome::Matched(route);
+                }
+                match claimed(route) {
+                    Claimed::Hold => return RouteOutcome::Matched(route),
+                    Claimed::Fail => continue,
+                    Claimed::Unknown => return RouteOutcome::NeedsIdentity(route),
+                }
             }
             if let Some(methods) = &m.methods {
                 let list = allowed.get_or_insert_with(Vec::new);

@@ -12,6 +12,7 @@ mod providers;
 mod routes;
 mod server;
 mod tls;
+mod traffic;
 mod upstreams;
 
 use std::collections::BTreeMap;

@@ -77,19 +77,30 @@ impl Compiler<'_> {
         let upstreams = shared.upstreams;
         let errors_before = self.errors.0.len();
         let matcher = self.matcher(&key_path(path, "match"), raw.matcher);
-        let target = match (raw.upstream.as_deref(), &raw.aggregate) {
-            (Some(_), Some(_)) => {
-                self.error(path, "a route has an upstream or an aggregate, not both");
+        let given = [
+            raw.upstream.is_some(),
+            raw.aggregate.is_some(),
+            raw.split.is_some(),
+        ];
+        let target = match (raw.upstream.as_deref(), &raw.aggregate, &raw.split) {
+            _ if given.iter().filter(|g| **g).count() > 1 => {
+                self.error(
+                    path,
+                    "a route has one of upstream, split or aggregate, not several",
+                );
                 None
             }
-            (None, None) => {
-                self.error(path, "a route needs an upstream (or an aggregate)");
+            (None, None, None) => {
+                self.error(path, "a route needs an upstream (or a split, or an aggregate)");
                 None
             }
-            (Some(name), None) => self
+            (Some(name), _, _) => self
                 .upstream_ref(&key_path(path, "upstream"), name, upstreams, declared)
                 .map(Target::Upstream),
-            (None, Some(agg)) => self
+            (_, _, Some(split)) => self
+                .split(&key_path(path, "split"), split, upstreams, declared)
+                .map(Target::Split),
+            (_, Some(agg), _) => self
                 .aggregate(
                     &key_path(path, "aggregate"),
                     agg,
@@ -162,6 +173,19 @@ impl Compiler<'_> {
             .auth
             .as_ref()
             .and_then(|a| self.route_auth(&key_path(path, "auth"), a, shared));
+        let claims_matched = matcher.as_ref().is_some_and(|m| !m.claims.is_empty());
+        let verifies = auth.as_ref().is_some_and(|a| !a.methods.is_empty());
+        if claims_matched && !verifies && raw.auth.is_none() {
+            self.error(
+                &key_path(&key_path(path, "match"), "claims"),
+                "match.claims needs auth on the route (its claims come from the verified token or key)",
+            );
+        } else if claims_matched && !verifies && auth.is_some() {
+            self.error(
+                &key_path(&key_path(path, "match"), "claims"),
+                "match.claims needs a jwt or api_key provider in the route's auth, not a client certificate alone",
+            );
+        }
         let rate_limit = raw.rate_limit.as_ref().and_then(|r| {
             let path = key_path(path, "rate_limit");
             // A shared limit is carried only while its cluster is unchanged
@@ -314,11 +338,15 @@ impl Compiler<'_> {
                 (_, Err(_)) => self.error(&hpath, "the value is not a valid header value"),
             }
         }
+        let query = self.match_query(&key_path(path, "query"), raw.query);
+        let claims = self.match_claims(&key_path(path, "claims"), raw.claims);
         Some(RouteMatcher {
             path: pattern?,
             methods,
             host,
             headers,
+            query,
+            claims,
         })
     }
 

@@ -1,0 +1,339 @@
+//! Traffic management end to end (SPEC section 7.1): weighted splits,
+//! sticky by a key across processes, a side that cannot answer, and
+//! routing by the verified token's claims and by the query.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::jwt::{self, claims};
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn side_of(gw: &Gateway, path: &str, user: Option<&str>) -> String {
+    let mut req = client().get(gw.url(path));
+    if let Some(u) = user {
+        req = req.header("X-User", u);
+    }
+    let r = req.send().unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().unwrap()
+}
+
+fn split_config(v1: &TestUpstream, v2: &TestUpstream, dead: u16) -> String {
+    format!(
+        "upstreams:
+  v1: {{ targets: [{}] }}
+  v2: {{ targets: [{}] }}
+  dead: {{ targets: ['127.0.0.1:{dead}'], retries: 0 }}
+routes:
+  - name: sticky
+    match: {{ path_prefix: /sticky }}
+    split:
+      by: header:X-User
+      to:
+        - {{ upstream: v1, weight: 90 }}
+        - {{ upstream: v2, weight: 10 }}
+  - name: random
+    match: {{ path_prefix: /random }}
+    split:
+      to:
+        - {{ upstream: v1, weight: 1 }}
+        - {{ upstream: v2, weight: 3 }}
+  - name: off
+    match: {{ path_prefix: /off }}
+    split:
+      to:
+        - {{ upstream: v1, weight: 0 }}
+        - {{ upstream: v2 }}
+  - name: canary
+    match: {{ path_prefix: /canary }}
+    split:
+      by: header:X-User
+      to:
+        - {{ upstream: v1, weight: 1 }}
+        - {{ upstream: dead, weight: 1 }}
+  - name: canary-fallback
+    match: {{ path_prefix: /with-fallback }}
+    split:
+      by: header:X-User
+      to:
+        - {{ upstream: v1, weight: 1 }}
+        - {{ upstream: dead, weight: 1 }}
+    fallback: {{ status: 200, body: 'served by the fallback' }}
+",
+        v1.addr, v2.addr
+    )
+}
+
+#[test]
+fn splits_follow_their_weights_and_keyed_ones_stick_across_processes() {
+    let (v1, v2) = (TestUpstream::named("v1"), TestUpstream::named("v2"));
+    let dead = free_port();
+    let config = split_config(&v1, &v2, dead);
+    let gw = gateway(&config).start();
+    let users: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+    let mut first: HashMap<&str, String> = HashMap::new();
+    for user in &users {
+        let side = side_of(&gw, "/sticky/x", Some(user));
+        for _ in 0..2 {
+            assert_eq!(side_of(&gw, "/sticky/x", Some(user)), side, "{user} moved");
+        }
+        first.insert(user, side);
+    }
+    let on_v2 = first.values().filter(|s| *s == "v2").count();
+    assert!((12..=60).contains(&on_v2), "{on_v2} of 300 users on the 10% side");
+
+    // Another process (a restart, a second instance) sends each user the
+    // same way: the hash is stable, not seeded per process.
+    let other = gateway(&config).start();
+    for user in &users {
+        assert_eq!(
+            side_of(&other, "/sticky/x", Some(user)),
+            first[user.as_str()],
+            "{user} changed sides in another process"
+        );
+    }
+
+    // Without a key, each request draws by weight.
+    let draws = 400;
+    let on_v2 = (0..draws)
+        .filter(|_| side_of(&gw, "/random/x", None) == "v2")
+        .count();
+    assert!((250..=350).contains(&on_v2), "{on_v2} of {draws} on the 3/4 side");
+    // A side of weight 0 gets nothing.
+    for _ in 0..20 {
+        assert_eq!(side_of(&gw, "/off/x", None), "v2");
+    }
+}
+
+#[test]
+fn a_side_that_cannot_answer_is_never_replaced_by_the_other() {
+    let (v1, v2) = (TestUpstream::named("v1"), TestUpstream::named("v2"));
+    let gw = gateway(&split_config(&v1, &v2, free_port())).start();
+    let (mut served, mut failed, mut fell_back) = (0, 0, 0);
+    for i in 0..40 {
+        let user = format!("u{i}");
+        let r = client()
+            .get(gw.url("/canary/x"))
+            .header("X-User", &user)
+            .send()
+            .unwrap();
+        match r.status().as_u16() {
+            200 => {
+                assert_eq!(r.text().unwrap(), "v1");
+                served += 1;
+            }
+            502 => {
+                assert_problem(r, 502);
+                failed += 1;
+            }
+            other => panic!("{other}"),
+        }
+        let r = client()
+            .get(gw.url("/with-fallback/x"))
+            .header("X-User", &user)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if r.text().unwrap() == "served by the fallback" {
+            fell_back += 1;
+        }
+    }
+    assert!(served > 5 && failed > 5, "{served} served, {failed} failed");
+    assert_eq!(fell_back, failed, "the same users fall on the dead side");
+    let metrics = metrics_text(&gw);
+    assert!(
+        metrics.contains("upstream=\"dead\""),
+        "the dead side's connects are counted: {metrics}"
+    );
+}
+
+fn token(extra: serde_json::Value) -> String {
+    let mut c = claims("user-1");
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    jwt::mint(Algorithm::RS256, "rsa1.pem", None, &c)
+}
+
+fn claims_config(premium: &TestUpstream, beta: &TestUpstream, std: &TestUpstream) -> String {
+    format!(
+        "{}upstreams:
+  premium: {{ targets: [{}] }}
+  beta: {{ targets: [{}] }}
+  std: {{ targets: [{}] }}
+routes:
+  - name: default
+    match: {{ path_prefix: /api }}
+    upstream: std
+    auth: main
+  - name: premium
+    match: {{ path_prefix: /api, claims: {{ tier: premium }} }}
+    upstream: premium
+    auth: main
+  - name: beta
+    match: {{ path_prefix: /api, query: {{ version: 2 }} }}
+    upstream: beta
+",
+        jwt::rs256_provider("main"),
+        premium.addr,
+        beta.addr,
+        std.addr
+    )
+}
+
+#[test]
+fn claims_and_query_conditions_choose_routes_and_fall_through() {
+    let (premium, beta, std) = (
+        TestUpstream::named("premium"),
+        TestUpstream::named("beta"),
+        TestUpstream::named("std"),
+    );
+    let gw = gateway(&claims_config(&premium, &beta, &std)).start();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = client().get(gw.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().unwrap()
+    };
+    let gold = token(json!({ "tier": "premium" }));
+    let listed = token(json!({ "tier": ["gold", "premium"] }));
+    let basic = token(json!({ "tier": "basic" }));
+    let untiered = token(json!({}));
+    for (t, expect) in [
+        (&gold, "premium"),
+        (&listed, "premium"),
+        (&basic, "std"),
+        (&untiered, "std"),
+    ] {
+        let r = get("/api/orders", Some(t));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().unwrap(), expect);
+    }
+    // The premium route forwards the identity it verified while routing.
+    let recorded = premium.last();
+    assert!(recorded.header("authorization").is_some());
+    // No token, or a bad one: the claims route does not match; the default
+    // route's own auth answers.
+    assert_problem(get("/api/orders", None), 401);
+    let forged = {
+        let key = jwt::encoding_key(Algorithm::RS256, "rsa2.pem");
+        let mut c = claims("user-1");
+        c["tier"] = json!("premium");
+        jwt::mint_with_header(jsonwebtoken::Header::new(Algorithm::RS256), &key, &c)
+    };
+    let r = get("/api/orders", Some(&forged));
+    assert_eq!(r.status(), 401, "a forged premium token is refused");
+    assert_eq!(premium.count(), 2, "only the two valid premium tokens");
+    // The query condition, percent-decoded, any of the parameter's values.
+    for query in ["?version=2", "?a=1&version=%32", "?version=1&version=2"] {
+        let r = get(&format!("/api/orders{query}"), None);
+        assert_eq!(r.status(), 200, "{query}");
+        assert_eq!(r.text().unwrap(), "beta", "{query}");
+    }
+    for query in ["?version=3", "?version", "?xversion=2"] {
+        assert_eq!(get(&format!("/api/orders{query}"), None).status(), 401);
+    }
+    // `gatehouse route` explains it, given the same header.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("g.yaml");
+    let listed_config = format!(
+        "listen: [127.0.0.1:0]\n{}",
+        claims_config(&premium, &beta, &std)
+    );
+    std::fs::write(&conf, listed_config).unwrap();
+    let explain = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("route")
+            .arg("-c")
+            .arg(&conf)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text + &String::from_utf8_lossy(&out.stderr)
+    };
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let out = explain(&["GET", "/api/orders", "-H", &bearer(&gold)]);
+    assert!(out.contains("route: premium"), "{out}");
+    assert!(out.contains("matches claim tier = \"premium\""), "{out}");
+    let out = explain(&["GET", "/api/orders", "-H", &bearer(&basic)]);
+    assert!(out.contains("route: default"), "{out}");
+    assert!(
+        out.contains("premium: claim tier = \"premium\" does not match"),
+        "{out}"
+    );
+    let out = explain(&["GET", "/api/orders"]);
+    assert!(
+        out.contains("claim tier = \"premium\" (credentials: missing_token) does not match"),
+        "{out}"
+    );
+    let out = explain(&["GET", "/api/orders?version=2"]);
+    assert!(out.contains("route: beta"), "{out}");
+    assert!(out.contains("matches query version=2"), "{out}");
+}
+
+#[test]
+fn traffic_mistakes_are_config_errors_with_their_path() {
+    let base = "listen: [127.0.0.1:0]\nupstreams:\n  a: { targets: ['127.0.0.1:9'] }\n  b: { targets: ['127.0.0.1:10'] }\n";
+    let route = |body: &str| format!("{base}routes:\n  - name: r\n{body}");
+    let cases = [
+        (
+            route("    match: { path_prefix: /, claims: { tier: gold } }\n    upstream: a\n"),
+            "routes[0].match.claims",
+            "needs auth",
+        ),
+        (
+            route("    match: { path_prefix: /, claims: { tier: [a, b] } }\n    upstream: a\n"),
+            "routes[0].match.claims.tier",
+            "one value",
+        ),
+        (
+            route("    match: { path_prefix: /, query: { v: { x: 1 } } }\n    upstream: a\n"),
+            "routes[0].match.query.v",
+            "one value",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a }] }\n"),
+            "routes[0].split.to",
+            "at least two",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a }, { upstream: c }] }\n"),
+            "routes[0].split.to[1].upstream",
+            "unknown upstream \"c\"",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a }, { upstream: a }] }\n"),
+            "routes[0].split.to[1].upstream",
+            "already a side",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a, weight: 0 }, { upstream: b, weight: 0 }] }\n"),
+            "routes[0].split.to",
+            "weight above zero",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { by: cookie, to: [{ upstream: a }, { upstream: b }] }\n"),
+            "routes[0].split.by",
+            "unknown split key",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    upstream: a\n    split: { to: [{ upstream: a }, { upstream: b }] }\n"),
+            "routes[0]",
+            "not several",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a }, { upstream: b, share: 3 }] }\n"),
+            "routes[0].split.to[1].share",
+            "unknown key",
+        ),
+    ];
+    assert_config_errors(&cases, None);
+}
