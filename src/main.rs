@@ -146,7 +146,8 @@ fn route(
         .with_context(|| format!("\"{url}\" is not a URL or path"))?;
     let mut head = pingora_http::RequestHeader::build(
         method,
-        uri.path_and_query().map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+        uri.path_and_query()
+            .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
         None,
     )
     .context("cannot build the request")?;
@@ -164,7 +165,11 @@ fn route(
     let host = uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| head.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            head.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })
         .map(gatehouse::forwarding::strip_port);
     // Credentials are verified for `match.claims` (not under Pingora here:
     // a runtime of its own).

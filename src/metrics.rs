@@ -25,6 +25,9 @@ pub struct Metrics {
     pub cluster_store_errors: IntCounterVec,
     pub ip_filtered: IntCounterVec,
     pub cors_refused: IntCounterVec,
+    pub upstream_ejections: IntCounterVec,
+    pub dns_failures: IntCounterVec,
+    pub mirror_requests: IntCounterVec,
     pub access_log_dropped: IntCounter,
 }
 
@@ -130,6 +133,24 @@ impl Metrics {
                 "Calls to the cluster's store that failed, by reason (timeout, unavailable, refused).",
                 &["reason"],
             ),
+            upstream_ejections: counter(
+                &registry,
+                "gatehouse_upstream_ejections_total",
+                "Targets ejected by outlier detection (consecutive failures).",
+                &["upstream", "target"],
+            ),
+            dns_failures: counter(
+                &registry,
+                "gatehouse_dns_failures_total",
+                "Failed lookups of an upstream's target names (the last addresses are kept).",
+                &["upstream"],
+            ),
+            mirror_requests: counter(
+                &registry,
+                "gatehouse_mirror_requests_total",
+                "Mirrored copies of requests, by result (sent, failed, skipped).",
+                &["route", "result"],
+            ),
             ip_filtered: counter(
                 &registry,
                 "gatehouse_ip_filtered_total",
@@ -189,10 +210,12 @@ pub enum UpstreamOutcome {
     Timeout,
     Error,
     ConnectError,
+    /// Failed, and tried again on another target (`retry_on`).
+    Retry,
 }
 
 impl UpstreamOutcome {
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
 
     pub fn label(self) -> &'static str {
         match self {
@@ -201,6 +224,7 @@ impl UpstreamOutcome {
             UpstreamOutcome::Timeout => "timeout",
             UpstreamOutcome::Error => "error",
             UpstreamOutcome::ConnectError => "connect_error",
+            UpstreamOutcome::Retry => "retry",
         }
     }
 }

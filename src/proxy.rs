@@ -32,6 +32,7 @@ use crate::respond::{self, Phase};
 use crate::route::{self, Route};
 use crate::transform::body::{BodyCount, Rewrite};
 use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
+use crate::upstream::Failure;
 
 /// The gateway's `ProxyHttp`; `server` builds it.
 pub struct Proxy {
@@ -251,13 +252,48 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let (Some(upstream), Some(in_flight)) = (ctx.upstream.as_ref(), ctx.in_flight.take()) else {
+        let (Some(upstream), Some(in_flight)) = (ctx.upstream.as_ref(), ctx.in_flight.take())
+        else {
             return e;
         };
-        let family = (self.settings.metrics).then(|| &self.observer.metrics().upstream_requests);
+        let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
         let (id, why) = (ctx.request_id.as_str(), e.etype().as_str());
-        if upstream.retry_after_failed_connect(in_flight, &mut ctx.tried, id, why, family) {
+        if upstream.retry_after_failed_connect(in_flight, &mut ctx.tried, id, why, metrics, counted)
+        {
             e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // Nothing in flight: `upstream_response_filter` already decided.
+        if ctx.in_flight.is_none() || session.response_written().is_some() {
+            return e;
+        }
+        let failure = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Failure::Timeout),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+                Some(Failure::Reset)
+            }
+            _ => None,
+        };
+        let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
+        if failure.is_some_and(|f| ctx.retry_after(f, session, metrics, counted)) {
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent() || session.retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            // Pingora's own rule: a pooled connection that died under the
+            // request is tried again (the request may never have arrived).
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
@@ -327,6 +363,15 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         if ctx.past_deadline() {
             return status_error(504, "route timeout");
+        }
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
+        if status >= 500 && ctx.retry_after(Failure::Status(status), session, metrics, counted) {
+            let mut retry =
+                Error::explain(ErrorType::HTTPStatus(status), "tried on another target");
+            retry.set_retry(true);
+            return Err(retry);
         }
         strip_hop_by_hop(upstream_response);
         let Some(rules) = ctx.route.response_body.as_ref() else {
@@ -478,6 +523,10 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(attempt) = &ctx.in_flight {
+            let ejections = &self.observer.metrics().upstream_ejections;
+            attempt.finished(e, ctx.upstream_status, ejections);
+        }
         self.observer.record(session, e, ctx);
         ctx.in_flight = None;
     }

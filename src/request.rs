@@ -17,6 +17,7 @@ use crate::budget::Held;
 use crate::cache::{self, Cache, CachePolicy, Slot};
 use crate::compression::BrotliBody;
 use crate::forwarding::{self, Forwarded, RequestId};
+use crate::metrics::Metrics;
 use crate::ratelimit::Decision;
 use crate::respond::{Phase, Response};
 use crate::route::{Route, Selected};
@@ -24,7 +25,7 @@ use crate::routing::Params;
 use crate::subject::{Claims, Subject};
 use crate::tls::ClientCert;
 use crate::transform::body::{BodyCount, Refusal, Rewrite};
-use crate::upstream::{InFlight, Upstream};
+use crate::upstream::{AfterFailure, Failure, InFlight, Replay, RetryHold, Upstream};
 
 const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
@@ -47,6 +48,10 @@ pub struct RequestCtx {
     /// The upstream chosen for this request (a split's side), once asked.
     pub upstream: Option<Arc<Upstream>>,
     pub tried: Vec<usize>,
+    /// Retries this request holds against its upstream's budget.
+    pub retry_hold: Option<RetryHold>,
+    /// The status the upstream answered the last attempt with.
+    pub upstream_status: Option<u16>,
     pub in_flight: Option<InFlight>,
     /// The request body against the route's `max_body`.
     pub body: BodyCount,
@@ -93,6 +98,8 @@ impl RequestCtx {
             deadline: None,
             upstream: None,
             tried: Vec::new(),
+            retry_hold: None,
+            upstream_status: None,
             in_flight: None,
             body: BodyCount::default(),
             identity: None,
@@ -211,6 +218,48 @@ impl RequestCtx {
             self.upstream = route.upstream_for(&self.subject(headers)).cloned();
         }
         self.upstream.clone()
+    }
+
+    /// After the attempt in flight reached the upstream and ended in
+    /// `failure`: whether to try another target (see
+    /// `Upstream::retry_after`). Given up, the attempt stays the last.
+    pub fn retry_after(
+        &mut self,
+        failure: Failure,
+        session: &mut Session,
+        metrics: &Metrics,
+        counted: bool,
+    ) -> bool {
+        let (Some(upstream), Some(failed)) = (self.upstream.clone(), self.in_flight.take()) else {
+            return false;
+        };
+        // A body rule's rewrite is not replayed; a body must be whole and
+        // within Pingora's replay buffer (64KiB).
+        let body_replayable = self.request_rewrite.is_none()
+            && session.is_body_done()
+            && !session.retry_buffer_truncated();
+        let replay = Replay {
+            method: &session.req_header().method,
+            body_replayable,
+        };
+        let id = self.request_id.as_str();
+        let hold = &mut self.retry_hold;
+        match upstream.retry_after(
+            failed,
+            failure,
+            &replay,
+            &mut self.tried,
+            hold,
+            id,
+            metrics,
+            counted,
+        ) {
+            AfterFailure::Retry => true,
+            AfterFailure::GiveUp(failed) => {
+                self.in_flight = Some(failed);
+                false
+            }
+        }
     }
 
     /// The path as routed (normalized once, in `request_filter`).

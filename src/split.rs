@@ -89,6 +89,9 @@ mod tests {
                 retries: 0,
                 tls: None,
                 health_check: None,
+                outlier: None,
+                retry_on: crate::upstream::RetryOn::default(),
+                retry_budget_percent: 20,
             })
             .unwrap(),
         )
@@ -108,7 +111,10 @@ mod tests {
 
     #[test]
     fn keyed_sides_follow_the_weights_and_stick() {
-        let s = split(Some(RequestKey::Header("x-user".parse().unwrap())), &[90, 10]);
+        let s = split(
+            Some(RequestKey::Header("x-user".parse().unwrap())),
+            &[90, 10],
+        );
         let mut second = 0;
         for i in 0..10_000 {
             let mut headers = http::HeaderMap::new();

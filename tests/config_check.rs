@@ -320,7 +320,10 @@ fn cache_body_and_aggregate_errors() {
         "routes[1].response_body.rename_fields.x",
         "plain field name",
     );
-    has("routes[2]", "an upstream or an aggregate, not both");
+    has(
+        "routes[2]",
+        "one of upstream, split or aggregate, not several",
+    );
     has(
         "routes[3].aggregate.parts[0].upstream",
         "unknown upstream \"nope\"",

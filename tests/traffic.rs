@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::time::Duration;
 
 use common::jwt::{self, claims};
 use common::*;
@@ -86,7 +87,10 @@ fn splits_follow_their_weights_and_keyed_ones_stick_across_processes() {
         first.insert(user, side);
     }
     let on_v2 = first.values().filter(|s| *s == "v2").count();
-    assert!((12..=60).contains(&on_v2), "{on_v2} of 300 users on the 10% side");
+    assert!(
+        (12..=60).contains(&on_v2),
+        "{on_v2} of 300 users on the 10% side"
+    );
 
     // Another process (a restart, a second instance) sends each user the
     // same way: the hash is stable, not seeded per process.
@@ -104,7 +108,10 @@ fn splits_follow_their_weights_and_keyed_ones_stick_across_processes() {
     let on_v2 = (0..draws)
         .filter(|_| side_of(&gw, "/random/x", None) == "v2")
         .count();
-    assert!((250..=350).contains(&on_v2), "{on_v2} of {draws} on the 3/4 side");
+    assert!(
+        (250..=350).contains(&on_v2),
+        "{on_v2} of {draws} on the 3/4 side"
+    );
     // A side of weight 0 gets nothing.
     for _ in 0..20 {
         assert_eq!(side_of(&gw, "/off/x", None), "v2");
@@ -330,10 +337,262 @@ fn traffic_mistakes_are_config_errors_with_their_path() {
             "not several",
         ),
         (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], retry_on: [connect, 404] }}\n"),
+            "upstreams.c.retry_on",
+            "not a 5xx status",
+        ),
+        (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], retry_budget: 120% }}\n"),
+            "upstreams.c.retry_budget",
+            "0% to 100%",
+        ),
+        (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], outlier: {{ consecutive_failures: 0, eject_for: 0s }} }}\n"),
+            "upstreams.c.outlier.consecutive_failures",
+            "at least 1",
+        ),
+        (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], outlier: {{ eject_for: 0s }} }}\n"),
+            "upstreams.c.outlier.eject_for",
+            "above zero",
+        ),
+        (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], outlier: {{ max_ejected: half }} }}\n"),
+            "upstreams.c.outlier.max_ejected",
+            "like 20%",
+        ),
+        (
             route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a }, { upstream: b, share: 3 }] }\n"),
             "routes[0].split.to[1].share",
             "unknown key",
         ),
     ];
     assert_config_errors(&cases, None);
+}
+
+fn failing(name: &str, status: u16) -> TestUpstream {
+    TestUpstream::with_handler(name, move |_| Reply::text(status, "down"))
+}
+
+fn metric(gw: &Gateway, line_start: &str) -> Option<f64> {
+    metrics_text(gw)
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn failing_targets_are_ejected_return_and_a_reload_keeps_them_out() {
+    let bad = failing("bad", 500);
+    let (good1, good2) = (TestUpstream::named("good1"), TestUpstream::named("good2"));
+    let config = format!(
+        "upstreams:
+  pool:
+    targets: [{}, {}, {}]
+    outlier: {{ consecutive_failures: 3, eject_for: 1s, max_ejected: 50% }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+",
+        bad.addr, good1.addr, good2.addr
+    );
+    let gw = gateway(&config).start();
+    let mut failures = 0;
+    for _ in 0..30 {
+        if client().get(gw.url("/x")).send().unwrap().status() == 500 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "ejected after its third consecutive failure");
+    assert_eq!(bad.count(), 3);
+    let label = format!("target=\"{}\",upstream=\"pool\"", bad.addr);
+    assert_eq!(
+        metric(
+            &gw,
+            &format!("gatehouse_upstream_ejections_total{{{label}}}")
+        ),
+        Some(1.0)
+    );
+    eventually(Duration::from_secs(2), "healthy gauge at 0", || {
+        metric(&gw, &format!("gatehouse_upstream_healthy{{{label}}}")) == Some(0.0)
+    });
+    assert!(gw
+        .log_text()
+        .contains("ejected for 1s after 3 consecutive failures"));
+    // Back after eject_for, counting from zero; the next ejection lasts twice
+    // as long.
+    eventually(Duration::from_secs(3), "the target returns", || {
+        client().get(gw.url("/x")).send().unwrap();
+        bad.count() > 3
+    });
+    assert!(gw.log_text().contains("returns after its ejection"));
+    for _ in 0..12 {
+        client().get(gw.url("/x")).send().unwrap();
+    }
+    assert_eq!(bad.count(), 6, "three more failures, then out again");
+    assert!(
+        gw.log_text().contains("ejected for 2s"),
+        "{}",
+        gw.log_text()
+    );
+    // A reload that leaves the upstream as it is keeps it out.
+    assert_eq!(admin(&gw, "POST", "/reload").0, 200);
+    for _ in 0..12 {
+        assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 200);
+    }
+    assert_eq!(bad.count(), 6);
+}
+
+#[test]
+fn never_more_than_max_ejected_targets_are_out() {
+    let (a, b) = (failing("a", 503), failing("b", 503));
+    let config = format!(
+        "upstreams:
+  pool:
+    targets: [{}, {}]
+    outlier: {{ consecutive_failures: 2, eject_for: 30s, max_ejected: 50% }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+",
+        a.addr, b.addr
+    );
+    let gw = gateway(&config).start();
+    for _ in 0..20 {
+        assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 503);
+    }
+    // One of the two is out; the other, though failing, keeps serving.
+    let (ca, cb) = (a.count(), b.count());
+    assert!(ca.min(cb) == 2 && ca.max(cb) == 18, "{ca} and {cb}");
+    let ejections = metrics_text(&gw)
+        .lines()
+        .filter(|l| l.starts_with("gatehouse_upstream_ejections_total{"))
+        .count();
+    assert_eq!(ejections, 1);
+}
+
+fn retry_config(extra: &str, targets: &str) -> String {
+    format!(
+        "upstreams:
+  pool:
+    targets: [{targets}]
+    retry_on: [connect, reset, 503]
+{extra}routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+"
+    )
+}
+
+#[test]
+fn listed_failures_are_retried_for_idempotent_methods_with_whole_bodies() {
+    let down = failing("down", 503);
+    let good = TestUpstream::with_handler("good", |req| {
+        Reply::text(200, &format!("good {} {}", req.method, req.body.len()))
+    });
+    // A target that reads a request and closes without answering.
+    let reset = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reset_addr = reset.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in reset.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            drop(s);
+        }
+    });
+    let targets = format!("{}, {}, {reset_addr}", down.addr, good.addr);
+    let gw = gateway(&retry_config("", &targets)).start();
+    for _ in 0..12 {
+        let r = client().get(gw.url("/x")).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().unwrap(), "good GET 0");
+    }
+    // A small PUT body is replayed whole.
+    for _ in 0..6 {
+        let r = client()
+            .put(gw.url("/x"))
+            .body("x".repeat(1000))
+            .send()
+            .unwrap();
+        assert_eq!(r.text().unwrap(), "good PUT 1000");
+    }
+    // POST is never retried once sent: the client gets what the target did.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        seen.insert(
+            client()
+                .post(gw.url("/x"))
+                .body("p")
+                .send()
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(seen, [200, 502, 503].into_iter().collect(), "{seen:?}");
+    // A PUT over the 64KiB replay buffer is not retried either.
+    let mut big = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let r = client()
+            .put(gw.url("/x"))
+            .body("y".repeat(100_000))
+            .send()
+            .unwrap();
+        big.insert(r.status().as_u16());
+    }
+    assert!(big.contains(&503) && big.contains(&200), "{big:?}");
+    let retried = metrics_text(&gw)
+        .lines()
+        .filter(|l| {
+            l.starts_with("gatehouse_upstream_requests_total{") && l.contains("outcome=\"retry\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum::<f64>();
+    assert!(retried >= 8.0, "{retried} retries counted");
+    assert!(gw.log_text().contains("status 503 from"));
+    assert!(gw.log_text().contains("connection reset from"));
+}
+
+#[test]
+fn retries_stop_at_the_budget_and_without_retry_on_a_503_passes() {
+    let down = failing("down", 503);
+    let slow = TestUpstream::with_handler("slow", |_| {
+        Reply::text(200, "slow").delayed(Duration::from_secs(2))
+    });
+    let targets = format!("{{ address: {}, weight: 200 }}, {}", down.addr, slow.addr);
+    let gw = gateway(&retry_config("    retry_budget: 0%\n", &targets)).start();
+    let url = gw.url("/x");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| s.spawn(|| client().get(&url).send().unwrap().status().as_u16()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let passed = statuses.iter().filter(|s| **s == 503).count();
+    assert!(passed >= 6, "{statuses:?}");
+    let retried: f64 = metrics_text(&gw)
+        .lines()
+        .filter(|l| l.contains("outcome=\"retry\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        retried, 3.0,
+        "the budget's minimum of three in flight: {statuses:?}"
+    );
+
+    // Without 503 in retry_on the answer passes as it is.
+    let plain = format!(
+        "upstreams:\n  pool:\n    targets: [{}, {}]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: pool\n",
+        down.addr, slow.addr
+    );
+    let gw = gateway(&plain).start();
+    let statuses: Vec<u16> = (0..2)
+        .map(|_| client().get(gw.url("/x")).send().unwrap().status().as_u16())
+        .collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
 }

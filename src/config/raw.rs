@@ -98,6 +98,11 @@ pub struct RawUpstream {
     /// How long an idle pooled connection to a target is kept.
     pub idle_timeout: Option<ConfDuration>,
     pub retries: Option<usize>,
+    /// `connect`, `reset`, `timeout` or 5xx statuses.
+    pub retry_on: Option<Vec<Value>>,
+    /// A share like `20%`.
+    pub retry_budget: Option<Value>,
+    pub outlier: Option<RawOutlier>,
     #[serde(default)]
     pub tls: bool,
     pub sni: Option<String>,
@@ -105,6 +110,15 @@ pub struct RawUpstream {
     pub tls_verify: Option<bool>,
     /// PEM bundle of CAs trusted for the targets, instead of the system's.
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<u32>,
+    pub eject_for: Option<ConfDuration>,
+    /// A share like `50%`.
+    pub max_ejected: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

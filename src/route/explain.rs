@@ -91,10 +91,17 @@ fn checks(
 
 /// The identity each route with `match.claims` verifies `head`'s
 /// credentials as, as routing would find it.
-async fn verify_for_claims(router: &Routes, head: &RequestHeader) -> Vec<(std::sync::Arc<str>, Verified)> {
+async fn verify_for_claims(
+    router: &Routes,
+    head: &RequestHeader,
+) -> Vec<(std::sync::Arc<str>, Verified)> {
     let mut out = Vec::new();
     for route in router.routes() {
-        let Some(auth) = route.auth.as_ref().filter(|_| !route.matcher.claims.is_empty()) else {
+        let Some(auth) = route
+            .auth
+            .as_ref()
+            .filter(|_| !route.matcher.claims.is_empty())
+        else {
             continue;
         };
         let verified = match auth.identify(head).await {
@@ -161,10 +168,7 @@ pub async fn explain(
             return (out, false);
         }
     };
-    let req = RouteRequest {
-        path: &path,
-        ..req
-    };
+    let req = RouteRequest { path: &path, ..req };
     let _ = writeln!(
         out,
         "{} {} (host {})",

@@ -236,7 +236,11 @@ pub struct RouteMatcher {
 }
 
 /// Whether a claim holds `expected`: equal, or an array holding it.
-pub fn claim_matches(claims: &serde_json::Map<String, Value>, name: &str, expected: &Value) -> bool {
+pub fn claim_matches(
+    claims: &serde_json::Map<String, Value>,
+    name: &str,
+    expected: &Value,
+) -> bool {
     match claims.get(name) {
         Some(Value::Array(items)) => items.contains(expected),
         Some(v) => v == expected,

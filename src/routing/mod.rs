@@ -10,7 +10,8 @@ mod normalize;
 use http::{HeaderMap, Method};
 
 pub use matcher::{
-    claim_matches, header_matches, HostPattern, MethodSet, Params, PathPattern, RouteMatcher, Segment,
+    claim_matches, header_matches, HostPattern, MethodSet, Params, PathPattern, RouteMatcher,
+    Segment,
 };
 pub use normalize::{
     normalize_path, path_params, segment_name, without_params, Params as PathParamsFound,

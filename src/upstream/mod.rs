@@ -4,6 +4,8 @@
 //! failed connect) and runs health checks in the background (`health`).
 
 pub mod health;
+pub mod outlier;
+pub mod retry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +20,8 @@ use prometheus::{IntCounter, IntCounterVec};
 use crate::metrics::{Series, UpstreamOutcome};
 
 pub use health::HealthCheckSettings;
+pub use outlier::OutlierSettings;
+pub use retry::{AfterFailure, Failure, Replay, RetryHold, RetryOn};
 
 /// How `balance: consistent_hash` keys a request: the request key rate
 /// limits use too.
@@ -94,6 +98,9 @@ pub struct UpstreamSpec {
     pub retries: usize,
     pub tls: Option<UpstreamTls>,
     pub health_check: Option<HealthCheckSettings>,
+    pub outlier: Option<OutlierSettings>,
+    pub retry_on: RetryOn,
+    pub retry_budget_percent: u32,
 }
 
 #[derive(Clone)]
@@ -108,8 +115,12 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     balancer: Balancer,
     pub hash_key: HashKey,
-    /// Further targets tried after a failed connect.
+    /// Further targets tried after a failure `retry_on` lists.
     pub retries: usize,
+    pub retry_on: RetryOn,
+    retry_budget_percent: u32,
+    retries_in_flight: AtomicUsize,
+    outliers: Option<outlier::Outliers>,
     pub read_timeout: Duration,
     health_interval: Option<Duration>,
     /// Where its health checks find the shared connector.
@@ -218,12 +229,19 @@ impl Upstream {
             }
             health_interval = Some(settings.interval);
         }
+        let outliers = spec
+            .outlier
+            .map(|settings| outlier::Outliers::new(settings, targets.len()));
         Ok(Upstream {
             name: spec.name.into(),
             targets,
             balancer,
             hash_key: spec.hash_key,
             retries: spec.retries,
+            retry_on: spec.retry_on,
+            retry_budget_percent: spec.retry_budget_percent,
+            retries_in_flight: AtomicUsize::new(0),
+            outliers,
             read_timeout: spec.read_timeout,
             health_interval,
             health_connector,
@@ -239,8 +257,55 @@ impl Upstream {
         }
     }
 
+    /// Whether target `index` may be sent requests: its active health
+    /// check (if any) and its outlier detection (if any) both say so.
     pub fn is_healthy(&self, index: usize) -> bool {
-        self.targets[index].healthy.load(Ordering::Relaxed)
+        let target = &self.targets[index];
+        if !target.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(outliers) = &self.outliers else {
+            return true;
+        };
+        !outliers.is_ejected(index, || {
+            log::info!(
+                "upstream {}: target {} returns after its ejection",
+                self.name,
+                target.label
+            );
+        })
+    }
+
+    /// Reports how a request to target `index` went, for outlier
+    /// detection; an ejection is logged and counted in `ejections`.
+    pub fn report(&self, index: usize, failed: bool, ejections: &IntCounterVec) {
+        let Some(outliers) = &self.outliers else {
+            return;
+        };
+        if !failed {
+            outliers.success(index);
+            return;
+        }
+        let target = &self.targets[index];
+        match outliers.failure(index) {
+            outlier::Change::None => {}
+            outlier::Change::Ejected(lasts) => {
+                log::warn!(
+                    "upstream {}: target {} ejected for {lasts:?} after {} consecutive failures",
+                    self.name,
+                    target.label,
+                    outliers.settings.consecutive_failures
+                );
+                ejections
+                    .with_label_values(&[&self.name, &target.label])
+                    .inc();
+            }
+            outlier::Change::Spared => log::debug!(
+                "upstream {}: target {} kept: max_ejected targets are out",
+                self.name,
+                target.label
+            ),
+        }
     }
 
     pub fn has_healthy_target(&self) -> bool {
@@ -452,7 +517,8 @@ impl Upstream {
         tried: &mut Vec<usize>,
         request_id: &str,
         why: &str,
-        counted: Option<&IntCounterVec>,
+        metrics: &crate::metrics::Metrics,
+        counted: bool,
     ) -> bool {
         let index = failed.index();
         // No longer in flight: the next attempt counts its own.
@@ -463,10 +529,21 @@ impl Upstream {
             self.targets[failed].label,
             self.name,
         );
-        if let Some(family) = counted {
-            self.count_request(failed, UpstreamOutcome::ConnectError, family);
+        if counted {
+            self.count_request(
+                failed,
+                UpstreamOutcome::ConnectError,
+                &metrics.upstream_requests,
+            );
         }
+        self.report(failed, true, &metrics.upstream_ejections);
         tried.push(failed);
+        self.retry_on.connect && self.another_target(tried)
+    }
+
+    /// Whether a further attempt is allowed (`retries`) and an untried
+    /// healthy target is left for it.
+    pub fn another_target(&self, tried: &[usize]) -> bool {
         let another = (0..self.targets.len()).any(|i| !tried.contains(&i) && self.is_healthy(i));
         tried.len() <= self.retries && another
     }
@@ -494,6 +571,24 @@ impl InFlight {
     /// Counts this request in `gatehouse_upstream_requests_total`.
     pub fn count(&self, outcome: UpstreamOutcome, family: &IntCounterVec) {
         self.upstream.count_request(self.index, outcome, family);
+    }
+
+    /// Reports the request's last attempt to outlier detection: failed
+    /// on an upstream error (timeout, reset) or a 5xx status; a request the
+    /// client gave up on says nothing of the target.
+    pub fn finished(
+        &self,
+        e: Option<&pingora_core::Error>,
+        status: Option<u16>,
+        ejections: &IntCounterVec,
+    ) {
+        use pingora_core::ErrorSource;
+        let failed = match e {
+            Some(e) if e.esource() == &ErrorSource::Upstream => true,
+            Some(_) => return,
+            None => status.is_some_and(|s| s >= 500),
+        };
+        self.upstream.report(self.index, failed, ejections);
     }
 }
 
@@ -525,6 +620,9 @@ mod tests {
             retries: 2,
             tls: None,
             health_check: None,
+            outlier: None,
+            retry_on: RetryOn::default(),
+            retry_budget_percent: 20,
         }
     }
 

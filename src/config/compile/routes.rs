@@ -91,7 +91,10 @@ impl Compiler<'_> {
                 None
             }
             (None, None, None) => {
-                self.error(path, "a route needs an upstream (or a split, or an aggregate)");
+                self.error(
+                    path,
+                    "a route needs an upstream (or a split, or an aggregate)",
+                );
                 None
             }
             (Some(name), _, _) => self

@@ -3,15 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::*;
-use crate::config::raw::RawSplit;
+use crate::config::raw::{RawOutlier, RawSplit};
 use crate::config::source::{index_path, key_path};
 use crate::split::{Side, Split};
 use crate::subject::RequestKey;
-use crate::upstream::Upstream;
+use crate::upstream::{OutlierSettings, RetryOn, Upstream};
 
 impl Compiler<'_> {
     pub(super) fn split(
@@ -104,6 +105,64 @@ impl Compiler<'_> {
             out.push((name, value));
         }
         out
+    }
+}
+
+impl Compiler<'_> {
+    /// A share: `20%` (or the number `20`), from 0 to 100.
+    pub(super) fn percent(&mut self, path: &str, value: &Value) -> Option<u32> {
+        let number = match value {
+            Value::String(s) => s
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u32>().ok()),
+            Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            _ => None,
+        };
+        match number {
+            Some(n) if n <= 100 => Some(n),
+            _ => {
+                self.error(path, "a share is written like 20% (0% to 100%)");
+                None
+            }
+        }
+    }
+
+    pub(super) fn outlier(&mut self, path: &str, raw: RawOutlier) -> Option<OutlierSettings> {
+        let errors_before = self.errors.0.len();
+        let consecutive_failures = raw.consecutive_failures.unwrap_or(5);
+        if consecutive_failures == 0 {
+            self.error(
+                &key_path(path, "consecutive_failures"),
+                "consecutive_failures must be at least 1",
+            );
+        }
+        let eject_for = raw.eject_for.map_or(Duration::from_secs(30), |d| d.0);
+        if eject_for.is_zero() {
+            self.error(&key_path(path, "eject_for"), "eject_for must be above zero");
+        }
+        let max_ejected_percent = match &raw.max_ejected {
+            None => Some(50),
+            Some(v) => self.percent(&key_path(path, "max_ejected"), v),
+        };
+        if self.errors.0.len() > errors_before {
+            return None;
+        }
+        Some(OutlierSettings {
+            consecutive_failures,
+            eject_for,
+            max_ejected_percent: max_ejected_percent?,
+        })
+    }
+
+    pub(super) fn retry_on(&mut self, path: &str, raw: Option<&[Value]>) -> RetryOn {
+        match raw {
+            None => RetryOn::default(),
+            Some(items) => RetryOn::parse(items).unwrap_or_else(|e| {
+                self.error(path, e);
+                RetryOn::default()
+            }),
+        }
     }
 }
 

@@ -137,6 +137,16 @@ impl Compiler<'_> {
                 self.error(&key_path(path, key), format!("{key} must be above zero"));
             }
         }
+        let outlier = raw
+            .outlier
+            .and_then(|o| self.outlier(&key_path(path, "outlier"), o));
+        let retry_on = self.retry_on(&key_path(path, "retry_on"), raw.retry_on.as_deref());
+        let retry_budget_percent = match &raw.retry_budget {
+            None => 20,
+            Some(v) => self
+                .percent(&key_path(path, "retry_budget"), v)
+                .unwrap_or(20),
+        };
         let retries = raw.retries.unwrap_or(2);
         if retries > 10 {
             self.error(&key_path(path, "retries"), "retries must be at most 10");
@@ -156,6 +166,9 @@ impl Compiler<'_> {
             retries,
             tls,
             health_check,
+            outlier,
+            retry_on,
+            retry_budget_percent,
         })
     }
 
