@@ -55,6 +55,7 @@ pub(crate) mod gateway;
 pub(crate) mod ip_filter;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod mirror;
 pub(crate) mod observe;
 pub(crate) mod outbound;
 pub(crate) mod proxy;

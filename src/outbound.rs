@@ -1,5 +1,5 @@
-//! The gateway's own HTTP requests: JWK set fetches, aggregate parts and
-//! health probes, over one client built on Pingora's connector, with one
+//! The gateway's own HTTP requests: JWK set fetches, aggregate parts,
+//! health probes and mirrored copies, over one client built on Pingora's connector, with one
 //! error type. Callers choose the peer (and so the target, its timeouts and
 //! TLS) and read the answer; the client makes the exchange.
 
@@ -100,6 +100,17 @@ impl Client {
         &self,
         peer: &HttpPeer,
         request: &RequestHeader,
+        body: Body<'_>,
+    ) -> Result<Answer, OutboundError> {
+        self.send_with_body(peer, request, None, body).await
+    }
+
+    /// As `send`, with a request body (its framing is the head's).
+    pub async fn send_with_body(
+        &self,
+        peer: &HttpPeer,
+        request: &RequestHeader,
+        request_body: Option<bytes::Bytes>,
         mut body: Body<'_>,
     ) -> Result<Answer, OutboundError> {
         let mut stale_retry = true;
@@ -115,6 +126,9 @@ impl Client {
                 session
                     .write_request_header(Box::new(request.clone()))
                     .await?;
+                if let Some(data) = request_body.clone().filter(|d| !d.is_empty()) {
+                    session.write_request_body(data, true).await?;
+                }
                 session.finish_request_body().await?;
                 session.read_response_header().await
             };

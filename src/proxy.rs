@@ -46,6 +46,7 @@ pub struct Proxy {
     pub(crate) buffered: Arc<Budget>,
     /// The context's route until one matches (`Route::unmatched`).
     pub(crate) unmatched: Arc<Route>,
+    pub(crate) mirrors: crate::mirror::Sender,
 }
 
 impl Proxy {
@@ -235,6 +236,7 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "no upstream for this request");
         };
         ctx.body.restart();
+        self.mirrors.on_retry(&mut ctx.mirror);
         let key = upstream.key_of(&ctx.subject(&session.req_header().headers));
         match upstream.choose(&key, &ctx.tried, ctx.deadline) {
             Ok((in_flight, peer)) => {
@@ -326,6 +328,12 @@ impl ProxyHttp for Proxy {
         if let Some(rewrite) = &ctx.request_rewrite {
             rewrite.prepare_request(upstream_request);
         }
+        if let Some(mirror) = &route.mirror {
+            let body_empty = session.is_body_empty();
+            let (name, pending) = (&route.name, &mut ctx.mirror);
+            self.mirrors
+                .on_head(mirror, name, pending, upstream_request, body_empty);
+        }
         Ok(())
     }
 
@@ -352,6 +360,8 @@ impl ProxyHttp for Proxy {
                 return ctx.refuse(refusal);
             }
         }
+        self.mirrors
+            .on_body(&mut ctx.mirror, body.as_ref(), end_of_stream);
         Ok(())
     }
 

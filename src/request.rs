@@ -48,6 +48,8 @@ pub struct RequestCtx {
     /// The upstream chosen for this request (a split's side), once asked.
     pub upstream: Option<Arc<Upstream>>,
     pub tried: Vec<usize>,
+    /// The copy `mirror` is taking of this request, until its body ends.
+    pub mirror: crate::mirror::Pending,
     /// Retries this request holds against its upstream's budget.
     pub retry_hold: Option<RetryHold>,
     /// The status the upstream answered the last attempt with.
@@ -98,6 +100,7 @@ impl RequestCtx {
             deadline: None,
             upstream: None,
             tried: Vec::new(),
+            mirror: Default::default(),
             retry_hold: None,
             upstream_status: None,
             in_flight: None,

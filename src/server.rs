@@ -136,6 +136,14 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             parts: client.clone(),
             buffered,
             unmatched: Arc::new(Route::unmatched()),
+            mirrors: crate::mirror::Sender {
+                client: client.clone(),
+                metrics: crate::mirror::MirrorMetrics {
+                    mirrors: metrics.mirror_requests.clone(),
+                    upstream_requests: metrics.upstream_requests.clone(),
+                    counted: settings.metrics,
+                },
+            },
         },
         conf,
     );

@@ -337,6 +337,16 @@ fn traffic_mistakes_are_config_errors_with_their_path() {
             "not several",
         ),
         (
+            route("    match: { path_prefix: / }\n    upstream: a\n    mirror: { upstream: z }\n"),
+            "routes[0].mirror.upstream",
+            "unknown upstream \"z\"",
+        ),
+        (
+            route("    match: { path_prefix: / }\n    upstream: a\n    mirror: { upstream: b, percent: 150 }\n"),
+            "routes[0].mirror.percent",
+            "0% to 100%",
+        ),
+        (
             format!("{base}  c: {{ targets: ['127.0.0.1:11'], retry_on: [connect, 404] }}\n"),
             "upstreams.c.retry_on",
             "not a 5xx status",
@@ -595,4 +605,126 @@ fn retries_stop_at_the_budget_and_without_retry_on_a_503_passes() {
         .map(|_| client().get(gw.url("/x")).send().unwrap().status().as_u16())
         .collect();
     assert!(statuses.contains(&503), "{statuses:?}");
+}
+
+fn mirror_config(main: &TestUpstream, mirror_target: &str, percent: u32) -> String {
+    format!(
+        "upstreams:
+  orders: {{ targets: [{}] }}
+  next: {{ targets: ['{mirror_target}'], connect_timeout: 1s, read_timeout: 10s }}
+routes:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    upstream: orders
+    strip_prefix: /orders
+    add_prefix: /v2
+    mirror: {{ upstream: next, percent: {percent} }}
+",
+        main.addr
+    )
+}
+
+fn mirror_count(gw: &Gateway, result: &str) -> f64 {
+    metric(
+        gw,
+        &format!("gatehouse_mirror_requests_total{{result=\"{result}\",route=\"orders\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn mirrors_get_a_copy_of_head_and_body_and_the_client_only_the_upstream_answer() {
+    let main = TestUpstream::named("orders");
+    let next = TestUpstream::with_handler("next", |_| Reply::text(500, "mirror says no"));
+    let gw = gateway(&mirror_config(&main, &next.addr.to_string(), 100)).start();
+    let r = client()
+        .post(gw.url("/orders/7?x=1"))
+        .header("Content-Type", "application/json")
+        .body("{\"item\":1}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "orders");
+    let r = client().get(gw.url("/orders/8")).send().unwrap();
+    assert_eq!(r.text().unwrap(), "orders");
+    eventually(Duration::from_secs(5), "both copies arrive", || {
+        next.count() == 2
+    });
+    let copies = next.requests();
+    let sent = main.requests();
+    for (copy, original) in copies.iter().zip(&sent) {
+        assert_eq!(copy.method, original.method);
+        assert_eq!(copy.target, original.target, "the rewritten path");
+        assert_eq!(copy.body, original.body);
+        assert_eq!(copy.header("x-request-id"), original.header("x-request-id"));
+    }
+    assert_eq!(copies[0].target, "/v2/7?x=1");
+    assert_eq!(copies[0].body, b"{\"item\":1}");
+    eventually(Duration::from_secs(5), "counted as sent", || {
+        mirror_count(&gw, "sent") == 2.0
+    });
+    // A body over 256KiB is not copied.
+    let r = client()
+        .put(gw.url("/orders/9"))
+        .body(vec![b'z'; 300 * 1024])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(main.last().body.len(), 300 * 1024);
+    eventually(Duration::from_secs(5), "counted as skipped", || {
+        mirror_count(&gw, "skipped") == 1.0
+    });
+    assert_eq!(next.count(), 2);
+}
+
+#[test]
+fn a_share_of_requests_is_mirrored() {
+    let main = TestUpstream::named("orders");
+    let next = TestUpstream::named("next");
+    let gw = gateway(&mirror_config(&main, &next.addr.to_string(), 10)).start();
+    for _ in 0..300 {
+        assert_eq!(
+            client().get(gw.url("/orders/1")).send().unwrap().status(),
+            200
+        );
+    }
+    eventually(Duration::from_secs(5), "copies answered", || {
+        mirror_count(&gw, "sent") == next.count() as f64
+    });
+    assert!((10..=60).contains(&next.count()), "{} of 300", next.count());
+}
+
+#[test]
+fn slow_and_dead_mirrors_cost_the_client_nothing() {
+    let main = TestUpstream::named("orders");
+    let slow = TestUpstream::with_handler("slow", |_| {
+        Reply::text(200, "late").delayed(Duration::from_secs(5))
+    });
+    let gw = gateway(&mirror_config(&main, &slow.addr.to_string(), 100)).start();
+    // Every answer comes while the copies still wait on the slow mirror:
+    // past 100 in flight, copies are skipped.
+    for _ in 0..130 {
+        let r = client().get(gw.url("/orders/1")).send().unwrap();
+        assert_eq!(r.text().unwrap(), "orders");
+    }
+    assert_eq!(mirror_count(&gw, "sent"), 0.0, "no copy answered yet");
+    assert!(
+        mirror_count(&gw, "skipped") >= 30.0,
+        "{}",
+        mirror_count(&gw, "skipped")
+    );
+    eventually(Duration::from_secs(5), "the slow mirror saw 100", || {
+        slow.count() == 100
+    });
+
+    let dead = format!("127.0.0.1:{}", free_port());
+    let gw = gateway(&mirror_config(&main, &dead, 100)).start();
+    for _ in 0..10 {
+        let r = client().post(gw.url("/orders/1")).body("x").send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().unwrap(), "orders");
+    }
+    eventually(Duration::from_secs(5), "copies counted as failed", || {
+        mirror_count(&gw, "failed") == 10.0
+    });
 }

@@ -167,6 +167,15 @@ pub struct RawRoute {
     pub ip_filter: Option<Value>,
     pub compression: Option<Value>,
     pub split: Option<RawSplit>,
+    pub mirror: Option<RawMirror>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMirror {
+    pub upstream: String,
+    /// `10` or `10%`; default 100.
+    pub percent: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

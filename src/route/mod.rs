@@ -24,7 +24,7 @@
 //! 6. `aggregate` answers here, from the cache or its parts; else
 //! 7. `cache` (a hit answers), then the upstream (`upstream`, `timeout`);
 //! 8. on the way up: forwarding fields, identity headers, `request_headers`,
-//!    `request_body`;
+//!    `request_body`, then `mirror` copies what the upstream is sent;
 //! 9. on the way back: `response_body`, `response_headers`, `deprecation`,
 //!    the rate-limit headers, the CORS fields (on the gateway's own answers
 //!    too), then `compression` (after the cache, per response);
@@ -54,6 +54,7 @@ use crate::compression::Compression;
 use crate::cors::Cors;
 use crate::ip_filter::IpFilter;
 use crate::metrics::Series;
+use crate::mirror::Mirror;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
 use crate::split::Split;
@@ -85,6 +86,7 @@ pub struct Route {
     pub cors: Option<Arc<Cors>>,
     pub ip_filter: Option<Arc<IpFilter>>,
     pub compression: Option<Arc<Compression>>,
+    pub mirror: Option<Mirror>,
     /// Every header named by any provider's `forward_claims`: removed from
     /// each client request, on every route.
     pub identity_headers: Arc<[http::HeaderName]>,
@@ -134,6 +136,7 @@ impl Route {
             cors: None,
             ip_filter: None,
             compression: None,
+            mirror: None,
             identity_headers: Arc::from([]),
             request_body: None,
             response_body: None,

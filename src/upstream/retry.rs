@@ -60,9 +60,11 @@ impl RetryOn {
                     Some(status @ 500..=599) => on.statuses.push(status as u16),
                     _ => return Err(format!("{n} is not a 5xx status")),
                 },
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "unknown retry condition {other}; use connect, reset, timeout or a 5xx status"
-                )),
+                ))
+                }
             }
         }
         Ok(on)

@@ -220,6 +220,16 @@ impl Compiler<'_> {
             raw.compression.as_ref(),
             shared.edge,
         );
+        let mirror = raw
+            .mirror
+            .as_ref()
+            .and_then(|m| self.mirror(&key_path(path, "mirror"), m, upstreams, declared));
+        if raw.mirror.is_some() && raw.aggregate.is_some() {
+            self.error(
+                &key_path(path, "mirror"),
+                "mirror copies what a route sends an upstream; an aggregate route sends its parts",
+            );
+        }
         if let Some(t) = raw.timeout {
             if t.0.is_zero() {
                 self.error(&key_path(path, "timeout"), "timeout must be above zero");
@@ -250,6 +260,7 @@ impl Compiler<'_> {
             cors,
             ip_filter,
             compression,
+            mirror,
             identity_headers: Arc::clone(shared.identity_headers),
             request_body,
             response_body,

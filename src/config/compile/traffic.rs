@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::*;
-use crate::config::raw::{RawOutlier, RawSplit};
+use crate::config::raw::{RawMirror, RawOutlier, RawSplit};
 use crate::config::source::{index_path, key_path};
+use crate::mirror::Mirror;
 use crate::split::{Side, Split};
 use crate::subject::RequestKey;
 use crate::upstream::{OutlierSettings, RetryOn, Upstream};
@@ -64,6 +65,26 @@ impl Compiler<'_> {
             self.error(&to, "at least one side needs a weight above zero");
         }
         split
+    }
+
+    pub(super) fn mirror(
+        &mut self,
+        path: &str,
+        raw: &RawMirror,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        declared: &[String],
+    ) -> Option<Mirror> {
+        let percent = match &raw.percent {
+            None => Some(100),
+            Some(v) => self.percent(&key_path(path, "percent"), v),
+        };
+        let upstream = self.upstream_ref(
+            &key_path(path, "upstream"),
+            &raw.upstream,
+            upstreams,
+            declared,
+        );
+        Some(Mirror::new(upstream?, percent?))
     }
 
     /// `match.query`: scalar values, compared as text.
