@@ -1,5 +1,5 @@
 //! Background work that follows the live configuration: the health checks
-//! of every upstream, the JWKS refreshes of every provider with a
+//! of every upstream, the lookups of its target names, the JWKS refreshes of every provider with a
 //! `jwks_url`, the `gatehouse_upstream_healthy` gauges, and the cluster's
 //! store (its connection, kept on this service's runtime, and the purges
 //! other instances publish).
@@ -27,6 +27,7 @@ use crate::cluster::Cluster;
 use crate::gateway::{Gateway, Runtime};
 use crate::metrics::Metrics;
 use crate::outbound::Client;
+use crate::upstream::dns::{self, Dns};
 use crate::upstream::{health, Upstream};
 
 /// How often the health gauges are brought up to date.
@@ -44,6 +45,8 @@ pub struct ConfigFollower {
     health_checks: Client,
     /// What purges from other instances of the cluster apply to.
     cache: Option<Cache>,
+    /// `server.resolver`, for the resolver made on this service's runtime.
+    resolver: Option<std::net::SocketAddr>,
     stop: CancellationToken,
 }
 
@@ -53,6 +56,7 @@ impl ConfigFollower {
         metrics: Arc<Metrics>,
         client: Client,
         cache: Option<Cache>,
+        resolver: Option<std::net::SocketAddr>,
         stop: CancellationToken,
     ) -> Self {
         ConfigFollower {
@@ -61,6 +65,7 @@ impl ConfigFollower {
             client,
             health_checks: Client::fresh_connections(),
             cache,
+            resolver,
             stop,
         }
     }
@@ -74,11 +79,11 @@ async fn publish_health(gateway: Arc<Gateway>, metrics: Arc<Metrics>, stop: Canc
         let runtime = gateway.current();
         let mut now = Vec::new();
         for up in runtime.upstreams.values() {
-            for (i, t) in up.targets.iter().enumerate() {
+            for t in &up.pool().targets {
                 metrics
                     .upstream_healthy
                     .with_label_values(&[&up.name, &t.label])
-                    .set(i64::from(up.is_healthy(i)));
+                    .set(i64::from(up.is_target_healthy(t)));
                 now.push((up.name.to_string(), t.label.to_string()));
             }
         }
@@ -137,6 +142,9 @@ impl<T> Working<T> {
 /// What is being worked on, for the live configuration.
 struct Following {
     health_checks: Working<Upstream>,
+    lookups: Working<Upstream>,
+    /// Made on this service's runtime, at its start.
+    dns: Option<Arc<Dns>>,
     key_refreshes: Working<RemoteJwks>,
     clusters: Working<Cluster>,
 }
@@ -154,6 +162,16 @@ impl ConfigFollower {
                     tokio::spawn(check);
                 }
             });
+        if let Some(dns) = following.dns.clone() {
+            let named = runtime.upstreams.values().filter(|u| !u.names.is_empty());
+            let failures = &self.metrics.dns_failures;
+            following
+                .lookups
+                .follow(named, &self.stop, |upstream, stop| {
+                    let (upstream, dns) = (Arc::clone(upstream), Arc::clone(&dns));
+                    tokio::spawn(dns::refresh_until(upstream, dns, failures.clone(), stop));
+                });
+        }
         let remote = runtime.providers.values().filter_map(|p| p.remote_jwks());
         following
             .key_refreshes
@@ -178,8 +196,17 @@ impl BackgroundService for ConfigFollower {
     // health and keys.
     async fn start(&self, _shutdown: ShutdownWatch) {
         let mut changes = self.gateway.subscribe();
+        let dns = match Dns::new(self.resolver) {
+            Ok(dns) => Some(Arc::new(dns)),
+            Err(e) => {
+                log::error!("target names will not be looked up again: {e}");
+                None
+            }
+        };
         let mut following = Following {
             health_checks: Working(Vec::new()),
+            lookups: Working(Vec::new()),
+            dns,
             key_refreshes: Working(Vec::new()),
             clusters: Working(Vec::new()),
         };
@@ -194,6 +221,7 @@ impl BackgroundService for ConfigFollower {
         }
         // The gateway is gone: so is the configuration the work was for.
         following.health_checks.stop_all();
+        following.lookups.stop_all();
         following.key_refreshes.stop_all();
         following.clusters.stop_all();
     }

@@ -99,7 +99,7 @@ pub fn fill_template(
 /// A configuration file compiled with no environment and no resolver
 /// (a name that needs resolving is an error): the number of errors.
 pub fn load_config(text: &str) -> Result<(), usize> {
-    let no_names = |_: &str| -> std::io::Result<Vec<SocketAddr>> {
+    let no_names = |_: Option<SocketAddr>, _: &str| -> std::io::Result<Vec<SocketAddr>> {
         Err(std::io::Error::other("no resolver while fuzzing"))
     };
     crate::config::load_str_resolving(text, Path::new("/nonexistent"), &|_| None, &no_names)

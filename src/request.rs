@@ -47,7 +47,8 @@ pub struct RequestCtx {
     /// Targets whose connect failed, for retries.
     /// The upstream chosen for this request (a split's side), once asked.
     pub upstream: Option<Arc<Upstream>>,
-    pub tried: Vec<usize>,
+    /// The targets this request's attempts went to.
+    pub tried: Vec<std::net::SocketAddr>,
     /// The copy `mirror` is taking of this request, until its body ends.
     pub mirror: crate::mirror::Pending,
     /// Retries this request holds against its upstream's budget.

@@ -248,12 +248,13 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     }
 
     server.add_service(background_service(
-        "health checks, key refreshes and the cluster's store",
+        "health checks, name lookups, key refreshes and the cluster's store",
         ConfigFollower::new(
             Arc::clone(&gateway),
             Arc::clone(&metrics),
             client,
             cache,
+            settings.resolver,
             stop.clone(),
         ),
     ));

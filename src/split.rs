@@ -80,6 +80,8 @@ mod tests {
             Upstream::new(UpstreamSpec {
                 name: name.into(),
                 targets: vec![("127.0.0.1:1".parse().unwrap(), 1)],
+                names: Vec::new(),
+                resolve_interval: Duration::from_secs(30),
                 balance: BalanceKind::RoundRobin,
                 hash_key: HashKey::ClientIp,
                 connect_timeout: Duration::from_secs(1),

@@ -32,7 +32,7 @@ use crate::forwarding::Forwarded;
 use crate::outbound::{Body, Client, OutboundError};
 use crate::respond::Response;
 use crate::routing::Params;
-use crate::upstream::{Pick, Upstream};
+use crate::upstream::Upstream;
 
 /// Everything but the unreserved characters is encoded in a placeholder.
 const UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -396,14 +396,10 @@ async fn call(
     let upstream = &part.upstream;
     let mut tried = Vec::new();
     loop {
-        let index = match upstream.pick(&[], &tried) {
-            Pick::Target(i) => i,
-            Pick::NoneHealthy => return Err("no healthy target".to_string().into()),
-            Pick::Exhausted => return Err("every target failed to connect".to_string().into()),
+        let (in_flight, peer) = match upstream.choose(&[], &tried, Some(deadline)) {
+            Ok(chosen) => chosen,
+            Err(none) => return Err(none.why().to_string().into()),
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let peer = upstream.peer(index, Some(left));
-        let _in_flight = upstream.begin(index);
         let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 5))
             .map_err(|e| e.to_string())?;
         for (name, value) in &input.headers {
@@ -415,7 +411,7 @@ async fn call(
         }
         // The part's own host: its TLS name, else its address.
         let host = if peer.sni.is_empty() {
-            upstream.targets[index].label.to_string()
+            in_flight.target().to_string()
         } else {
             peer.sni.clone()
         };
@@ -437,7 +433,7 @@ async fn call(
         let answer = match answer {
             Ok(a) => a,
             Err(OutboundError::Connect(e)) => {
-                tried.push(index);
+                tried.push(in_flight.addr());
                 if tried.len() > upstream.retries {
                     return Err(format!("connect failed: {e}").into());
                 }

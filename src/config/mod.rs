@@ -60,6 +60,9 @@ pub struct ServerSettings {
     pub error_log: Option<String>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// `server.resolver`: the DNS server for target names; `None`, the
+    /// system's configuration.
+    pub resolver: Option<SocketAddr>,
 }
 
 impl Default for ServerSettings {
@@ -86,6 +89,7 @@ impl Default for ServerSettings {
             error_log: None,
             user: None,
             group: None,
+            resolver: None,
         }
     }
 }

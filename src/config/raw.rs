@@ -46,6 +46,8 @@ pub struct RawServer {
     /// User and group the daemon drops to after binding.
     pub user: Option<String>,
     pub group: Option<String>,
+    /// The DNS server for target names (`ip` or `ip:port`).
+    pub resolver: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +102,10 @@ pub struct RawUpstream {
     pub retries: Option<usize>,
     /// `connect`, `reset`, `timeout` or 5xx statuses.
     pub retry_on: Option<Vec<Value>>,
+    /// How often `host:port` targets are looked up again (default 30s).
+    pub resolve_interval: Option<ConfDuration>,
+    /// Whether `-t` and loading fail on a name that does not resolve.
+    pub resolve_at_start: Option<bool>,
     /// A share like `20%`.
     pub retry_budget: Option<Value>,
     pub outlier: Option<RawOutlier>,

@@ -232,6 +232,7 @@ fn common_prefix(a: &str, b: &str) -> usize {
 
 fn describe_targets(up: &crate::upstream::Upstream) -> String {
     let targets: Vec<String> = up
+        .pool()
         .targets
         .iter()
         .map(|t| {

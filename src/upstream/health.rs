@@ -3,8 +3,7 @@
 //! configuration. A target marked unhealthy gets no traffic while a healthy
 //! one exists, and gets it back once it passes `healthy_after` checks.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::Backend;
 
-use super::{Upstream, UpstreamTls};
+use super::{Target, Upstream, UpstreamTls};
 use crate::outbound::{Body, Client, OutboundError};
 use tokio_util::sync::CancellationToken;
 
@@ -32,37 +31,44 @@ pub struct HealthCheckSettings {
     pub unhealthy_after: usize,
 }
 
-/// Logs each flip and publishes it to the target's flag, which the proxy
-/// reads per request (see `Upstream::is_healthy`). Pingora calls this right
-/// after it flips its own record, target by target, so a slow check of one
-/// target never holds back another's verdict.
-struct PublishHealthChange {
-    upstream: String,
-    flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
+/// A target's consecutive check results. The verdict (`Target::healthy`)
+/// is kept here rather than in Pingora's load balancer: it lives with the
+/// target, so it follows the address when a name's addresses change and
+/// the pool (and its balancer) is rebuilt.
+#[derive(Debug, Default)]
+pub(crate) struct Streak {
+    successes: AtomicUsize,
+    failures: AtomicUsize,
 }
 
-impl PublishHealthChange {
-    async fn observe(&self, target: &Backend, healthy: bool) {
-        if let Some((_, flag)) = self
-            .flags
-            .iter()
-            .find(|(addr, _)| target.addr.as_inet() == Some(addr))
-        {
-            flag.store(healthy, Ordering::Relaxed);
-        }
-        if healthy {
-            log::info!(
-                "upstream {}: target {} is healthy again",
-                self.upstream,
-                target.addr
-            );
-        } else {
-            log::warn!(
-                "upstream {}: target {} is unhealthy",
-                self.upstream,
-                target.addr
-            );
-        }
+/// Records one check of `target` and flips its verdict at the thresholds;
+/// each flip is logged.
+fn record(
+    upstream: &str,
+    target: &Target,
+    passed: bool,
+    healthy_after: usize,
+    unhealthy_after: usize,
+) {
+    let streak = &target.checks;
+    let (same, other, threshold) = if passed {
+        (&streak.successes, &streak.failures, healthy_after)
+    } else {
+        (&streak.failures, &streak.successes, unhealthy_after)
+    };
+    other.store(0, Ordering::Relaxed);
+    let run = same.fetch_add(1, Ordering::Relaxed) + 1;
+    if run < threshold || target.healthy.load(Ordering::Relaxed) == passed {
+        return;
+    }
+    target.healthy.store(passed, Ordering::Relaxed);
+    if passed {
+        log::info!(
+            "upstream {upstream}: target {} is healthy again",
+            target.label
+        );
+    } else {
+        log::warn!("upstream {upstream}: target {} is unhealthy", target.label);
     }
 }
 
@@ -94,7 +100,9 @@ struct TargetCheck {
     healthy_after: usize,
     unhealthy_after: usize,
     connector: ConnectorSlot,
-    observer: PublishHealthChange,
+    upstream: String,
+    /// The pool's targets, whose verdicts the checks set.
+    targets: Vec<Arc<Target>>,
 }
 
 impl TargetCheck {
@@ -130,35 +138,39 @@ impl TargetCheck {
 #[async_trait]
 impl HealthCheck for TargetCheck {
     async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
-        match tokio::time::timeout(self.timeout, self.probe(target)).await {
+        let result = match tokio::time::timeout(self.timeout, self.probe(target)).await {
             Ok(result) => result,
             Err(_) => Error::e_explain(
                 ErrorType::Custom("HealthCheckTimedout"),
                 "the health check did not finish within its timeout",
             ),
+        };
+        // Published as each target's check ends, so a slow check of one
+        // target never holds back another's verdict.
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|t| target.addr.as_inet() == Some(&t.addr))
+        {
+            let (up, down) = (self.healthy_after, self.unhealthy_after);
+            record(&self.upstream, t, result.is_ok(), up, down);
         }
+        result
     }
 
-    async fn health_status_change(&self, target: &Backend, healthy: bool) {
-        self.observer.observe(target, healthy).await;
-    }
-
-    fn health_threshold(&self, success: bool) -> usize {
-        if success {
-            self.healthy_after
-        } else {
-            self.unhealthy_after
-        }
+    // Pingora's own record is not read (see `Streak`).
+    fn health_threshold(&self, _success: bool) -> usize {
+        1
     }
 }
 
 impl HealthCheckSettings {
-    /// The check for one upstream; `flags` are its targets' health flags.
+    /// The check for one pool of an upstream.
     pub(crate) fn build(
         &self,
         upstream: &str,
         tls: Option<&UpstreamTls>,
-        flags: Vec<(SocketAddr, Arc<AtomicBool>)>,
+        targets: Vec<Arc<Target>>,
         connector: ConnectorSlot,
     ) -> Box<dyn HealthCheck + Send + Sync> {
         let sni = tls.map_or_else(String::new, |t| t.sni.clone());
@@ -206,10 +218,8 @@ impl HealthCheckSettings {
             healthy_after: self.healthy_after,
             unhealthy_after: self.unhealthy_after,
             connector,
-            observer: PublishHealthChange {
-                upstream: upstream.to_string(),
-                flags,
-            },
+            upstream: upstream.to_string(),
+            targets,
         })
     }
 }

@@ -3,15 +3,17 @@
 //! `upstream_peer` phase (pick a target, retrying on another one after a
 //! failed connect) and runs health checks in the background (`health`).
 
+pub mod dns;
 pub mod health;
 pub mod outlier;
 pub mod retry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
 use pingora_load_balancing::{Backend, LoadBalancer};
@@ -19,6 +21,7 @@ use prometheus::{IntCounter, IntCounterVec};
 
 use crate::metrics::{Series, UpstreamOutcome};
 
+pub use dns::TargetName;
 pub use health::HealthCheckSettings;
 pub use outlier::OutlierSettings;
 pub use retry::{AfterFailure, Failure, Replay, RetryHold, RetryOn};
@@ -27,7 +30,10 @@ pub use retry::{AfterFailure, Failure, Replay, RetryHold, RetryOn};
 /// limits use too.
 pub use crate::subject::RequestKey as HashKey;
 
-/// One target of an upstream.
+/// One target of an upstream: one address. Shared by every pool that
+/// holds its address, so its health, ejection and counts follow the
+/// address when a name's addresses change, and a pool that drops it keeps
+/// it alive until its requests in flight finish (drained, not cut).
 pub struct Target {
     pub addr: SocketAddr,
     /// `ip:port`, the label in logs and metrics.
@@ -38,11 +44,12 @@ pub struct Target {
     /// cheaper than per request.
     peer: HttpPeer,
     inflight: AtomicUsize,
-    /// The health checks' verdict, set as it flips (see
-    /// `health::PublishHealthChange`). The load balancer's own record is a
-    /// lookup that hashes the backend twice, more than the rest of a
-    /// single-target pick; this flag is read per request instead.
-    healthy: Arc<AtomicBool>,
+    /// The active health checks' verdict, read per request (the load
+    /// balancer's own record is a lookup that hashes the backend twice).
+    healthy: AtomicBool,
+    /// Consecutive check results, toward `healthy_after`/`unhealthy_after`.
+    checks: health::Streak,
+    outlier: outlier::TargetRecord,
     /// Its `gatehouse_upstream_requests_total` series, by outcome.
     request_series: [Series<IntCounter>; UpstreamOutcome::COUNT],
 }
@@ -57,7 +64,7 @@ enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),
     Random(LoadBalancer<Random>),
     Consistent(LoadBalancer<Consistent>),
-    /// The load balancer here only holds health state; the choice is ours.
+    /// The load balancer here only runs the health checks; the choice is ours.
     LeastConnections {
         health: LoadBalancer<RoundRobin>,
         cursor: AtomicUsize,
@@ -87,8 +94,12 @@ impl BalanceKind {
 /// Everything needed to build an upstream; produced by `config::compile`.
 pub struct UpstreamSpec {
     pub name: String,
-    /// `(address, weight)`, addresses unique.
+    /// `(address, weight)` of the `ip:port` targets and of the addresses
+    /// the names resolved to when the file was loaded; addresses unique.
     pub targets: Vec<(SocketAddr, usize)>,
+    /// The `host:port` targets, re-resolved every `resolve_interval`.
+    pub names: Vec<TargetName>,
+    pub resolve_interval: Duration,
     pub balance: BalanceKind,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -110,10 +121,27 @@ pub struct UpstreamTls {
     pub ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
 }
 
+/// How the peers of new targets are built.
+struct PeerSettings {
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    tls: Option<UpstreamTls>,
+}
+
+/// The targets an upstream sends to now, and their balancer. Replaced
+/// whole when a name's addresses change.
+pub struct Pool {
+    pub targets: Vec<Arc<Target>>,
+    balancer: Balancer,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
-    pub targets: Vec<Target>,
-    balancer: Balancer,
+    pool: ArcSwap<Pool>,
+    balance: BalanceKind,
+    peers: PeerSettings,
     pub hash_key: HashKey,
     /// Further targets tried after a failure `retry_on` lists.
     pub retries: usize,
@@ -122,25 +150,31 @@ pub struct Upstream {
     retries_in_flight: AtomicUsize,
     outliers: Option<outlier::Outliers>,
     pub read_timeout: Duration,
-    health_interval: Option<Duration>,
+    health_check: Option<HealthCheckSettings>,
     /// Where its health checks find the shared connector.
     health_connector: health::ConnectorSlot,
+    /// The `ip:port` targets, fixed; the names and their last addresses.
+    fixed: Vec<(SocketAddr, usize)>,
+    pub names: Vec<TargetName>,
+    resolved: Mutex<Vec<Vec<SocketAddr>>>,
+    pub resolve_interval: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("name", &self.name)
-            .field("targets", &self.targets)
+            .field("targets", &self.pool.load().targets)
             .finish()
     }
 }
 
-/// The outcome of choosing a target.
+/// The outcome of choosing a target in a pool.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pick {
+    /// Its index in the pool.
     Target(usize),
-    /// Every target is marked unhealthy.
+    /// Every target is marked unhealthy (or there is none).
     NoneHealthy,
     /// Every healthy target was already tried for this request.
     Exhausted,
@@ -160,46 +194,98 @@ where
     lb
 }
 
+impl PeerSettings {
+    fn target(&self, addr: SocketAddr, weight: usize) -> Result<Target, String> {
+        let label: Arc<str> = addr.to_string().into();
+        let backend =
+            Backend::new_with_weight(&label, weight).map_err(|e| format!("target {label}: {e}"))?;
+        let (tls, sni) = match &self.tls {
+            Some(t) => (true, t.sni.clone()),
+            None => (false, String::new()),
+        };
+        let mut peer = HttpPeer::new(addr, tls, sni);
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        // The TCP connect and the TLS handshake together.
+        peer.options.total_connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.write_timeout);
+        peer.options.idle_timeout = self.idle_timeout;
+        // The proxy strips these itself, in one pass; see
+        // `strip_request_hop_by_hop`.
+        peer.options.http_upstream_request_policy.strip_hop_by_hop = false;
+        if let Some(t) = &self.tls {
+            peer.options.verify_cert = t.verify;
+            peer.options.verify_hostname = t.verify;
+            peer.options.ca = t.ca.clone();
+        }
+        Ok(Target {
+            addr,
+            label,
+            weight,
+            backend,
+            peer,
+            inflight: AtomicUsize::new(0),
+            // As Pingora has it: healthy until a check fails.
+            healthy: AtomicBool::new(true),
+            checks: health::Streak::default(),
+            outlier: outlier::TargetRecord::default(),
+            request_series: Default::default(),
+        })
+    }
+}
+
 impl Upstream {
     pub fn new(spec: UpstreamSpec) -> Result<Self, String> {
+        let peers = PeerSettings {
+            connect_timeout: spec.connect_timeout,
+            read_timeout: spec.read_timeout,
+            write_timeout: spec.write_timeout,
+            idle_timeout: spec.idle_timeout,
+            tls: spec.tls,
+        };
         let mut targets = Vec::with_capacity(spec.targets.len());
         for (addr, weight) in &spec.targets {
-            let label: Arc<str> = addr.to_string().into();
-            let backend = Backend::new_with_weight(&label, *weight)
-                .map_err(|e| format!("target {label}: {e}"))?;
-            let (tls, sni) = match &spec.tls {
-                Some(t) => (true, t.sni.clone()),
-                None => (false, String::new()),
-            };
-            let mut peer = HttpPeer::new(*addr, tls, sni);
-            peer.options.connection_timeout = Some(spec.connect_timeout);
-            // The TCP connect and the TLS handshake together.
-            peer.options.total_connection_timeout = Some(spec.connect_timeout);
-            peer.options.read_timeout = Some(spec.read_timeout);
-            peer.options.write_timeout = Some(spec.write_timeout);
-            peer.options.idle_timeout = spec.idle_timeout;
-            // The proxy strips these itself, in one pass; see
-            // `strip_request_hop_by_hop`.
-            peer.options.http_upstream_request_policy.strip_hop_by_hop = false;
-            if let Some(t) = &spec.tls {
-                peer.options.verify_cert = t.verify;
-                peer.options.verify_hostname = t.verify;
-                peer.options.ca = t.ca.clone();
-            }
-            targets.push(Target {
-                addr: *addr,
-                label,
-                weight: *weight,
-                backend,
-                peer,
-                inflight: AtomicUsize::new(0),
-                // As Pingora has it: healthy until a check fails.
-                healthy: Arc::new(AtomicBool::new(true)),
-                request_series: Default::default(),
-            });
+            targets.push(Arc::new(peers.target(*addr, *weight)?));
         }
+        // What the names resolved to at load: the fixed targets are the
+        // others.
+        let resolved: Vec<Vec<SocketAddr>> = spec.names.iter().map(|n| n.loaded.clone()).collect();
+        let fixed = spec
+            .targets
+            .iter()
+            .filter(|(a, _)| !resolved.iter().flatten().any(|r| r == a))
+            .copied()
+            .collect();
+        let upstream = Upstream {
+            name: spec.name.into(),
+            pool: ArcSwap::from_pointee(Pool {
+                targets: Vec::new(),
+                balancer: Balancer::RoundRobin(build_lb(&[])),
+            }),
+            balance: spec.balance,
+            peers,
+            hash_key: spec.hash_key,
+            retries: spec.retries,
+            retry_on: spec.retry_on,
+            retry_budget_percent: spec.retry_budget_percent,
+            retries_in_flight: AtomicUsize::new(0),
+            outliers: spec.outlier.map(outlier::Outliers::new),
+            read_timeout: spec.read_timeout,
+            health_check: spec.health_check,
+            health_connector: health::ConnectorSlot::default(),
+            fixed,
+            names: spec.names,
+            resolved: Mutex::new(resolved),
+            resolve_interval: spec.resolve_interval,
+        };
+        upstream.pool.store(Arc::new(upstream.pool_of(targets)));
+        Ok(upstream)
+    }
+
+    /// A pool of `targets`, with its balancer and health check.
+    fn pool_of(&self, targets: Vec<Arc<Target>>) -> Pool {
         let backends: Vec<Backend> = targets.iter().map(|t| t.backend.clone()).collect();
-        let mut balancer = match spec.balance {
+        let mut balancer = match self.balance {
             BalanceKind::RoundRobin => Balancer::RoundRobin(build_lb(&backends)),
             BalanceKind::Random => Balancer::Random(build_lb(&backends)),
             BalanceKind::ConsistentHash => Balancer::Consistent(build_lb(&backends)),
@@ -208,18 +294,12 @@ impl Upstream {
                 cursor: AtomicUsize::new(0),
             },
         };
-        let mut health_interval = None;
-        let health_connector = health::ConnectorSlot::default();
-        if let Some(settings) = &spec.health_check {
-            let flags = targets
-                .iter()
-                .map(|t| (t.addr, Arc::clone(&t.healthy)))
-                .collect();
+        if let Some(settings) = &self.health_check {
             let check = settings.build(
-                &spec.name,
-                spec.tls.as_ref(),
-                flags,
-                Arc::clone(&health_connector),
+                &self.name,
+                self.peers.tls.as_ref(),
+                targets.clone(),
+                Arc::clone(&self.health_connector),
             );
             match &mut balancer {
                 Balancer::RoundRobin(lb) => lb.set_health_check(check),
@@ -227,47 +307,56 @@ impl Upstream {
                 Balancer::Consistent(lb) => lb.set_health_check(check),
                 Balancer::LeastConnections { health, .. } => health.set_health_check(check),
             }
-            health_interval = Some(settings.interval);
         }
-        let outliers = spec
-            .outlier
-            .map(|settings| outlier::Outliers::new(settings, targets.len()));
-        Ok(Upstream {
-            name: spec.name.into(),
-            targets,
-            balancer,
-            hash_key: spec.hash_key,
-            retries: spec.retries,
-            retry_on: spec.retry_on,
-            retry_budget_percent: spec.retry_budget_percent,
-            retries_in_flight: AtomicUsize::new(0),
-            outliers,
-            read_timeout: spec.read_timeout,
-            health_interval,
-            health_connector,
-        })
+        Pool { targets, balancer }
     }
 
-    fn backends(&self) -> &pingora_load_balancing::Backends {
-        match &self.balancer {
-            Balancer::RoundRobin(lb) => lb.backends(),
-            Balancer::Random(lb) => lb.backends(),
-            Balancer::Consistent(lb) => lb.backends(),
-            Balancer::LeastConnections { health, .. } => health.backends(),
-        }
+    /// The targets now.
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.load_full()
     }
 
-    /// Whether target `index` may be sent requests: its active health
-    /// check (if any) and its outlier detection (if any) both say so.
-    pub fn is_healthy(&self, index: usize) -> bool {
-        let target = &self.targets[index];
+    /// Replaces the targets by `wanted` (`(address, weight)`): an address
+    /// kept keeps its target (health, ejection, counts, connections); one
+    /// dropped is drained by the requests that hold it. False when nothing
+    /// changed.
+    pub fn set_targets(&self, wanted: &[(SocketAddr, usize)]) -> Result<bool, String> {
+        let current = self.pool.load();
+        let same = current.targets.len() == wanted.len()
+            && current
+                .targets
+                .iter()
+                .zip(wanted)
+                .all(|(t, (a, w))| t.addr == *a && t.weight == *w);
+        if same {
+            return Ok(false);
+        }
+        let mut targets = Vec::with_capacity(wanted.len());
+        for (addr, weight) in wanted {
+            let kept = current
+                .targets
+                .iter()
+                .find(|t| t.addr == *addr && t.weight == *weight);
+            targets.push(match kept {
+                Some(t) => Arc::clone(t),
+                None => Arc::new(self.peers.target(*addr, *weight)?),
+            });
+        }
+        drop(current);
+        self.pool.store(Arc::new(self.pool_of(targets)));
+        Ok(true)
+    }
+
+    /// Whether `target` may be sent requests: its active health check (if
+    /// any) and its outlier detection (if any) both say so.
+    pub fn is_target_healthy(&self, target: &Target) -> bool {
         if !target.healthy.load(Ordering::Relaxed) {
             return false;
         }
         let Some(outliers) = &self.outliers else {
             return true;
         };
-        !outliers.is_ejected(index, || {
+        !outliers.is_ejected(&target.outlier, || {
             log::info!(
                 "upstream {}: target {} returns after its ejection",
                 self.name,
@@ -276,18 +365,24 @@ impl Upstream {
         })
     }
 
-    /// Reports how a request to target `index` went, for outlier
-    /// detection; an ejection is logged and counted in `ejections`.
-    pub fn report(&self, index: usize, failed: bool, ejections: &IntCounterVec) {
+    pub fn has_healthy_target(&self) -> bool {
+        let pool = self.pool.load();
+        pool.targets.iter().any(|t| self.is_target_healthy(t))
+    }
+
+    /// Reports how a request to `target` went, for outlier detection; an
+    /// ejection is logged and counted in `ejections`.
+    pub fn report(&self, target: &Target, failed: bool, ejections: &IntCounterVec) {
         let Some(outliers) = &self.outliers else {
             return;
         };
         if !failed {
-            outliers.success(index);
+            outliers.success(&target.outlier);
             return;
         }
-        let target = &self.targets[index];
-        match outliers.failure(index) {
+        let pool = self.pool.load();
+        let others = pool.targets.iter().map(|t| &t.outlier);
+        match outliers.failure(&target.outlier, others) {
             outlier::Change::None => {}
             outlier::Change::Ejected(lasts) => {
                 log::warn!(
@@ -308,12 +403,8 @@ impl Upstream {
         }
     }
 
-    pub fn has_healthy_target(&self) -> bool {
-        (0..self.targets.len()).any(|i| self.is_healthy(i))
-    }
-
     pub fn uses_hash_key(&self) -> bool {
-        matches!(self.balancer, Balancer::Consistent(_))
+        self.balance == BalanceKind::ConsistentHash
     }
 
     /// The consistent-hashing key of a request (empty for the other
@@ -326,75 +417,82 @@ impl Upstream {
         }
     }
 
-    fn index_of(&self, backend: &Backend) -> Option<usize> {
-        self.targets
-            .iter()
-            .position(|t| backend.addr.as_inet() == Some(&t.addr))
-    }
-
-    /// Chooses a healthy target not in `tried`. `key` feeds consistent
-    /// hashing and is ignored by the other algorithms.
-    pub fn pick(&self, key: &[u8], tried: &[usize]) -> Pick {
+    /// Chooses a healthy target of `pool` whose address is not in `tried`.
+    /// `key` feeds consistent hashing and is ignored by the other
+    /// algorithms.
+    pub fn pick(&self, pool: &Pool, key: &[u8], tried: &[SocketAddr]) -> Pick {
+        let targets = &pool.targets;
+        let usable = |t: &Target| self.is_target_healthy(t);
         // One target (a service VIP, a sidecar): nothing to balance, and the
         // selectors' walk costs more than the rest of the choice.
-        if self.targets.len() == 1 {
-            return match (self.is_healthy(0), tried.is_empty()) {
+        if targets.len() == 1 {
+            return match (usable(&targets[0]), tried.contains(&targets[0].addr)) {
                 (false, _) => Pick::NoneHealthy,
-                (true, true) => Pick::Target(0),
-                (true, false) => Pick::Exhausted,
+                (true, false) => Pick::Target(0),
+                (true, true) => Pick::Exhausted,
             };
         }
-        // `healthy` is Pingora's readiness (health and enablement); the flag
-        // is the health verdict every other reader uses. Both must agree.
-        let accept = |b: &Backend, healthy: bool| {
-            healthy
-                && self
-                    .index_of(b)
-                    .is_some_and(|i| self.is_healthy(i) && !tried.contains(&i))
+        let index_of = |b: &Backend| {
+            targets
+                .iter()
+                .position(|t| b.addr.as_inet() == Some(&t.addr))
+        };
+        // The verdict is ours (`Target::healthy` and outlier detection);
+        // the load balancer only walks its ring or list.
+        let accept = |b: &Backend, _: bool| {
+            index_of(b).is_some_and(|i| usable(&targets[i]) && !tried.contains(&targets[i].addr))
         };
         // Enough steps for the selectors' fallback walks to meet every target.
-        let steps = self.targets.len() * 4 + 16;
-        let chosen = match &self.balancer {
+        let steps = targets.len() * 4 + 16;
+        let chosen = match &pool.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(key, steps, accept),
             Balancer::Random(lb) => lb.select_with(key, steps, accept),
             Balancer::Consistent(lb) => lb.select_with(key, steps, accept),
             Balancer::LeastConnections { cursor, .. } => {
-                return self.pick_least_connections(cursor, tried);
+                return self.pick_least_connections(targets, cursor, tried);
             }
         };
-        if let Some(i) = chosen.as_ref().and_then(|b| self.index_of(b)) {
+        if let Some(i) = chosen.as_ref().and_then(index_of) {
             return Pick::Target(i);
         }
         // The selectors' walks are bounded; make sure no healthy target is left.
-        match (0..self.targets.len()).find(|i| !tried.contains(i) && self.is_healthy(*i)) {
+        match targets
+            .iter()
+            .position(|t| !tried.contains(&t.addr) && usable(t))
+        {
             Some(i) => Pick::Target(i),
-            None if self.has_healthy_target() => Pick::Exhausted,
+            None if targets.iter().any(|t| usable(t)) => Pick::Exhausted,
             None => Pick::NoneHealthy,
         }
     }
 
     /// Fewest requests in flight per unit of weight; ties are broken by a
     /// rotating start so equal targets share the load.
-    fn pick_least_connections(&self, cursor: &AtomicUsize, tried: &[usize]) -> Pick {
-        let n = self.targets.len();
+    fn pick_least_connections(
+        &self,
+        targets: &[Arc<Target>],
+        cursor: &AtomicUsize,
+        tried: &[SocketAddr],
+    ) -> Pick {
+        let n = targets.len();
         let start = cursor.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(usize, usize)> = None;
         let mut any_healthy = false;
         for step in 0..n {
             let i = (start + step) % n;
-            if !self.is_healthy(i) {
+            let t = &targets[i];
+            if !self.is_target_healthy(t) {
                 continue;
             }
             any_healthy = true;
-            if tried.contains(&i) {
+            if tried.contains(&t.addr) {
                 continue;
             }
-            let t = &self.targets[i];
             // Compare load/weight without division: a*wb < b*wa.
             let load = t.inflight.load(Ordering::Relaxed);
             let better = match best {
                 None => true,
-                Some((j, best_load)) => load * self.targets[j].weight < best_load * t.weight,
+                Some((j, best_load)) => load * targets[j].weight < best_load * t.weight,
             };
             if better {
                 best = Some((i, load));
@@ -407,9 +505,9 @@ impl Upstream {
         }
     }
 
-    /// The peer for target `index`, with its read timeout capped at `deadline_left`.
-    pub fn peer(&self, index: usize, deadline_left: Option<Duration>) -> Box<HttpPeer> {
-        let mut peer = Box::new(self.targets[index].peer.clone());
+    /// The peer for `target`, with its read timeout capped at `deadline_left`.
+    fn peer(target: &Target, deadline_left: Option<Duration>) -> Box<HttpPeer> {
+        let mut peer = Box::new(target.peer.clone());
         if let Some(left) = deadline_left {
             let cap = |d: Option<Duration>| Some(d.map_or(left, |d| d.min(left)));
             let o = &mut peer.options;
@@ -421,35 +519,46 @@ impl Upstream {
         peer
     }
 
-    /// Counts a request in flight to `index` until the guard is dropped.
-    pub fn begin(self: &Arc<Self>, index: usize) -> InFlight {
-        self.targets[index].inflight.fetch_add(1, Ordering::Relaxed);
+    /// Counts a request in flight to `target` until the guard is dropped.
+    pub fn begin(self: &Arc<Self>, target: &Arc<Target>) -> InFlight {
+        target.inflight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             upstream: Arc::clone(self),
-            index,
+            target: Arc::clone(target),
         }
     }
 
-    /// Counts a request sent to target `index` in `family`
+    /// Counts a request sent to `target` in `family`
     /// (`gatehouse_upstream_requests_total`).
-    pub fn count_request(&self, index: usize, outcome: UpstreamOutcome, family: &IntCounterVec) {
-        let target = &self.targets[index];
+    pub fn count_request(&self, target: &Target, outcome: UpstreamOutcome, family: &IntCounterVec) {
         target.request_series[outcome as usize]
             .get(|| family.with_label_values(&[&self.name, &target.label, outcome.label()]))
             .inc();
     }
 
-    pub fn in_flight(&self, index: usize) -> usize {
-        self.targets[index].inflight.load(Ordering::Relaxed)
+    /// Requests in flight to the targets now.
+    pub fn requests_in_flight(&self) -> usize {
+        let pool = self.pool.load();
+        pool.targets
+            .iter()
+            .map(|t| t.inflight.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub(crate) fn health_interval(&self) -> Option<Duration> {
-        self.health_interval
+        self.health_check.as_ref().map(|h| h.interval)
     }
 
     pub(crate) async fn run_health_check_pass(&self, client: &crate::outbound::Client) {
         self.health_connector.get_or_init(|| client.clone());
-        self.backends().run_health_check(true).await;
+        let pool = self.pool();
+        let backends = match &pool.balancer {
+            Balancer::RoundRobin(lb) => lb.backends(),
+            Balancer::Random(lb) => lb.backends(),
+            Balancer::Consistent(lb) => lb.backends(),
+            Balancer::LeastConnections { health, .. } => health.backends(),
+        };
+        backends.run_health_check(true).await;
     }
 }
 
@@ -490,7 +599,7 @@ impl Upstream {
     pub fn choose(
         self: &Arc<Self>,
         key: &[u8],
-        tried: &[usize],
+        tried: &[SocketAddr],
         deadline: Option<std::time::Instant>,
     ) -> Result<(InFlight, Box<HttpPeer>), NoTarget> {
         let left = match deadline {
@@ -500,51 +609,59 @@ impl Upstream {
             },
             None => None,
         };
-        match self.pick(key, tried) {
-            Pick::Target(index) => Ok((self.begin(index), self.peer(index, left))),
+        let pool = self.pool.load();
+        match self.pick(&pool, key, tried) {
+            Pick::Target(index) => {
+                let target = &pool.targets[index];
+                Ok((self.begin(target), Self::peer(target, left)))
+            }
             Pick::NoneHealthy => Err(NoTarget::NoneHealthy),
             Pick::Exhausted => Err(NoTarget::Exhausted),
         }
     }
 
     /// The retry rule, after the connect of `failed` failed: logged,
-    /// counted (when `counted`), remembered in `tried`; true when another
-    /// target should be tried. Nothing was sent, so any method may retry,
-    /// up to `retries` times, while an untried healthy target is left.
+    /// counted (when `counted`), reported, remembered in `tried`; true when
+    /// another target should be tried. Nothing was sent, so any method may
+    /// retry, up to `retries` times, while an untried healthy target is
+    /// left (and `retry_on` has `connect`).
     pub fn retry_after_failed_connect(
         &self,
         failed: InFlight,
-        tried: &mut Vec<usize>,
+        tried: &mut Vec<SocketAddr>,
         request_id: &str,
         why: &str,
         metrics: &crate::metrics::Metrics,
         counted: bool,
     ) -> bool {
-        let index = failed.index();
+        let target = Arc::clone(&failed.target);
         // No longer in flight: the next attempt counts its own.
         drop(failed);
-        let failed = index;
         log::warn!(
             "request {request_id}: connect to {} (upstream {}) failed: {why}",
-            self.targets[failed].label,
+            target.label,
             self.name,
         );
         if counted {
             self.count_request(
-                failed,
+                &target,
                 UpstreamOutcome::ConnectError,
                 &metrics.upstream_requests,
             );
         }
-        self.report(failed, true, &metrics.upstream_ejections);
-        tried.push(failed);
+        self.report(&target, true, &metrics.upstream_ejections);
+        tried.push(target.addr);
         self.retry_on.connect && self.another_target(tried)
     }
 
     /// Whether a further attempt is allowed (`retries`) and an untried
     /// healthy target is left for it.
-    pub fn another_target(&self, tried: &[usize]) -> bool {
-        let another = (0..self.targets.len()).any(|i| !tried.contains(&i) && self.is_healthy(i));
+    pub fn another_target(&self, tried: &[SocketAddr]) -> bool {
+        let pool = self.pool.load();
+        let another = pool
+            .targets
+            .iter()
+            .any(|t| !tried.contains(&t.addr) && self.is_target_healthy(t));
         tried.len() <= self.retries && another
     }
 }
@@ -552,12 +669,12 @@ impl Upstream {
 /// A request in flight to one target; see [`Upstream::begin`].
 pub struct InFlight {
     upstream: Arc<Upstream>,
-    index: usize,
+    target: Arc<Target>,
 }
 
 impl InFlight {
-    pub fn index(&self) -> usize {
-        self.index
+    pub fn addr(&self) -> SocketAddr {
+        self.target.addr
     }
 
     pub fn upstream(&self) -> &str {
@@ -565,12 +682,12 @@ impl InFlight {
     }
 
     pub fn target(&self) -> &str {
-        &self.upstream.targets[self.index].label
+        &self.target.label
     }
 
     /// Counts this request in `gatehouse_upstream_requests_total`.
     pub fn count(&self, outcome: UpstreamOutcome, family: &IntCounterVec) {
-        self.upstream.count_request(self.index, outcome, family);
+        self.upstream.count_request(&self.target, outcome, family);
     }
 
     /// Reports the request's last attempt to outlier detection: failed
@@ -588,15 +705,13 @@ impl InFlight {
             Some(_) => return,
             None => status.is_some_and(|s| s >= 500),
         };
-        self.upstream.report(self.index, failed, ejections);
+        self.upstream.report(&self.target, failed, ejections);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.targets[self.index]
-            .inflight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.target.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -611,6 +726,8 @@ mod tests {
                 .iter()
                 .map(|(a, w)| (a.parse().unwrap(), *w))
                 .collect(),
+            names: Vec::new(),
+            resolve_interval: Duration::from_secs(30),
             balance,
             hash_key: HashKey::ClientIp,
             connect_timeout: Duration::from_secs(1),
@@ -627,9 +744,10 @@ mod tests {
     }
 
     fn count(up: &Upstream, n: usize, key: &[u8]) -> Vec<usize> {
-        let mut counts = vec![0; up.targets.len()];
+        let pool = up.pool();
+        let mut counts = vec![0; pool.targets.len()];
         for _ in 0..n {
-            match up.pick(key, &[]) {
+            match up.pick(&pool, key, &[]) {
                 Pick::Target(i) => counts[i] += 1,
                 other => panic!("{other:?}"),
             }
@@ -665,14 +783,19 @@ mod tests {
             &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)],
         ))
         .unwrap();
-        let Pick::Target(first) = up.pick(b"", &[]) else {
+        let pool = up.pool();
+        let addr = |i: usize| pool.targets[i].addr;
+        let Pick::Target(first) = up.pick(&pool, b"", &[]) else {
             panic!()
         };
-        let Pick::Target(second) = up.pick(b"", &[first]) else {
+        let Pick::Target(second) = up.pick(&pool, b"", &[addr(first)]) else {
             panic!()
         };
         assert_ne!(first, second);
-        assert_eq!(up.pick(b"", &[first, second]), Pick::Exhausted);
+        assert_eq!(
+            up.pick(&pool, b"", &[addr(first), addr(second)]),
+            Pick::Exhausted
+        );
     }
 
     #[test]
@@ -684,12 +807,45 @@ mod tests {
             ))
             .unwrap(),
         );
-        let busy = up.begin(0);
-        let _busy2 = up.begin(0);
+        let pool = up.pool();
+        let busy = up.begin(&pool.targets[0]);
+        let _busy2 = up.begin(&pool.targets[0]);
         for _ in 0..10 {
-            assert_eq!(up.pick(b"", &[]), Pick::Target(1));
+            assert_eq!(up.pick(&pool, b"", &[]), Pick::Target(1));
         }
         drop(busy);
-        assert_eq!(up.in_flight(0), 1);
+        assert_eq!(up.requests_in_flight(), 1);
+    }
+
+    #[test]
+    fn new_targets_keep_the_state_of_addresses_that_stay() {
+        let up = Arc::new(
+            Upstream::new(spec(
+                BalanceKind::RoundRobin,
+                &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)],
+            ))
+            .unwrap(),
+        );
+        let old = up.pool();
+        old.targets[1].healthy.store(false, Ordering::Relaxed);
+        let draining = up.begin(&old.targets[0]);
+        let wanted: Vec<(SocketAddr, usize)> = ["127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|a| (a.parse().unwrap(), 1))
+            .collect();
+        assert!(up.set_targets(&wanted).unwrap());
+        assert!(!up.set_targets(&wanted).unwrap(), "unchanged");
+        let new = up.pool();
+        assert!(Arc::ptr_eq(&old.targets[1], &new.targets[0]), "kept");
+        assert!(
+            !up.is_target_healthy(&new.targets[0]),
+            "its health follows it"
+        );
+        assert_eq!(up.pick(&new, b"", &[]), Pick::Target(1));
+        // The dropped address drains: its request still holds it.
+        assert_eq!(draining.target(), "127.0.0.1:1");
+        assert_eq!(old.targets[0].inflight.load(Ordering::Relaxed), 1);
+        drop(draining);
+        assert_eq!(old.targets[0].inflight.load(Ordering::Relaxed), 0);
     }
 }

@@ -5,8 +5,8 @@
 //! ejection up to ten times, reset by a success. Never more than
 //! `max_ejected` of an upstream's targets are out at once.
 //!
-//! The state lives in the upstream, so a reload that keeps the upstream
-//! keeps its ejections. A target is used only when neither its active
+//! The state lives in each target, which an upstream kept by a reload
+//! keeps, and which follows its address when a name's addresses change. A target is used only when neither its active
 //! health check nor this says it is bad (`Upstream::is_healthy`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -36,11 +36,11 @@ pub(crate) struct TargetRecord {
     ejections: AtomicU32,
 }
 
-/// An upstream's outlier detection: its settings and one record per target.
+/// An upstream's outlier detection: its settings and clock; each target
+/// holds its own record, so the record follows the target's address.
 #[derive(Debug)]
 pub(crate) struct Outliers {
     pub settings: OutlierSettings,
-    records: Vec<TargetRecord>,
     epoch: Instant,
 }
 
@@ -54,10 +54,9 @@ pub(crate) enum Change {
 }
 
 impl Outliers {
-    pub fn new(settings: OutlierSettings, targets: usize) -> Self {
+    pub fn new(settings: OutlierSettings) -> Self {
         Outliers {
             settings,
-            records: (0..targets).map(|_| TargetRecord::default()).collect(),
             epoch: Instant::now(),
         }
     }
@@ -66,10 +65,9 @@ impl Outliers {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether target `index` is ejected now. The first reader after an
-    /// ejection ends clears it (and is told so through `returned`).
-    pub fn is_ejected(&self, index: usize, returned: impl FnOnce()) -> bool {
-        let record = &self.records[index];
+    /// Whether the target of `record` is ejected now. The first reader
+    /// after an ejection ends clears it (and is told so through `returned`).
+    pub fn is_ejected(&self, record: &TargetRecord, returned: impl FnOnce()) -> bool {
         let until = record.ejected_until.load(Ordering::Relaxed);
         if until == 0 {
             return false;
@@ -89,34 +87,26 @@ impl Outliers {
         false
     }
 
-    fn ejected_count(&self) -> usize {
-        let now = self.now_ms();
-        self.records
-            .iter()
-            .filter(|r| {
-                let until = r.ejected_until.load(Ordering::Relaxed);
-                until != 0 && now < until
-            })
-            .count()
+    fn is_out(&self, record: &TargetRecord, now: u64) -> bool {
+        let until = record.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now < until
     }
 
-    /// The most targets that may be out at once: the share rounded down,
-    /// but at least one.
-    fn max_ejected(&self) -> usize {
-        let share = self.records.len() * self.settings.max_ejected_percent as usize / 100;
-        share.max(1)
-    }
-
-    pub fn success(&self, index: usize) {
-        let record = &self.records[index];
+    pub fn success(&self, record: &TargetRecord) {
         record.failures.store(0, Ordering::Relaxed);
         if record.ejections.load(Ordering::Relaxed) != 0 {
             record.ejections.store(0, Ordering::Relaxed);
         }
     }
 
-    pub fn failure(&self, index: usize) -> Change {
-        let record = &self.records[index];
+    /// A failure of the target of `record`, one of `all` (the upstream's
+    /// targets now, for `max_ejected`: the share rounded down, but at
+    /// least one).
+    pub fn failure<'a>(
+        &self,
+        record: &TargetRecord,
+        all: impl ExactSizeIterator<Item = &'a TargetRecord>,
+    ) -> Change {
         let failures = record.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.settings.consecutive_failures {
             return Change::None;
@@ -125,7 +115,11 @@ impl Outliers {
             // Already out (a request that was in flight when it left).
             return Change::None;
         }
-        if self.ejected_count() >= self.max_ejected() {
+        let now = self.now_ms();
+        let total = all.len();
+        let out = all.filter(|r| self.is_out(r, now)).count();
+        let max = (total * self.settings.max_ejected_percent as usize / 100).max(1);
+        if out >= max {
             return Change::Spared;
         }
         let ejections = record.ejections.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +128,7 @@ impl Outliers {
             .unwrap_or(MAX_FACTOR)
             .min(MAX_FACTOR);
         let lasts = self.settings.eject_for * factor;
-        let until = self.now_ms() + u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX / 2);
+        let until = now + u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX / 2);
         // Only one reporter ejects it; the others see it out.
         if record
             .ejected_until
@@ -152,76 +146,78 @@ impl Outliers {
 mod tests {
     use super::*;
 
-    fn outliers(targets: usize, percent: u32) -> Outliers {
-        Outliers::new(
-            OutlierSettings {
-                consecutive_failures: 3,
-                eject_for: Duration::from_millis(40),
-                max_ejected_percent: percent,
-            },
-            targets,
-        )
+    fn outliers(percent: u32) -> Outliers {
+        Outliers::new(OutlierSettings {
+            consecutive_failures: 3,
+            eject_for: Duration::from_millis(40),
+            max_ejected_percent: percent,
+        })
+    }
+
+    fn records(n: usize) -> Vec<TargetRecord> {
+        (0..n).map(|_| TargetRecord::default()).collect()
     }
 
     #[test]
     fn consecutive_failures_eject_and_a_success_resets() {
-        let o = outliers(4, 50);
-        assert_eq!(o.failure(0), Change::None);
-        assert_eq!(o.failure(0), Change::None);
-        o.success(0);
-        assert_eq!(o.failure(0), Change::None);
-        assert_eq!(o.failure(0), Change::None);
-        assert_eq!(o.failure(0), Change::Ejected(Duration::from_millis(40)));
-        assert!(o.is_ejected(0, || panic!("still out")));
-        assert!(!o.is_ejected(1, || panic!("never out")));
+        let (o, r) = (outliers(50), records(4));
+        let fail = |i: usize| o.failure(&r[i], r.iter());
+        assert_eq!(fail(0), Change::None);
+        assert_eq!(fail(0), Change::None);
+        o.success(&r[0]);
+        assert_eq!(fail(0), Change::None);
+        assert_eq!(fail(0), Change::None);
+        assert_eq!(fail(0), Change::Ejected(Duration::from_millis(40)));
+        assert!(o.is_ejected(&r[0], || panic!("still out")));
+        assert!(!o.is_ejected(&r[1], || panic!("never out")));
     }
 
     #[test]
     fn ejections_double_up_to_ten_times_and_return() {
-        let mut o = outliers(2, 50);
+        let (mut o, r) = (outliers(50), records(2));
         // So that "until 1 ms" is in the past.
         o.epoch = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        let fail = |o: &Outliers| o.failure(&r[0], r.iter());
         let mut lasted = Vec::new();
         for _ in 0..6 {
-            for _ in 0..2 {
-                o.failure(0);
-            }
-            let Change::Ejected(d) = o.failure(0) else {
+            fail(&o);
+            fail(&o);
+            let Change::Ejected(d) = fail(&o) else {
                 panic!("not ejected")
             };
             lasted.push(d.as_millis());
             // Forced back in, as when its time runs out.
-            o.records[0].ejected_until.store(1, Ordering::Relaxed);
+            r[0].ejected_until.store(1, Ordering::Relaxed);
             let mut returned = false;
-            assert!(!o.is_ejected(0, || returned = true));
+            assert!(!o.is_ejected(&r[0], || returned = true));
             assert!(returned, "the return is reported once");
         }
         assert_eq!(lasted, vec![40, 80, 160, 320, 400, 400]);
-        o.success(0);
-        for _ in 0..2 {
-            o.failure(0);
-        }
-        assert_eq!(o.failure(0), Change::Ejected(Duration::from_millis(40)));
+        o.success(&r[0]);
+        fail(&o);
+        fail(&o);
+        assert_eq!(fail(&o), Change::Ejected(Duration::from_millis(40)));
     }
 
     #[test]
     fn max_ejected_rounds_down_but_allows_one() {
-        let o = outliers(4, 50);
+        let (o, r) = (outliers(50), records(4));
         for target in 0..3 {
-            for _ in 0..2 {
-                o.failure(target);
-            }
+            o.failure(&r[target], r.iter());
+            o.failure(&r[target], r.iter());
             let expected = if target < 2 {
                 Change::Ejected(Duration::from_millis(40))
             } else {
                 Change::Spared
             };
-            assert_eq!(o.failure(target), expected, "target {target}");
+            assert_eq!(o.failure(&r[target], r.iter()), expected, "target {target}");
         }
-        let single = outliers(1, 10);
-        for _ in 0..2 {
-            single.failure(0);
-        }
-        assert!(matches!(single.failure(0), Change::Ejected(_)));
+        let (single, one) = (outliers(10), records(1));
+        single.failure(&one[0], one.iter());
+        single.failure(&one[0], one.iter());
+        assert!(matches!(
+            single.failure(&one[0], one.iter()),
+            Change::Ejected(_)
+        ));
     }
 }

@@ -118,15 +118,15 @@ impl Upstream {
         failed: InFlight,
         failure: Failure,
         replay: &Replay<'_>,
-        tried: &mut Vec<usize>,
+        tried: &mut Vec<std::net::SocketAddr>,
         hold: &mut Option<RetryHold>,
         request_id: &str,
         metrics: &Metrics,
         counted: bool,
     ) -> AfterFailure {
-        let index = failed.index();
+        let target = Arc::clone(&failed.target);
         let mut with_failed = tried.clone();
-        with_failed.push(index);
+        with_failed.push(target.addr);
         if !self.retries_on(failure, replay)
             || !self.another_target(&with_failed)
             || !self.take_retry(hold)
@@ -141,13 +141,13 @@ impl Upstream {
                 Failure::Reset => "connection reset".to_string(),
                 Failure::Timeout => "timeout".to_string(),
             },
-            self.targets[index].label,
+            target.label,
             self.name,
         );
         if counted {
-            self.count_request(index, UpstreamOutcome::Retry, &metrics.upstream_requests);
+            self.count_request(&target, UpstreamOutcome::Retry, &metrics.upstream_requests);
         }
-        self.report(index, true, &metrics.upstream_ejections);
+        self.report(&target, true, &metrics.upstream_ejections);
         *tried = with_failed;
         AfterFailure::Retry
     }
@@ -177,7 +177,7 @@ impl Upstream {
     /// upstream's retries in flight are at its share of its requests in
     /// flight.
     pub fn take_retry(self: &Arc<Self>, hold: &mut Option<RetryHold>) -> bool {
-        let requests: usize = (0..self.targets.len()).map(|i| self.in_flight(i)).sum();
+        let requests = self.requests_in_flight();
         let budget = (requests * self.retry_budget_percent as usize / 100).max(MIN_BUDGET);
         let taken = self
             .retries_in_flight

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod h2client;
 pub mod jwt;
 pub mod pki;
@@ -129,6 +130,24 @@ impl TestUpstream {
         handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Self::serve(name, listener, Arc::new(handler))
+    }
+
+    /// [`TestUpstream::named`] on a given address (127.0.0.2:PORT, [::1]:PORT):
+    /// the addresses a DNS name of the tests resolves to.
+    pub fn named_at(name: &str, addr: SocketAddr) -> Self {
+        let n = name.to_string();
+        Self::with_handler_at(name, addr, move |_| {
+            Reply::text(200, &n).header("x-upstream", &n)
+        })
+    }
+
+    pub fn with_handler_at(
+        name: &str,
+        addr: SocketAddr,
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind(addr).expect("bind upstream");
         Self::serve(name, listener, Arc::new(handler))
     }
 

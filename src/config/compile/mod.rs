@@ -16,7 +16,7 @@ mod traffic;
 mod upstreams;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,13 +46,17 @@ const SECTIONS: &[&str] = &[
     "routes",
 ];
 
-/// Resolves a `host:port` target (the system's resolver, or one a test or
-/// fuzz target gives).
-pub type Resolve<'a> = &'a dyn Fn(&str) -> std::io::Result<Vec<SocketAddr>>;
+/// Resolves a `host:port` target with `server.resolver` (hickory, see
+/// `upstream::dns`), or as a test or fuzz target says.
+pub type Resolve<'a> = &'a dyn Fn(Option<SocketAddr>, &str) -> std::io::Result<Vec<SocketAddr>>;
 
-/// The system's resolver.
-pub fn system_resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
-    address.to_socket_addrs().map(Iterator::collect)
+/// The gateway's resolver: `server` (`server.resolver`) or the system's
+/// configuration.
+pub fn system_resolve(
+    server: Option<SocketAddr>,
+    address: &str,
+) -> std::io::Result<Vec<SocketAddr>> {
+    crate::upstream::dns::resolve_blocking(server, address)
 }
 
 pub(super) fn compile(
@@ -66,6 +70,7 @@ pub(super) fn compile(
         base,
         previous: previous.map(|p| &p.carried),
         resolve,
+        resolver: None,
         errors: ConfigErrors::default(),
         carried: Carried::default(),
     };
@@ -172,6 +177,8 @@ struct Compiler<'d> {
     /// What this configuration built, for the next reload.
     carried: Carried,
     resolve: Resolve<'d>,
+    /// `server.resolver`, once `server` is compiled.
+    resolver: Option<SocketAddr>,
     errors: ConfigErrors,
 }
 

@@ -162,6 +162,20 @@ impl Compiler<'_> {
             .map(|p| self.resolve_file(&p).display().to_string());
         s.user = raw.user;
         s.group = raw.group;
+        if let Some(r) = &raw.resolver {
+            let addr = r.parse::<SocketAddr>().or_else(|_| {
+                r.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match addr {
+                Ok(a) => s.resolver = Some(a),
+                Err(_) => self.error(
+                    "server.resolver",
+                    format!("\"{r}\" is not a DNS server address, like 127.0.0.1:53"),
+                ),
+            }
+        }
+        self.resolver = s.resolver;
         s
     }
 

@@ -11,9 +11,16 @@ use serde_json::Value;
 use super::*;
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
+use crate::upstream::dns::split_host_port;
 use crate::upstream::{
-    BalanceKind, HashKey, HealthCheckSettings, Upstream, UpstreamSpec, UpstreamTls,
+    BalanceKind, HashKey, HealthCheckSettings, TargetName, Upstream, UpstreamSpec, UpstreamTls,
 };
+
+/// A target as written: an address, or a name and what it resolved to.
+pub(super) enum Resolved {
+    Address(SocketAddr),
+    Name(TargetName),
+}
 
 impl Compiler<'_> {
     pub(super) fn upstreams(&mut self, value: Option<&Value>) -> BTreeMap<String, Arc<Upstream>> {
@@ -43,9 +50,20 @@ impl Compiler<'_> {
     ) -> Option<UpstreamSpec> {
         let errors_before = self.errors.0.len();
         let mut targets: Vec<(SocketAddr, usize)> = Vec::new();
+        let mut names: Vec<TargetName> = Vec::new();
         let targets_path = key_path(path, "targets");
         if raw.targets.is_empty() {
             self.error(&targets_path, "an upstream needs at least one target");
+        }
+        let resolve_at_start = raw.resolve_at_start.unwrap_or(true);
+        let resolve_interval = raw
+            .resolve_interval
+            .map_or(Duration::from_secs(30), |d| d.0);
+        if resolve_interval.is_zero() {
+            self.error(
+                &key_path(path, "resolve_interval"),
+                "resolve_interval must be above zero",
+            );
         }
         for (i, item) in raw.targets.iter().enumerate() {
             let tpath = index_path(&targets_path, i);
@@ -63,14 +81,37 @@ impl Compiler<'_> {
                 );
                 continue;
             }
-            let Some(addr) = self.resolve_target(&tpath, &address) else {
+            let Some(target) = self.resolve_target(&tpath, &address, resolve_at_start) else {
                 continue;
             };
-            if targets.iter().any(|(a, _)| *a == addr) {
-                self.error(&tpath, format!("target {addr} is listed twice"));
-                continue;
+            let addrs = match target {
+                Resolved::Address(addr) => {
+                    if targets.iter().any(|(a, _)| *a == addr) {
+                        self.error(&tpath, format!("target {addr} is listed twice"));
+                        continue;
+                    }
+                    vec![addr]
+                }
+                Resolved::Name(name) => {
+                    if names
+                        .iter()
+                        .any(|n| n.host == name.host && n.port == name.port)
+                    {
+                        self.error(&tpath, format!("target {address} is listed twice"));
+                        continue;
+                    }
+                    let name = TargetName { weight, ..name };
+                    let addrs = name.loaded.clone();
+                    names.push(name);
+                    addrs
+                }
+            };
+            // An address two targets lead to is one target (the first's weight).
+            for addr in addrs {
+                if !targets.iter().any(|(a, _)| *a == addr) {
+                    targets.push((addr, weight));
+                }
             }
-            targets.push((addr, weight));
         }
         let balance = match raw.balance.as_deref() {
             None => BalanceKind::RoundRobin,
@@ -157,6 +198,8 @@ impl Compiler<'_> {
         Some(UpstreamSpec {
             name: name.to_string(),
             targets,
+            names,
+            resolve_interval,
             balance,
             hash_key,
             connect_timeout,
@@ -172,34 +215,48 @@ impl Compiler<'_> {
         })
     }
 
-    /// `ip:port`, or `host:port` resolved once now (and at each reload).
-    pub(super) fn resolve_target(&mut self, path: &str, address: &str) -> Option<SocketAddr> {
+    /// `ip:port`, or `host:port` looked up now (and again in the
+    /// background). A name that does not resolve is an error unless
+    /// `resolve_at_start: false`, when it starts with no address.
+    pub(super) fn resolve_target(
+        &mut self,
+        path: &str,
+        address: &str,
+        resolve_at_start: bool,
+    ) -> Option<Resolved> {
         if let Ok(a) = address.parse::<SocketAddr>() {
-            return Some(a);
+            return Some(Resolved::Address(a));
         }
-        if !address.contains(':') {
+        let Some((host, port)) = split_host_port(address) else {
             self.error(
                 path,
                 format!("target \"{address}\" needs a port, like {address}:80"),
             );
             return None;
-        }
-        match (self.resolve)(address) {
-            Ok(addrs) => match addrs.into_iter().next() {
-                Some(a) => Some(a),
-                None => {
-                    self.error(path, format!("target \"{address}\" resolves to no address"));
-                    None
-                }
-            },
-            Err(e) => {
+        };
+        let loaded = match (self.resolve)(self.resolver, address) {
+            Ok(addrs) if !addrs.is_empty() => addrs,
+            outcome if resolve_at_start => {
+                let why = match outcome {
+                    Err(e) => format!("cannot be resolved: {e}"),
+                    Ok(_) => "resolves to no address".to_string(),
+                };
                 self.error(
                     path,
-                    format!("target \"{address}\" cannot be resolved: {e}"),
+                    format!(
+                        "target \"{address}\" {why} (resolve_at_start: false starts without it)"
+                    ),
                 );
-                None
+                return None;
             }
-        }
+            _ => Vec::new(),
+        };
+        Some(Resolved::Name(TargetName {
+            host: host.to_string(),
+            port,
+            weight: 1,
+            loaded,
+        }))
     }
 
     pub(super) fn hash_key(&mut self, path: &str, key: &str) -> Option<HashKey> {
