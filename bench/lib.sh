@@ -47,6 +47,9 @@ cache: { max_size: 64MiB }
 upstreams:
   app:
     targets: [127.0.0.1:$1]
+  # The same server under a second name: a split's other side.
+  app-canary:
+    targets: [127.0.0.1:$1]
 auth:
   jwt:
     bench:
@@ -78,6 +81,16 @@ routes:
     strip_prefix: /gzip
     add_prefix: /big
     compression: { }
+    request_headers: { set: { X-Gateway: gatehouse } }
+    response_headers: { remove: [Server] }
+  # A 90/10 canary split drawn per request (no key).
+  - name: split
+    match: { path_prefix: /split }
+    split:
+      to:
+        - { upstream: app, weight: 90 }
+        - { upstream: app-canary, weight: 10 }
+    strip_prefix: /split
     request_headers: { set: { X-Gateway: gatehouse } }
     response_headers: { remove: [Server] }
   # Served from the cache after the first request: the upstream never sees the rest.

@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,gatehouse-split,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -128,6 +128,7 @@ TARGET_DEFS=(
     "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
     "gatehouse-limit|gatehouse|http://127.0.0.1:$GH_PORT/limited$REQ_PATH|-"
     "gatehouse-cluster|gatehouse|http://127.0.0.1:$GH_PORT/clustered$REQ_PATH|-"
+    "gatehouse-split|gatehouse|http://127.0.0.1:$GH_PORT/split$REQ_PATH|-"
     "nginx-gzip|nginx|http://127.0.0.1:$NGX_PORT/gzip$REQ_PATH|gzip"
     "gatehouse-gzip|gatehouse|http://127.0.0.1:$GH_PORT/gzip$REQ_PATH|gzip"
 )
@@ -664,6 +665,8 @@ for g in ("gatehouse", "gatehouse-quiet"):
         obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
 if round_ratio("gatehouse-auth", "gatehouse") is not None:
     obs.append(f"gatehouse-auth vs gatehouse (auth + limit vs plain): {round_ratio('gatehouse-auth', 'gatehouse'):.2f}× rps")
+if round_ratio("gatehouse-split", "gatehouse") is not None:
+    obs.append(f"gatehouse-split vs gatehouse (a 90/10 split vs one upstream): {round_ratio('gatehouse-split', 'gatehouse'):.2f}× rps")
 if round_ratio("gatehouse-gzip", "nginx-gzip") is not None:
     obs.append(f"gatehouse-gzip vs nginx-gzip (compressed JSON, gzip level 6): "
                f"{round_ratio('gatehouse-gzip', 'nginx-gzip'):.2f}× rps")

@@ -10,11 +10,15 @@
 //! response at the route's level. The module encodes the body as it
 //! streams, drops `Content-Length` and weakens the `ETag`.
 //!
-//! `br` is encoded here, with the `brotli` crate Pingora's module uses,
-//! in `response_body_filter`: Pingora 0.9's own brotli encoder ends a body
-//! with a flush, never the stream's last block (cloudflare/pingora#1013),
-//! which strict decoders (Node's `fetch`, the `brotli` tool) reject. This
-//! one finishes the stream; `zstd` and `gzip` stay with Pingora's module.
+//! `br` is encoded by a downstream module of our own (`BrotliModule`,
+//! installed beside Pingora's, switched on per response the same way) with
+//! the `brotli` crate Pingora uses: Pingora 0.9's own brotli encoder ends a
+//! body with a flush, never the stream's last block
+//! (cloudflare/pingora#1013), which strict decoders (Node's `fetch`, the
+//! `brotli` tool) reject. Ours finishes the stream, in the last body chunk
+//! or in `response_done_filter` (a body that ends with trailers, or a
+//! revalidated cache entry, ends there); `zstd` and `gzip` stay with
+//! Pingora's module.
 //!
 //! The cache stores what the upstream sent; compression happens after it,
 //! per response, so a cached entry is never served in an encoding the
@@ -26,6 +30,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use pingora_core::modules::http::compression::ResponseCompression;
+use pingora_core::modules::http::{HttpModule, HttpModuleBuilder, Module};
+use pingora_core::{ErrorType, OrErr};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
@@ -201,13 +207,9 @@ impl Compression {
     }
 
     /// Decides for the response about to go out and, when it is to be
-    /// compressed, switches Pingora's module on with the encoding chosen,
-    /// or, for `br`, returns the encoder `response_body_filter` feeds.
-    pub fn respond(
-        &self,
-        session: &mut Session,
-        resp: &mut ResponseHeader,
-    ) -> Option<Box<BrotliBody>> {
+    /// compressed, switches Pingora's module (or, for `br`, ours) on with
+    /// the encoding chosen.
+    pub fn respond(&self, session: &mut Session, resp: &mut ResponseHeader) -> Option<()> {
         if !self.compressible(session.req_header(), resp) {
             return None;
         }
@@ -221,13 +223,15 @@ impl Compression {
                 .iter(),
         )?;
         if encoding == Encoding::Brotli {
+            let module = session.downstream_modules_ctx.get_mut::<BrotliModule>()?;
             // What Pingora's module does to the head of a body it encodes.
             resp.remove_header(&header::CONTENT_LENGTH);
             resp.remove_header(&header::ACCEPT_RANGES);
             let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
             let _ = resp.insert_header(header::CONTENT_ENCODING, encoding.token());
             weaken_etag(resp);
-            return Some(Box::new(BrotliBody::new(self.level)));
+            module.0 = Some(BrotliBody::new(self.level));
+            return Some(());
         }
         let module = session
             .downstream_modules_ctx
@@ -242,7 +246,55 @@ impl Compression {
             .insert_header(header::ACCEPT_ENCODING, encoding.token())
             .ok()?;
         module.request_filter(&asked);
-        None
+        Some(())
+    }
+}
+
+/// The downstream module that encodes `br` bodies; off (`None`) unless
+/// `Compression::respond` chose `br` for this response.
+pub struct BrotliModule(Option<BrotliBody>);
+
+#[async_trait::async_trait]
+impl HttpModule for BrotliModule {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn response_body_filter(
+        &mut self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> pingora_core::Result<()> {
+        if let Some(encoder) = self.0.as_mut() {
+            encoder
+                .encode(body, end_of_stream)
+                .or_err(ErrorType::InternalError, "while encoding br")?;
+        }
+        Ok(())
+    }
+
+    fn response_done_filter(&mut self) -> pingora_core::Result<Option<Bytes>> {
+        let Some(encoder) = self.0.as_mut() else {
+            return Ok(None);
+        };
+        let mut rest = None;
+        encoder
+            .encode(&mut rest, true)
+            .or_err(ErrorType::InternalError, "while finishing br")?;
+        Ok(rest)
+    }
+}
+
+/// Installs [`BrotliModule`], off until a response asks for it.
+pub struct BrotliModuleBuilder;
+
+impl HttpModuleBuilder for BrotliModuleBuilder {
+    fn init(&self) -> Module {
+        Box::new(BrotliModule(None))
     }
 }
 

@@ -90,9 +90,8 @@ impl Sender {
             return;
         };
         if !copy.add(chunk) {
-            if let Some(copy) = pending.copy.take() {
-                copy.skip(&self.metrics.mirrors);
-            }
+            // Counted as skipped as it drops.
+            pending.copy = None;
         } else if end {
             if let Some(copy) = pending.copy.take() {
                 copy.send(self);
@@ -103,20 +102,32 @@ impl Sender {
     /// Another attempt starts (`upstream_peer`): a copy whose body was being
     /// taken would be fed twice, and is dropped.
     pub fn on_retry(&self, pending: &mut Pending) {
-        if let Some(copy) = pending.copy.take() {
-            copy.skip(&self.metrics.mirrors);
-        }
+        // Counted as skipped as it drops.
+        pending.copy = None;
     }
 }
 
 /// One copy being taken; holds its in-flight slot until it is sent and
-/// answered, or dropped.
+/// answered, or dropped. Dropped unsent (over the body bound, cut off by a
+/// retry, a refused or abandoned request), it is counted as skipped.
 pub struct Copy {
     route: Arc<str>,
     upstream: Arc<Upstream>,
-    head: RequestHeader,
+    /// `None` once sent.
+    head: Option<RequestHeader>,
     body: BytesMut,
-    slot: Slot,
+    slot: Option<Slot>,
+    mirrors: IntCounterVec,
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        if self.head.is_some() {
+            self.mirrors
+                .with_label_values(&[&self.route, "skipped"])
+                .inc();
+        }
+    }
 }
 
 struct Slot(Arc<AtomicUsize>);
@@ -148,6 +159,11 @@ impl Mirror {
         if self.percent < 100 && fastrand::u32(0..100) >= self.percent {
             return None;
         }
+        let declared = crate::transform::body::declared_length(&head.headers);
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            mirrors.with_label_values(&[route, "skipped"]).inc();
+            return None;
+        }
         let taken = self
             .in_flight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -161,9 +177,10 @@ impl Mirror {
         Some(Copy {
             route: Arc::clone(route),
             upstream: Arc::clone(&self.upstream),
-            head: head.clone(),
+            head: Some(head.clone()),
             body: BytesMut::new(),
-            slot: Slot(Arc::clone(&self.in_flight)),
+            slot: Some(Slot(Arc::clone(&self.in_flight))),
+            mirrors: mirrors.clone(),
         })
     }
 }
@@ -180,22 +197,16 @@ impl Copy {
         true
     }
 
-    /// Counted as skipped: over the body bound, or cut off by a retry.
-    fn skip(self, mirrors: &IntCounterVec) {
-        mirrors.with_label_values(&[&self.route, "skipped"]).inc();
-    }
-
     /// Sends the copy on the current runtime, off the request's path.
-    fn send(self, sender: &Sender) {
+    fn send(mut self, sender: &Sender) {
         let (client, metrics) = (sender.client.clone(), sender.metrics.clone());
+        let (Some(mut head), slot) = (self.head.take(), self.slot.take()) else {
+            return;
+        };
+        let (route, upstream) = (Arc::clone(&self.route), Arc::clone(&self.upstream));
+        let body = std::mem::take(&mut self.body);
+        drop(self);
         tokio::spawn(async move {
-            let Copy {
-                route,
-                upstream,
-                mut head,
-                body,
-                slot,
-            } = self;
             // The whole body is at hand: a length, whatever the framing was.
             head.remove_header(&http::header::TRANSFER_ENCODING);
             let length = body.len().to_string();

@@ -13,7 +13,7 @@ use http::StatusCode;
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorType, OrErr, Result};
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -206,11 +206,13 @@ impl ProxyHttp for Proxy {
         )
     }
 
-    // Pingora's response compression alone, switched off (level 0):
-    // `compression` switches it on per response for the routes that ask.
+    // Pingora's response compression, switched off (level 0), and ours for
+    // `br`, off: `compression` switches one on per response for the routes
+    // that ask.
     fn init_downstream_modules(&self, modules: &mut pingora_core::modules::http::HttpModules) {
         use pingora_core::modules::http::compression::ResponseCompressionBuilder;
         modules.add_module(ResponseCompressionBuilder::enable(0));
+        modules.add_module(Box::new(crate::compression::BrotliModuleBuilder));
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -236,6 +238,7 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "no upstream for this request");
         };
         ctx.body.restart();
+        ctx.upstream_status = None;
         self.mirrors.on_retry(&mut ctx.mirror);
         let key = upstream.key_of(&ctx.subject(&session.req_header().headers));
         match upstream.choose(&key, &ctx.tried, ctx.deadline) {
@@ -276,26 +279,43 @@ impl ProxyHttp for Proxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Nothing in flight: `upstream_response_filter` already decided.
-        if ctx.in_flight.is_none() || session.response_written().is_some() {
+        // Nothing in flight: `upstream_response_filter` already decided (a
+        // decided retry stays decided).
+        if ctx.in_flight.is_none() {
+            e.retry.decide_reuse(client_reused);
             return e;
         }
-        let failure = match e.etype() {
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Failure::Timeout),
-            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-                Some(Failure::Reset)
+        // Only the upstream's failures; a client that hung up says nothing
+        // of a target, and nothing is retried once the answer has begun.
+        let failure = match (e.esource(), e.etype()) {
+            _ if session.response_written().is_some() => None,
+            (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                Some(Failure::Timeout)
             }
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+            ) => Some(Failure::Reset),
             _ => None,
         };
+        let upstream = ctx.upstream.as_ref();
+        let listed = failure.filter(|f| upstream.is_some_and(|u| u.retry_on.lists(*f)));
         let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
-        if failure.is_some_and(|f| ctx.retry_after(f, session, metrics, counted)) {
-            e.set_retry(true);
-        } else if !session.req_header().method.is_idempotent() || session.retry_buffer_truncated() {
-            e.set_retry(false);
-        } else {
+        match listed.map(|f| ctx.retry_after(f, session, metrics, counted)) {
+            Some(true) => e.set_retry(true),
+            // Refused by the method, the body, `retries` or the budget:
+            // returned as it is.
+            Some(false) => e.set_retry(false),
+            None if !session.req_header().method.is_idempotent()
+                || session.retry_buffer_truncated()
+                || ctx.request_rewrite.is_some()
+                || session.response_written().is_some() =>
+            {
+                e.set_retry(false)
+            }
             // Pingora's own rule: a pooled connection that died under the
             // request is tried again (the request may never have arrived).
-            e.retry.decide_reuse(client_reused);
+            None => e.retry.decide_reuse(client_reused),
         }
         e
     }
@@ -435,24 +455,9 @@ impl ProxyHttp for Proxy {
         let id = ctx.request_id.header_value().clone();
         upstream_response.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
         if let Some(compression) = ctx.route.compression.as_ref() {
-            ctx.brotli = compression.respond(session, upstream_response);
+            compression.respond(session, upstream_response);
         }
         Ok(())
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<Option<Duration>> {
-        if let Some(brotli) = ctx.brotli.as_mut() {
-            brotli
-                .encode(body, end_of_stream)
-                .or_err(ErrorType::InternalError, "while encoding br")?;
-        }
-        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -495,6 +500,8 @@ impl ProxyHttp for Proxy {
     }
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        // A split's side is part of the key: chosen now (the identity is known).
+        ctx.upstream(&session.req_header().headers);
         let Some(policy) = ctx.route.cache.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "cache key without a cached route");
         };

@@ -15,7 +15,6 @@ use pingora_proxy::Session;
 use crate::auth::Identity;
 use crate::budget::Held;
 use crate::cache::{self, Cache, CachePolicy, Slot};
-use crate::compression::BrotliBody;
 use crate::forwarding::{self, Forwarded, RequestId};
 use crate::metrics::Metrics;
 use crate::ratelimit::Decision;
@@ -76,8 +75,6 @@ pub struct RequestCtx {
     /// Boxed: rare, and the context travels inside every request's future.
     pub request_rewrite: Option<Box<Rewrite>>,
     pub response_rewrite: Option<Box<Rewrite>>,
-    /// The response body's `br` encoder, when `compression` chose `br`.
-    pub brotli: Option<Box<BrotliBody>>,
     /// A body rule refused a body in a body phase: the answer to give.
     pub refusal: Option<Refusal>,
     /// An aggregate answer's share of `max_buffered`, until it is sent.
@@ -115,7 +112,6 @@ impl RequestCtx {
             start: Instant::now(),
             request_rewrite: None,
             response_rewrite: None,
-            brotli: None,
             refusal: None,
             answer_held: None,
             cors: crate::cors::Admitted::default(),
@@ -305,13 +301,20 @@ impl RequestCtx {
         let req = session.req_header();
         let origin = cache::origin(&self.forwarded(session));
         let subject = self.identity.as_ref().and_then(Identity::cache_subject);
-        cache::primary_key(
+        let mut key = cache::primary_key(
             req,
             &origin,
             self.routed_path(req),
             policy,
             subject.as_deref(),
-        )
+        );
+        // A split's sides answer apart: one side's answer is never served
+        // to a user of the other (see `upstream`, chosen by then).
+        if let (crate::route::Target::Split(_), Some(side)) = (&self.route.target, &self.upstream) {
+            key.push_str("\0side:");
+            key.push_str(&side.name);
+        }
+        key
     }
 
     /// The forwarding fields for this request's upstream side.

@@ -65,7 +65,18 @@ fn changed_answers_change_the_targets_and_dropped_addresses_drain() {
     let gw = start(&dns, port, "");
     assert_eq!(served_by(&gw, 6), ["a".to_string()].into());
 
+    // A new address is not trusted before it passes a health check.
+    b.set_healthy(false);
     dns.set("svc.test", &["127.0.0.2", "127.0.0.3"]);
+    eventually(Duration::from_secs(5), "b is checked", || {
+        b.health_checks() >= 3
+    });
+    assert_eq!(
+        served_by(&gw, 8),
+        ["a".to_string()].into(),
+        "b failing its checks"
+    );
+    b.set_healthy(true);
     eventually(Duration::from_secs(5), "b joins", || {
         served_by(&gw, 4).contains("b")
     });
@@ -203,4 +214,33 @@ fn an_upstream_whose_name_is_unresolved_at_start_answers_once_it_resolves() {
         client().get(gw.url("/x")).send().unwrap().status() == 200
     });
     assert!(b.count() >= 1);
+}
+
+#[test]
+fn a_failing_aaaa_lookup_keeps_the_ipv6_targets() {
+    let (a, v6, port) = loop {
+        let (a, _b, port) = two_hosts();
+        let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        if std::net::TcpListener::bind(v6).is_ok() {
+            break (a, TestUpstream::named_at("v6", v6), port);
+        }
+    };
+    let dns = TestDns::start();
+    dns.set("svc.test", &["127.0.0.2", "::1"]);
+    let gw = start(&dns, port, "");
+    let both: BTreeSet<String> = ["a".to_string(), "v6".to_string()].into();
+    assert_eq!(served_by(&gw, 8), both);
+    dns.fail_v6("svc.test", &["127.0.0.2"]);
+    let failures = || {
+        metrics_text(&gw)
+            .lines()
+            .find(|l| l.starts_with("gatehouse_dns_failures_total{upstream=\"svc\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eventually(Duration::from_secs(10), "AAAA failures counted", || {
+        failures() >= 3.0
+    });
+    assert_eq!(served_by(&gw, 8), both, "the IPv6 target stays");
+    assert!(v6.count() > 0 && a.count() > 0);
 }

@@ -348,7 +348,7 @@ fn traffic_mistakes_are_config_errors_with_their_path() {
         ),
         (
             format!("{base}  c: {{ targets: ['127.0.0.1:11'], retry_on: [connect, 404] }}\n"),
-            "upstreams.c.retry_on",
+            "upstreams.c.retry_on[1]",
             "not a 5xx status",
         ),
         (
@@ -727,4 +727,80 @@ fn slow_and_dead_mirrors_cost_the_client_nothing() {
     eventually(Duration::from_secs(5), "copies counted as failed", || {
         mirror_count(&gw, "failed") == 10.0
     });
+}
+
+#[test]
+fn a_client_that_hangs_up_neither_retries_nor_ejects() {
+    let slow = |name: &'static str| {
+        TestUpstream::with_handler(name, move |_| {
+            Reply::text(200, name).delayed(Duration::from_secs(2))
+        })
+    };
+    let (s1, s2) = (slow("s1"), slow("s2"));
+    let config = format!(
+        "upstreams:
+  pool:
+    targets: [{}, {}]
+    retry_on: [connect, reset, timeout]
+    outlier: {{ consecutive_failures: 2, eject_for: 30s }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+",
+        s1.addr, s2.addr
+    );
+    let gw = gateway(&config).start();
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        assert!(impatient.get(gw.url("/x")).send().is_err());
+    }
+    eventually(Duration::from_secs(5), "four requests arrived", || {
+        s1.count() + s2.count() >= 4
+    });
+    // Give the gateway a moment to notice the hang-ups: a fifth, patient
+    // request after them is the sentinel.
+    assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 200);
+    assert_eq!(s1.count() + s2.count(), 5, "no hang-up was retried");
+    let text = metrics_text(&gw);
+    assert!(
+        !text.contains("gatehouse_upstream_ejections_total{"),
+        "{text}"
+    );
+    assert!(!text.contains("outcome=\"retry\""), "{text}");
+}
+
+#[test]
+fn a_cached_split_keeps_each_side_its_own_answers() {
+    let (v1, v2) = (TestUpstream::named("v1"), TestUpstream::named("v2"));
+    let config = format!(
+        "cache: {{ max_size: 4MiB }}
+upstreams:
+  v1: {{ targets: [{}] }}
+  v2: {{ targets: [{}] }}
+routes:
+  - name: cached
+    match: {{ path_prefix: / }}
+    split:
+      by: header:X-User
+      to: [{{ upstream: v1 }}, {{ upstream: v2 }}]
+    cache: {{ ttl: 60s }}
+",
+        v1.addr, v2.addr
+    );
+    let gw = gateway(&config).start();
+    let users: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    let first: Vec<String> = users.iter().map(|u| side_of(&gw, "/x", Some(u))).collect();
+    assert!(first.contains(&"v1".to_string()) && first.contains(&"v2".to_string()));
+    for (user, side) in users.iter().zip(&first) {
+        assert_eq!(
+            &side_of(&gw, "/x", Some(user)),
+            side,
+            "{user} got the other side's entry"
+        );
+    }
+    assert_eq!(v1.count() + v2.count(), 2, "one entry per side");
 }

@@ -539,6 +539,21 @@ pub struct RouteAuth {
 }
 
 impl RouteAuth {
+    /// Whether `other` verifies the same credentials the same way (the same
+    /// providers, in the same order): one's identity is the other's.
+    pub fn same_credentials(&self, other: &RouteAuth) -> bool {
+        self.methods.len() == other.methods.len()
+            && self
+                .methods
+                .iter()
+                .zip(&other.methods)
+                .all(|pair| match pair {
+                    (Method::Jwt(a), Method::Jwt(b)) => Arc::ptr_eq(a, b),
+                    (Method::ApiKey(a), Method::ApiKey(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                })
+    }
+
     /// The identity a request's credentials verify as (`None` on a route
     /// that asks only for a client certificate, checked with
     /// `client_cert_verified`).

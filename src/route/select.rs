@@ -78,8 +78,9 @@ pub async fn select(
     };
     let preflight = crate::cors::preflight_method(&req.method, &req.headers)
         .and_then(|asked| preflight_route(routes, &request, &asked));
-    // Identities verified for `match.claims`, by route name.
-    let mut verified: Vec<(Arc<str>, Option<Identity>)> = Vec::new();
+    // Identities verified for `match.claims`, by the auth that verified
+    // them: routes sharing providers share the one verification.
+    let mut verified: Vec<(Arc<Route>, Option<Identity>)> = Vec::new();
     let route = loop {
         let outcome = match preflight {
             Some(route) => RouteOutcome::Matched(route),
@@ -92,7 +93,7 @@ pub async fn select(
                     Some(auth) => auth.identify(req).await.ok().flatten(),
                     None => None,
                 };
-                verified.push((Arc::clone(&route.name), identity));
+                verified.push((Arc::clone(route), identity));
             }
             RouteOutcome::NotFound => {
                 return Err(problem(
@@ -123,7 +124,7 @@ pub async fn select(
     }
     let identity = verified
         .into_iter()
-        .find(|(name, _)| *name == route.name)
+        .find(|(by, _)| same_credentials(by, &route))
         .and_then(|(_, identity)| identity);
     Ok(Selected {
         identity,
@@ -167,9 +168,17 @@ fn preflight_route<'r>(
     })
 }
 
+/// Whether `a` and `b` verify the same credentials the same way.
+fn same_credentials(a: &Route, b: &Route) -> bool {
+    match (&a.auth, &b.auth) {
+        (Some(a), Some(b)) => a.same_credentials(b),
+        _ => false,
+    }
+}
+
 /// What `verified` tells of `route`'s `match.claims`.
-fn claimed(route: &Route, verified: &[(Arc<str>, Option<Identity>)]) -> Claimed {
-    match verified.iter().find(|(name, _)| *name == route.name) {
+fn claimed(route: &Route, verified: &[(Arc<Route>, Option<Identity>)]) -> Claimed {
+    match verified.iter().find(|(by, _)| same_credentials(by, route)) {
         None => Claimed::Unknown,
         Some((_, identity)) => {
             if route

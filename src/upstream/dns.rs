@@ -31,6 +31,38 @@ pub struct TargetName {
     pub loaded: Vec<SocketAddr>,
 }
 
+/// A name's latest addresses, by family: a lookup of one family that
+/// fails keeps that family's last addresses (a passing AAAA timeout must
+/// not drain every IPv6 target).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Addresses {
+    v4: Vec<SocketAddr>,
+    v6: Vec<SocketAddr>,
+}
+
+impl Addresses {
+    pub fn of(addrs: &[SocketAddr]) -> Self {
+        let (v6, v4) = addrs.iter().partition(|a| a.is_ipv6());
+        Addresses { v4, v6 }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.v4.iter().chain(&self.v6)
+    }
+}
+
+/// The most addresses one name makes targets of: an answer listing more
+/// (spoofed, or a misconfigured zone) cannot grow a pool without bound.
+pub const MAX_ADDRESSES_PER_NAME: usize = 64;
+
+/// Addresses no upstream is at: an answer holding one is ignored for it.
+fn routable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
+}
+
 /// Why a lookup gave no address. The text is for logs.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -81,20 +113,92 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
-    /// Every address of `host` with `port`, sorted (A before AAAA).
+    /// Every address of `host` with `port`, sorted (A before AAAA), at
+    /// most `MAX_ADDRESSES_PER_NAME`.
     pub async fn lookup(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DnsError> {
-        let found = self
-            .resolver
-            .lookup_ip(host)
-            .await
-            .map_err(|e| DnsError::Lookup(e.to_string()))?;
-        let mut addrs: Vec<SocketAddr> = found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
-        addrs.sort_by_key(|a| (a.is_ipv6(), *a));
-        addrs.dedup();
-        if addrs.is_empty() {
+        let (v4, v6) = self.lookup_families(host, port).await;
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        let mut failure = None;
+        for family in [v4, v6] {
+            match family {
+                Ok(found) => addrs.extend(found),
+                Err(e) => failure = Some(e),
+            }
+        }
+        match failure {
+            Some(e) if addrs.is_empty() => Err(e),
+            _ if addrs.is_empty() => Err(DnsError::NoAddress),
+            _ => {
+                addrs.truncate(MAX_ADDRESSES_PER_NAME);
+                Ok(addrs)
+            }
+        }
+    }
+
+    /// The A and the AAAA lookups, each on its own: an empty answer is no
+    /// address (`Ok`), a failure is `Err`.
+    async fn lookup_families(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> (
+        Result<Vec<SocketAddr>, DnsError>,
+        Result<Vec<SocketAddr>, DnsError>,
+    ) {
+        let family =
+            |found: Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>| {
+                match found {
+                    Ok(lookup) => {
+                        let mut addrs: Vec<SocketAddr> = lookup
+                            .answers()
+                            .iter()
+                            .filter_map(|r| r.data.ip_addr())
+                            .filter(|ip| routable(*ip))
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .collect();
+                        addrs.sort();
+                        addrs.dedup();
+                        Ok(addrs)
+                    }
+                    Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+                    Err(e) => Err(DnsError::Lookup(e.to_string())),
+                }
+            };
+        let (v4, v6) = tokio::join!(
+            self.resolver.ipv4_lookup(host),
+            self.resolver.ipv6_lookup(host)
+        );
+        (family(v4), family(v6))
+    }
+
+    /// Brings `last` up to date for `host`: each family that answers
+    /// replaces its addresses; one that fails keeps them. The error of a
+    /// failure, for the caller to count; an answer with no address at all
+    /// keeps everything and is a failure too.
+    async fn refresh_name(
+        &self,
+        host: &str,
+        port: u16,
+        last: &mut Addresses,
+    ) -> Result<(), DnsError> {
+        let (v4, v6) = self.lookup_families(host, port).await;
+        if matches!((&v4, &v6), (Ok(a), Ok(b)) if a.is_empty() && b.is_empty()) {
             return Err(DnsError::NoAddress);
         }
-        Ok(addrs)
+        let mut failure = Ok(());
+        match v4 {
+            Ok(addrs) => last.v4 = addrs,
+            Err(e) => failure = Err(e),
+        }
+        match v6 {
+            Ok(addrs) => last.v6 = addrs,
+            Err(e) => failure = Err(e),
+        }
+        let keep_v6 =
+            MAX_ADDRESSES_PER_NAME.saturating_sub(last.v4.len().min(MAX_ADDRESSES_PER_NAME));
+        last.v4.truncate(MAX_ADDRESSES_PER_NAME);
+        last.v6.truncate(keep_v6);
+        failure
     }
 }
 
@@ -132,13 +236,13 @@ pub fn resolve_blocking(
 impl Upstream {
     /// The targets the names' latest addresses make, with the fixed ones:
     /// each address once, with the weight of the first target naming it.
-    fn wanted(&self, resolved: &[Vec<SocketAddr>]) -> Vec<(SocketAddr, usize)> {
+    fn wanted(&self, resolved: &[Addresses]) -> Vec<(SocketAddr, usize)> {
         let mut out: Vec<(SocketAddr, usize)> = Vec::new();
         let named = self
             .names
             .iter()
             .zip(resolved)
-            .flat_map(|(n, addrs)| addrs.iter().map(|a| (*a, n.weight)));
+            .flat_map(|(n, addrs)| addrs.all().map(|a| (*a, n.weight)));
         for (addr, weight) in self.fixed.iter().copied().chain(named) {
             if !out.iter().any(|(a, _)| *a == addr) {
                 out.push((addr, weight));
@@ -154,18 +258,15 @@ impl Upstream {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        for (i, name) in self.names.iter().enumerate() {
-            match dns.lookup(&name.host, name.port).await {
-                Ok(addrs) => latest[i] = addrs,
-                Err(e) => {
-                    failures.with_label_values(&[&self.name]).inc();
-                    log::warn!(
-                        "upstream {}: looking up {} failed ({e}); keeping {:?}",
-                        self.name,
-                        name.host,
-                        latest[i]
-                    );
-                }
+        for (name, last) in self.names.iter().zip(latest.iter_mut()) {
+            if let Err(e) = dns.refresh_name(&name.host, name.port, last).await {
+                failures.with_label_values(&[&self.name]).inc();
+                log::warn!(
+                    "upstream {}: looking up {} failed ({e}); keeping {:?}",
+                    self.name,
+                    name.host,
+                    last.all().collect::<Vec<_>>()
+                );
             }
         }
         let wanted = self.wanted(&latest);

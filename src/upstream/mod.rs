@@ -156,7 +156,7 @@ pub struct Upstream {
     /// The `ip:port` targets, fixed; the names and their last addresses.
     fixed: Vec<(SocketAddr, usize)>,
     pub names: Vec<TargetName>,
-    resolved: Mutex<Vec<Vec<SocketAddr>>>,
+    resolved: Mutex<Vec<dns::Addresses>>,
     pub resolve_interval: Duration,
 }
 
@@ -249,12 +249,16 @@ impl Upstream {
         }
         // What the names resolved to at load: the fixed targets are the
         // others.
-        let resolved: Vec<Vec<SocketAddr>> = spec.names.iter().map(|n| n.loaded.clone()).collect();
         let fixed = spec
             .targets
             .iter()
-            .filter(|(a, _)| !resolved.iter().flatten().any(|r| r == a))
+            .filter(|(a, _)| !spec.names.iter().any(|n| n.loaded.contains(a)))
             .copied()
+            .collect();
+        let resolved = spec
+            .names
+            .iter()
+            .map(|n| dns::Addresses::of(&n.loaded))
             .collect();
         let upstream = Upstream {
             name: spec.name.into(),
@@ -318,7 +322,9 @@ impl Upstream {
 
     /// Replaces the targets by `wanted` (`(address, weight)`): an address
     /// kept keeps its target (health, ejection, counts, connections); one
-    /// dropped is drained by the requests that hold it. False when nothing
+    /// dropped is drained by the requests that hold it. A new address of an
+    /// upstream with health checks gets requests once it passes one (an
+    /// answer, spoofed or not, is not trusted before). False when nothing
     /// changed.
     pub fn set_targets(&self, wanted: &[(SocketAddr, usize)]) -> Result<bool, String> {
         let current = self.pool.load();
@@ -339,7 +345,13 @@ impl Upstream {
                 .find(|t| t.addr == *addr && t.weight == *weight);
             targets.push(match kept {
                 Some(t) => Arc::clone(t),
-                None => Arc::new(self.peers.target(*addr, *weight)?),
+                None => {
+                    let target = self.peers.target(*addr, *weight)?;
+                    if self.health_check.is_some() {
+                        target.healthy.store(false, Ordering::Relaxed);
+                    }
+                    Arc::new(target)
+                }
             });
         }
         drop(current);

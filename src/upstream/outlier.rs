@@ -42,6 +42,9 @@ pub(crate) struct TargetRecord {
 pub(crate) struct Outliers {
     pub settings: OutlierSettings,
     epoch: Instant,
+    /// Held while an ejection is decided: two targets failing at once must
+    /// not both pass the `max_ejected` count. Taken only at the threshold.
+    deciding: std::sync::Mutex<()>,
 }
 
 /// What a report changed, for the caller to log and count.
@@ -58,6 +61,7 @@ impl Outliers {
         Outliers {
             settings,
             epoch: Instant::now(),
+            deciding: std::sync::Mutex::new(()),
         }
     }
 
@@ -115,6 +119,10 @@ impl Outliers {
             // Already out (a request that was in flight when it left).
             return Change::None;
         }
+        let _deciding = self
+            .deciding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = self.now_ms();
         let total = all.len();
         let out = all.filter(|r| self.is_out(r, now)).count();

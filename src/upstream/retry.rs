@@ -46,33 +46,39 @@ impl Default for RetryOn {
 }
 
 impl RetryOn {
-    pub fn parse(items: &[serde_json::Value]) -> Result<Self, String> {
+    /// The conditions of `items`; an error names the item's index.
+    pub fn parse(items: &[serde_json::Value]) -> Result<Self, (usize, String)> {
         let mut on = RetryOn {
             connect: false,
             ..RetryOn::default()
         };
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             match item {
                 serde_json::Value::String(s) if s == "connect" => on.connect = true,
                 serde_json::Value::String(s) if s == "reset" => on.reset = true,
                 serde_json::Value::String(s) if s == "timeout" => on.timeout = true,
                 serde_json::Value::Number(n) => match n.as_u64() {
                     Some(status @ 500..=599) => on.statuses.push(status as u16),
-                    _ => return Err(format!("{n} is not a 5xx status")),
+                    _ => return Err((i, format!("{n} is not a 5xx status"))),
                 },
                 other => {
-                    return Err(format!(
-                    "unknown retry condition {other}; use connect, reset, timeout or a 5xx status"
-                ))
+                    return Err((
+                        i,
+                        format!("unknown retry condition {other}; use connect, reset, timeout or a 5xx status"),
+                    ))
                 }
             }
         }
         Ok(on)
     }
 
-    /// Whether anything beyond a failed connect is retried.
-    pub fn beyond_connect(&self) -> bool {
-        self.reset || self.timeout || !self.statuses.is_empty()
+    /// Whether `failure` is one of these.
+    pub fn lists(&self, failure: Failure) -> bool {
+        match failure {
+            Failure::Status(status) => self.statuses.contains(&status),
+            Failure::Reset => self.reset,
+            Failure::Timeout => self.timeout,
+        }
     }
 }
 
@@ -161,11 +167,7 @@ impl Upstream {
     /// Whether `failure` of a request is one `retry_on` lists, for a
     /// request that may be replayed.
     pub fn retries_on(&self, failure: Failure, replay: &Replay<'_>) -> bool {
-        let listed = match failure {
-            Failure::Status(status) => self.retry_on.statuses.contains(&status),
-            Failure::Reset => self.retry_on.reset,
-            Failure::Timeout => self.retry_on.timeout,
-        };
+        let listed = self.retry_on.lists(failure);
         let method = matches!(
             *replay.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -212,6 +214,8 @@ mod tests {
         assert_eq!(on.statuses, vec![503]);
         assert!(RetryOn::parse(&[json!(404)]).is_err());
         assert!(RetryOn::parse(&[json!("refused")]).is_err());
-        assert!(RetryOn::default().connect && !RetryOn::default().beyond_connect());
+        let default = RetryOn::default();
+        assert!(default.connect && !default.lists(Failure::Reset));
+        assert!(!default.lists(Failure::Status(503)));
     }
 }

@@ -16,6 +16,8 @@ use hickory_proto::rr::{RData, Record, RecordType};
 enum Answer {
     Addresses(Vec<IpAddr>),
     Fail,
+    /// The A query answers; the AAAA query fails.
+    FailV6(Vec<IpAddr>),
 }
 
 #[derive(Default)]
@@ -72,6 +74,16 @@ impl TestDns {
             .insert(key(name), Answer::Fail);
     }
 
+    /// `name`'s AAAA lookups fail from now on; its A records stay `addrs`.
+    pub fn fail_v6(&self, name: &str, addrs: &[&str]) {
+        let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        self.table
+            .names
+            .lock()
+            .unwrap()
+            .insert(key(name), Answer::FailV6(addrs));
+    }
+
     pub fn queries(&self) -> usize {
         self.table.queries.load(Ordering::SeqCst)
     }
@@ -105,7 +117,10 @@ fn answer(table: &Table, packet: &[u8]) -> Option<Vec<u8>> {
     match found {
         None => reply.metadata.response_code = ResponseCode::NXDomain,
         Some(Answer::Fail) => reply.metadata.response_code = ResponseCode::ServFail,
-        Some(Answer::Addresses(addrs)) => {
+        Some(Answer::FailV6(_)) if question.query_type() == RecordType::AAAA => {
+            reply.metadata.response_code = ResponseCode::ServFail
+        }
+        Some(Answer::Addresses(addrs) | Answer::FailV6(addrs)) => {
             for ip in addrs {
                 let data = match (ip, question.query_type()) {
                     (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),

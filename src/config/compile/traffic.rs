@@ -179,8 +179,8 @@ impl Compiler<'_> {
     pub(super) fn retry_on(&mut self, path: &str, raw: Option<&[Value]>) -> RetryOn {
         match raw {
             None => RetryOn::default(),
-            Some(items) => RetryOn::parse(items).unwrap_or_else(|e| {
-                self.error(path, e);
+            Some(items) => RetryOn::parse(items).unwrap_or_else(|(i, e)| {
+                self.error(&index_path(path, i), e);
                 RetryOn::default()
             }),
         }
