@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
@@ -803,4 +803,52 @@ routes:
         );
     }
     assert_eq!(v1.count() + v2.count(), 2, "one entry per side");
+}
+
+#[test]
+fn a_timeout_is_retried_for_a_get_and_answered_504_for_a_post() {
+    let stalled = TestUpstream::with_handler("stalled", |_| {
+        Reply::text(200, "late").delayed(Duration::from_secs(3))
+    });
+    let fast = TestUpstream::named("fast");
+    let config = format!(
+        "upstreams:
+  pool:
+    targets: [{}, {}]
+    read_timeout: 300ms
+    retry_on: [connect, timeout]
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+",
+        stalled.addr, fast.addr
+    );
+    let gw = gateway(&config).start();
+    for _ in 0..4 {
+        let r = client().get(gw.url("/x")).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().unwrap(), "fast");
+    }
+    assert!(
+        stalled.count() >= 1,
+        "round robin sent some to the stalled one"
+    );
+    let statuses: BTreeSet<u16> = (0..4)
+        .map(|_| {
+            client()
+                .post(gw.url("/x"))
+                .body("p")
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [200, 504].into_iter().collect(),
+        "POST is not retried"
+    );
+    assert!(gw.log_text().contains("timeout from"));
 }
