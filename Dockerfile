@@ -4,7 +4,11 @@
 #   docker build -t gatehouse .
 #   docker run --rm -p 8080:8080 -v $PWD/my.yaml:/etc/gatehouse/gatehouse.yaml:ro gatehouse
 #
-# The configuration must listen on 0.0.0.0 inside a container. Containers
+# The configuration must listen on 0.0.0.0 inside a container. To publish
+# the admin port (9901) too, its listener must be 0.0.0.0 as well, and then
+# admin.token is required (e.g. `token: ${ADMIN_TOKEN}` and
+# `docker run -e ADMIN_TOKEN=$(openssl rand -hex 32) -p 9901:9901 ...`);
+# gatehouse refuses an open admin listener off loopback. Containers
 # upgrade by rolling restart (SIGTERM drains within server.grace_period),
 # not by socket handoff.
 

@@ -1,7 +1,8 @@
 //! The admin listener (`admin.listen`), never served on a public listener:
 //! `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /reload` and the
 //! cache purges `DELETE /cache[?prefix=/path]`. Anything else is a
-//! problem+json 404.
+//! problem+json 404. With `admin.token`, every endpoint but `/healthz` and
+//! `/readyz` asks for it (Bearer, or the password of Basic).
 
 use std::sync::Arc;
 
@@ -17,11 +18,81 @@ use crate::metrics::Metrics;
 use crate::ratelimit::OnStoreError;
 use crate::reload::Reloader;
 
+/// `admin.token`, kept as its SHA-256 digest: a presented credential is
+/// digested and compared in constant time (whatever its length), and the
+/// token itself is never printed (`Debug` shows nothing of it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken([u8; 32]);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// A token shorter than this is refused: it could be guessed.
+const MIN_TOKEN_LEN: usize = 16;
+
+impl AdminToken {
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "the admin token must be at least {MIN_TOKEN_LEN} characters (openssl rand -hex 32 makes one)"
+            ));
+        }
+        if token.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err("the admin token must be printable characters without spaces".into());
+        }
+        Ok(AdminToken(Self::digest(token.as_bytes())))
+    }
+
+    fn digest(bytes: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes).into()
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        Self::digest(presented).ct_eq(&self.0).into()
+    }
+
+    /// Whether the request's `Authorization` carries the token: `Bearer
+    /// TOKEN`, or Basic with the token as the password (any user name).
+    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+        use base64::Engine;
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return false;
+        };
+        let value = value.as_bytes();
+        let scheme_is = |scheme: &str| {
+            value.len() > scheme.len()
+                && value[..scheme.len()].eq_ignore_ascii_case(scheme.as_bytes())
+                && value[scheme.len()] == b' '
+        };
+        if scheme_is("Bearer") {
+            return self.matches(value["Bearer ".len()..].trim_ascii());
+        }
+        if scheme_is("Basic") {
+            let encoded = value["Basic ".len()..].trim_ascii();
+            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+                return false;
+            };
+            let password = match decoded.iter().position(|b| *b == b':') {
+                Some(colon) => &decoded[colon + 1..],
+                None => return false,
+            };
+            return self.matches(password);
+        }
+        false
+    }
+}
+
 pub struct AdminApp {
     gateway: Arc<Gateway>,
     cache: Option<Cache>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    token: Option<AdminToken>,
 }
 
 impl AdminApp {
@@ -30,12 +101,14 @@ impl AdminApp {
         cache: Option<Cache>,
         metrics: Arc<Metrics>,
         reloader: Arc<Reloader>,
+        token: Option<AdminToken>,
     ) -> Self {
         AdminApp {
             gateway,
             cache,
             metrics,
             reloader,
+            token,
         }
     }
 
@@ -244,6 +317,21 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
+        let open = matches!(path.as_str(), "/healthz" | "/readyz");
+        if let Some(token) = self.token.as_ref().filter(|_| !open) {
+            if !token.admits(&req.headers) {
+                log::warn!("admin: {method} {path} refused: no valid admin token");
+                let mut resp = problem(
+                    StatusCode::UNAUTHORIZED,
+                    "the admin listener needs its token (Authorization: Bearer, or Basic with the token as password)",
+                );
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Basic realm=\"gatehouse admin\""),
+                );
+                return resp;
+            }
+        }
         match (method, path.as_str()) {
             (Method::GET | Method::HEAD, "/healthz") => reply(
                 StatusCode::OK,
@@ -270,5 +358,41 @@ impl ServeHttp for AdminApp {
             (_, "/cache") => problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE"),
             _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn the_token_is_taken_as_bearer_or_as_a_basic_password() {
+        let token = AdminToken::new("s3cret-admin-token-0123").unwrap();
+        let basic = |creds: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(creds)
+            )
+        };
+        assert!(token.admits(&headers("Bearer s3cret-admin-token-0123")));
+        assert!(token.admits(&headers("bearer s3cret-admin-token-0123")));
+        assert!(token.admits(&headers(&basic("anyone:s3cret-admin-token-0123"))));
+        assert!(token.admits(&headers(&basic(":s3cret-admin-token-0123"))));
+        assert!(!token.admits(&headers("Bearer s3cret-admin-token-012")));
+        assert!(!token.admits(&headers(&basic("s3cret-admin-token-0123"))));
+        assert!(!token.admits(&headers(&basic("s3cret-admin-token-0123:x"))));
+        assert!(!token.admits(&headers("Basic !!!")));
+        assert!(!token.admits(&headers("Token s3cret-admin-token-0123")));
+        assert!(!token.admits(&http::HeaderMap::new()));
+        assert_eq!(format!("{token:?}"), "AdminToken(..)");
+        assert!(AdminToken::new("short").is_err());
+        assert!(AdminToken::new("has a space in it, long").is_err());
     }
 }

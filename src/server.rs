@@ -240,6 +240,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                 cache,
                 Arc::clone(&metrics),
                 Arc::clone(&reloader),
+                admin.token.clone(),
             )),
         );
         service.add_tcp(&admin.listen.to_string());

@@ -106,6 +106,9 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// `admin.token`: what every endpoint but `/healthz` and `/readyz`
+    /// asks for.
+    pub token: Option<crate::admin::AdminToken>,
 }
 
 /// Reads and compiles the file at `path`, with `${NAME}` from the process

@@ -84,6 +84,9 @@ pub struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: String,
+    pub token: Option<String>,
+    /// Serve a non-loopback admin listener without a token, on purpose.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

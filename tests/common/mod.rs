@@ -333,6 +333,7 @@ pub fn free_port() -> u16 {
 pub struct GatewayBuilder {
     body: String,
     server_extra: Vec<String>,
+    admin_extra: Vec<String>,
     tls: Option<(PathBuf, PathBuf)>,
     /// A TLS listener's whole `tls` value (a YAML flow mapping), instead
     /// of `tls`.
@@ -347,6 +348,7 @@ pub fn gateway(body: &str) -> GatewayBuilder {
     GatewayBuilder {
         body: body.to_string(),
         server_extra: Vec::new(),
+        admin_extra: Vec::new(),
         tls: None,
         tls_block: None,
         env: Vec::new(),
@@ -356,6 +358,12 @@ pub fn gateway(body: &str) -> GatewayBuilder {
 
 impl GatewayBuilder {
     /// Adds a `server:` key, e.g. `"max_body: 1KiB"`.
+    /// A line under `admin:` (`token: ...`).
+    pub fn admin(mut self, line: &str) -> Self {
+        self.admin_extra.push(line.to_string());
+        self
+    }
+
     pub fn server(mut self, line: &str) -> Self {
         self.server_extra.push(line.to_string());
         self
@@ -421,6 +429,9 @@ impl GatewayBuilder {
             yaml.push_str(&format!("  - address: 127.0.0.1:{p}\n    tls: {block}\n"));
         }
         yaml.push_str(&format!("admin:\n  listen: 127.0.0.1:{admin_port}\n"));
+        for line in &self.admin_extra {
+            yaml.push_str(&format!("  {line}\n"));
+        }
         yaml.push_str(&self.body);
         let conf = dir.path().join("gatehouse.yaml");
         std::fs::write(&conf, &yaml).unwrap();

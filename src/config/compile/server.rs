@@ -282,6 +282,23 @@ impl Compiler<'_> {
             );
             return None;
         }
-        Some(AdminSettings { listen })
+        let token = raw.token.as_deref().and_then(|t| {
+            crate::admin::AdminToken::new(t)
+                .map_err(|e| self.error("admin.token", e))
+                .ok()
+        });
+        if raw.token.is_none() && !listen.ip().is_loopback() && raw.insecure != Some(true) {
+            self.error(
+                "admin.listen",
+                format!(
+                    "the admin listener {listen} is reachable from other machines: set admin.token (or admin.insecure: true to serve it open on purpose)"
+                ),
+            );
+            return None;
+        }
+        if raw.token.is_some() && raw.insecure == Some(true) {
+            self.error("admin.insecure", "insecure applies only without a token");
+        }
+        Some(AdminSettings { listen, token })
     }
 }

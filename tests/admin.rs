@@ -1,0 +1,120 @@
+//! Admin access end to end (SPEC section 9.3): `admin.token` as Bearer or
+//! as the password of Basic, `/healthz` and `/readyz` open, a 401 with a
+//! Basic challenge otherwise, the token never in a log, and no open admin
+//! listener on a non-loopback address unless `admin.insecure` says so.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+
+const TOKEN: &str = "admin-token-7f3a9c1e5b";
+
+fn with_auth(gw: &Gateway, method: &str, target: &str, auth: Option<&str>) -> RawResponse {
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    let text = raw_request(
+        gw.admin,
+        format!("{method} {target} HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    RawResponse::parse(&text).unwrap_or_else(|| panic!("no answer: {text:?}"))
+}
+
+#[test]
+fn the_token_opens_every_endpoint_but_health_which_stays_open() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "upstreams:\n  app: {{ targets: [{}] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        up.addr
+    );
+    let gw = gateway(&body)
+        .env("ADMIN_TOKEN", TOKEN)
+        .admin("token: ${ADMIN_TOKEN}")
+        .start();
+    for open in ["/healthz", "/readyz"] {
+        assert_eq!(with_auth(&gw, "GET", open, None).status, 200, "{open}");
+    }
+    let basic = |creds: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        )
+    };
+    for (method, target) in [("GET", "/metrics"), ("POST", "/reload"), ("GET", "/nope")] {
+        for refused in [
+            None,
+            Some("Bearer wrong-token-0000000000".to_string()),
+            Some(basic(&format!("admin:{TOKEN}x"))),
+            Some(format!("Token {TOKEN}")),
+        ] {
+            let r = with_auth(&gw, method, target, refused.as_deref());
+            assert_eq!(r.status, 401, "{method} {target} with {refused:?}");
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Basic realm=\"gatehouse admin\"")
+            );
+            assert!(r
+                .header("content-type")
+                .unwrap()
+                .starts_with("application/problem+json"));
+        }
+    }
+    let r = with_auth(&gw, "GET", "/metrics", Some(&format!("Bearer {TOKEN}")));
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("gatehouse_requests_total") || r.body.contains("# HELP"));
+    let r = with_auth(
+        &gw,
+        "GET",
+        "/metrics",
+        Some(&basic(&format!("prometheus:{TOKEN}"))),
+    );
+    assert_eq!(r.status, 200);
+    let r = with_auth(&gw, "POST", "/reload", Some(&format!("Bearer {TOKEN}")));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = with_auth(&gw, "GET", "/nope", Some(&format!("Bearer {TOKEN}")));
+    assert_eq!(r.status, 404);
+    let log = gw.log_text();
+    assert!(log.contains("refused: no valid admin token"), "{log}");
+    assert!(!log.contains(TOKEN), "the token is in the log");
+}
+
+#[test]
+fn an_open_admin_listener_off_loopback_is_a_config_error() {
+    let base = "upstreams:\n  app: { targets: ['127.0.0.1:9'] }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: app\n";
+    let config = |admin: &str| format!("listen: [127.0.0.1:0]\nadmin: {admin}\n{base}");
+    let (code, _, stderr) = check_config(&config("{ listen: '0.0.0.0:9901' }"), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("admin.listen") && stderr.contains("admin.token"),
+        "{stderr}"
+    );
+    let (code, out, stderr) =
+        check_config(&config("{ listen: '0.0.0.0:9901', insecure: true }"), &[]);
+    assert_eq!(code, 0, "{out}{stderr}");
+    let (code, out, stderr) = check_config(
+        &config("{ listen: '0.0.0.0:9901', token: '${ADMIN_TOKEN}' }"),
+        &[("ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(code, 0, "{out}{stderr}");
+    let (code, _, stderr) = check_config(
+        &config("{ listen: '127.0.0.1:9901', token: '${ADMIN_TOKEN}' }"),
+        &[("ADMIN_TOKEN", "short-secret")],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("admin.token") && stderr.contains("at least 16"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("short-secret"),
+        "the value is never printed"
+    );
+    let (code, _, stderr) = check_config(
+        &config(&format!(
+            "{{ listen: '127.0.0.1:9901', token: {TOKEN}, insecure: true }}"
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("admin.insecure"), "{stderr}");
+}
