@@ -42,6 +42,26 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        // The standard `process_*` family (CPU, memory, open files, start
+        // time), read from /proc at each scrape.
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        registry
+            .register(Box::new(process))
+            .expect("metric names are unique");
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_build_info",
+                "Always 1; the version of the running binary is its label.",
+            ),
+            &["version"],
+        )
+        .expect("static metric definition");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("metric names are unique");
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "gatehouse_request_duration_seconds",

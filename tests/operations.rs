@@ -86,6 +86,29 @@ fn metrics_after_known_traffic() {
         metric(&text, "gatehouse_config_reloads_total{result=\"success\"}"),
         Some(1.0)
     );
+    // What a Prometheus user expects besides ours: the process family, of
+    // this very process, and the version.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        metric(
+            &text,
+            &format!("gatehouse_build_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0)
+    );
+    let rss = metric(&text, "process_resident_memory_bytes").unwrap();
+    assert!(rss > 1e6 && rss < 1e9, "{rss}");
+    assert!(metric(&text, "process_cpu_seconds_total").is_some());
+    assert!(metric(&text, "process_open_fds").is_some_and(|n| n > 3.0));
+    let started = metric(&text, "process_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        now - started < 600.0 && now >= started,
+        "{started} vs {now}"
+    );
 }
 
 /// With the kernel's transparent huge pages on, the allocator's regions would
