@@ -3,8 +3,10 @@
 //! upstream names resolved, files read. Every error found is reported with its
 //! YAML path and line; nothing here panics on bad input.
 
+mod admin_token;
 mod compile;
 
+pub use admin_token::AdminToken;
 pub use compile::Resolve;
 pub mod error;
 pub mod raw;
@@ -108,7 +110,7 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// `admin.token`: what every endpoint but `/healthz` and `/readyz`
     /// asks for.
-    pub token: Option<crate::admin::AdminToken>,
+    pub token: Option<AdminToken>,
 }
 
 /// Reads and compiles the file at `path`, with `${NAME}` from the process

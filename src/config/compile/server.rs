@@ -283,7 +283,7 @@ impl Compiler<'_> {
             return None;
         }
         let token = raw.token.as_deref().and_then(|t| {
-            crate::admin::AdminToken::new(t)
+            crate::config::AdminToken::new(t)
                 .map_err(|e| self.error("admin.token", e))
                 .ok()
         });
