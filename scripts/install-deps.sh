@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building gatehouse needs on a fresh Debian/Ubuntu machine:
 # cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers;
-# for the tests, systemd-analyze and redis-server (the cluster tests start
-# their own; bench/run.sh's gatehouse-cluster target too).
+# for the tests, systemd-analyze, redis-server (the cluster tests start
+# their own; bench/run.sh's gatehouse-cluster target too) and chromium
+# (the dashboard test renders the page headless).
 # A Rust toolchain (rustup, 1.88 or newer) is assumed.
 set -euo pipefail
 need=()
@@ -16,6 +17,8 @@ if ! pkg-config --exists openssl 2>/dev/null; then need+=(libssl-dev); fi
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # The cluster tests run a real Redis.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The dashboard test loads the page in a real headless browser.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,7 +1,8 @@
 //! The admin listener (`admin.listen`), never served on a public listener:
 //! `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /reload` and the
 //! cache purges `DELETE /cache[?prefix=/path]`. Anything else is a
-//! problem+json 404. With `admin.token`, every endpoint but `/healthz` and
+//! problem+json 404. `GET /` is the dashboard, `GET /status` its numbers
+//! (`status`). With `admin.token`, every endpoint but `/healthz` and
 //! `/readyz` asks for it (Bearer, or the password of Basic).
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::ratelimit::OnStoreError;
 use crate::reload::Reloader;
+use crate::status::Sampler;
 
 pub struct AdminApp {
     gateway: Arc<Gateway>,
@@ -25,7 +27,12 @@ pub struct AdminApp {
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     token: Option<AdminToken>,
+    sampler: Arc<Sampler>,
 }
+
+/// The dashboard (SPEC section 9.2): one page, its style and script inline,
+/// drawing `GET /status` every two seconds.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 impl AdminApp {
     pub fn new(
@@ -34,6 +41,7 @@ impl AdminApp {
         metrics: Arc<Metrics>,
         reloader: Arc<Reloader>,
         token: Option<AdminToken>,
+        sampler: Arc<Sampler>,
     ) -> Self {
         AdminApp {
             gateway,
@@ -41,6 +49,7 @@ impl AdminApp {
             metrics,
             reloader,
             token,
+            sampler,
         }
     }
 
@@ -280,6 +289,32 @@ impl ServeHttp for AdminApp {
                     self.metrics.render(),
                 )
             }
+            (Method::GET | Method::HEAD, "/") => {
+                let mut resp = reply(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    DASHBOARD.as_bytes().to_vec(),
+                );
+                // The page runs its own script only: nothing from elsewhere.
+                resp.headers_mut().insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    http::HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+                    ),
+                );
+                resp
+            }
+            (Method::GET | Method::HEAD, "/status") => {
+                let status = self
+                    .sampler
+                    .status(&self.gateway.current(), self.reloader.history());
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    status.to_string().into_bytes(),
+                )
+            }
+            (_, "/" | "/status") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (Method::POST, "/reload") => self.reload().await,
             (_, "/readyz" | "/metrics") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (_, "/reload") => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),

@@ -1,6 +1,7 @@
 //! Background work that follows the live configuration: the health checks
 //! of every upstream, the lookups of its target names, the JWKS refreshes of every provider with a
-//! `jwks_url`, the `gatehouse_upstream_healthy` gauges, and the cluster's
+//! `jwks_url`, the `gatehouse_upstream_healthy` gauges, the dashboard's
+//! readings of the counters (`status`), and the cluster's
 //! store (its connection, kept on this service's runtime, and the purges
 //! other instances publish).
 //!
@@ -47,6 +48,8 @@ pub struct ConfigFollower {
     cache: Option<Cache>,
     /// `server.resolver`, for the resolver made on this service's runtime.
     resolver: Option<std::net::SocketAddr>,
+    /// The dashboard's readings of the counters.
+    sampler: Arc<crate::status::Sampler>,
     stop: CancellationToken,
 }
 
@@ -57,6 +60,7 @@ impl ConfigFollower {
         client: Client,
         cache: Option<Cache>,
         resolver: Option<std::net::SocketAddr>,
+        sampler: Arc<crate::status::Sampler>,
         stop: CancellationToken,
     ) -> Self {
         ConfigFollower {
@@ -66,6 +70,7 @@ impl ConfigFollower {
             health_checks: Client::fresh_connections(),
             cache,
             resolver,
+            sampler,
             stop,
         }
     }
@@ -212,6 +217,7 @@ impl BackgroundService for ConfigFollower {
         };
         let (gateway, metrics) = (Arc::clone(&self.gateway), Arc::clone(&self.metrics));
         tokio::spawn(publish_health(gateway, metrics, self.stop.clone()));
+        tokio::spawn(Arc::clone(&self.sampler).run_until(self.stop.clone()));
         loop {
             self.follow(&self.gateway.current(), &mut following);
             tokio::select! {

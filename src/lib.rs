@@ -67,6 +67,7 @@ pub mod route;
 pub mod routing;
 pub mod server;
 pub(crate) mod split;
+pub(crate) mod status;
 pub(crate) mod subject;
 pub mod tls;
 pub(crate) mod transform;

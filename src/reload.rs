@@ -41,6 +41,20 @@ pub struct Reloader {
     started: FixedParts,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
+    /// When the live configuration was loaded, and the last reload's end.
+    history: std::sync::Mutex<History>,
+}
+
+struct History {
+    loaded_at: std::time::SystemTime,
+    last: Option<LastReload>,
+}
+
+struct LastReload {
+    at: std::time::SystemTime,
+    succeeded: bool,
+    /// The errors of a refused file, or what a loaded one could not change.
+    notes: Vec<String>,
 }
 
 impl Reloader {
@@ -56,7 +70,42 @@ impl Reloader {
             metrics,
             started,
             busy: tokio::sync::Mutex::new(()),
+            history: std::sync::Mutex::new(History {
+                loaded_at: std::time::SystemTime::now(),
+                last: None,
+            }),
         }
+    }
+
+    fn remember(&self, succeeded: bool, notes: Vec<String>) {
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let at = std::time::SystemTime::now();
+        if succeeded {
+            history.loaded_at = at;
+        }
+        history.last = Some(LastReload {
+            at,
+            succeeded,
+            notes,
+        });
+    }
+
+    /// For `/status`: when the live configuration was loaded, and how the
+    /// last reload went (`null` before one).
+    pub fn history(&self) -> serde_json::Value {
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let last = history.last.as_ref().map(|l| {
+            serde_json::json!({
+                "at": unix(l.at),
+                "result": if l.succeeded { "success" } else { "failure" },
+                "notes": l.notes,
+            })
+        });
+        serde_json::json!({ "loaded_at": unix(history.loaded_at), "last_reload": last })
     }
 
     pub async fn reload(&self) -> Result<Summary, ConfigErrors> {
@@ -88,6 +137,7 @@ impl Reloader {
                 for error in errors.iter() {
                     log::error!("reload refused: {error}");
                 }
+                self.remember(false, errors.iter().map(|e| e.to_string()).collect());
                 return Err(errors);
             }
         };
@@ -111,6 +161,7 @@ impl Reloader {
             summary.routes,
             summary.upstreams
         );
+        self.remember(true, summary.ignored.clone());
         Ok(summary)
     }
 }

@@ -232,6 +232,8 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
     }
     server.add_service(public);
 
+    // The dashboard's minute of counter readings (`status`).
+    let sampler = Arc::new(crate::status::Sampler::new(Arc::clone(&metrics)));
     if let Some(admin) = &config.admin {
         let mut service = Service::new(
             "gatehouse admin".to_string(),
@@ -241,6 +243,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                 Arc::clone(&metrics),
                 Arc::clone(&reloader),
                 admin.token.clone(),
+                Arc::clone(&sampler),
             )),
         );
         service.add_tcp(&admin.listen.to_string());
@@ -256,6 +259,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             client,
             cache,
             settings.resolver,
+            sampler,
             stop.clone(),
         ),
     ));

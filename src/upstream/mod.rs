@@ -169,6 +169,13 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// One target as `/status` shows it.
+pub struct TargetState {
+    pub label: Arc<str>,
+    pub state: &'static str,
+    pub in_flight: usize,
+}
+
 /// The outcome of choosing a target in a pool.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pick {
@@ -375,6 +382,26 @@ impl Upstream {
                 target.label
             );
         })
+    }
+
+    /// Each target's state now, for `/status`: `unhealthy` (its health
+    /// check), `ejected` (outlier detection) or `healthy`.
+    pub fn target_states(&self) -> Vec<TargetState> {
+        let pool = self.pool.load();
+        pool.targets
+            .iter()
+            .map(|t| TargetState {
+                label: Arc::clone(&t.label),
+                state: if !t.healthy.load(Ordering::Relaxed) {
+                    "unhealthy"
+                } else if !self.is_target_healthy(t) {
+                    "ejected"
+                } else {
+                    "healthy"
+                },
+                in_flight: t.inflight.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     pub fn has_healthy_target(&self) -> bool {
