@@ -55,6 +55,8 @@ pub struct Entry<'a> {
     pub error: Option<&'a str>,
     /// Left out when `None`.
     pub body: Option<&'static str>,
+    /// With `tracing`; left out when `None`.
+    pub trace_id: Option<&'a str>,
 }
 
 impl Entry<'_> {
@@ -107,6 +109,10 @@ impl Entry<'_> {
         if let Some(body) = self.body {
             out.extend_from_slice(b",\"body\":");
             json_str(out, body)?;
+        }
+        if let Some(trace_id) = self.trace_id {
+            out.extend_from_slice(b",\"trace_id\":");
+            json_str(out, trace_id)?;
         }
         out.push(b'}');
         Ok(())
@@ -391,6 +397,7 @@ mod tests {
             bytes_sent: 42,
             cache: Some("MISS"),
             user,
+            trace_id: None,
             error: None,
             body: Some("over max_transform_size"),
         }

@@ -92,6 +92,7 @@ pub fn fill_template(
         claims: Some(&claims),
         headers: vec![],
         forwarded: None,
+        trace: None,
     };
     template.fill(&input).map_err(|e| format!("{e:?}"))
 }

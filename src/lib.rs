@@ -70,5 +70,6 @@ pub(crate) mod split;
 pub(crate) mod status;
 pub(crate) mod subject;
 pub mod tls;
+pub(crate) mod trace;
 pub(crate) mod transform;
 pub(crate) mod upstream;

@@ -314,6 +314,7 @@ where
                 user: None,
                 error: Some(detail),
                 body: None,
+                trace_id: None,
             });
         }
     }

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub dns_failures: IntCounterVec,
     pub mirror_requests: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub trace_spans_dropped: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -98,6 +99,14 @@ impl Metrics {
         .expect("static metric definition");
         registry
             .register(Box::new(upstream_healthy.clone()))
+            .expect("metric names are unique");
+        let trace_spans_dropped = IntCounter::new(
+            "gatehouse_trace_spans_dropped_total",
+            "Spans not exported: the queue to the exporter was full, or the collector refused or did not answer.",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(trace_spans_dropped.clone()))
             .expect("metric names are unique");
         let access_log_dropped = IntCounter::new(
             "gatehouse_access_log_dropped_total",
@@ -184,6 +193,7 @@ impl Metrics {
                 &["route"],
             ),
             access_log_dropped,
+            trace_spans_dropped,
             registry,
         }
     }

@@ -89,6 +89,7 @@ impl Observer {
             user: ctx.user(),
             error: e.map(|e| e.etype().as_str()),
             body: body_note,
+            trace_id: ctx.trace.as_ref().map(|t| t.trace_id()),
         });
     }
 }

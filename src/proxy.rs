@@ -47,6 +47,8 @@ pub struct Proxy {
     /// The context's route until one matches (`Route::unmatched`).
     pub(crate) unmatched: Arc<Route>,
     pub(crate) mirrors: crate::mirror::Sender,
+    /// With `tracing`.
+    pub(crate) tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl Proxy {
@@ -147,6 +149,7 @@ impl Proxy {
                 claims: ctx.claims(),
                 headers,
                 forwarded: Some(&forwarded),
+                trace: ctx.trace.as_deref(),
             },
             cache,
             // Never a credentialed answer shared across users.
@@ -217,6 +220,9 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.identify(session, &self.settings.trusted_proxies);
+        if let Some(tracer) = &self.tracer {
+            ctx.trace = Some(Box::new(tracer.begin(&session.req_header().headers)));
+        }
         let mut phase = self.select(session, ctx).await;
         if let Phase::Continue = phase {
             phase = self.edge(session, ctx);
@@ -243,6 +249,9 @@ impl ProxyHttp for Proxy {
         let key = upstream.key_of(&ctx.subject(&session.req_header().headers));
         match upstream.choose(&key, &ctx.tried, ctx.deadline) {
             Ok((in_flight, peer)) => {
+                if let Some(trace) = ctx.trace.as_mut() {
+                    trace.attempt(in_flight.addr());
+                }
                 ctx.in_flight = Some(in_flight);
                 Ok(peer)
             }
@@ -252,7 +261,7 @@ impl ProxyHttp for Proxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
@@ -263,6 +272,14 @@ impl ProxyHttp for Proxy {
         };
         let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
         let (id, why) = (ctx.request_id.as_str(), e.etype().as_str());
+        if let Some(trace) = ctx.trace.as_mut() {
+            let method = session.req_header().method.as_str();
+            let outcome = crate::trace::Outcome {
+                status: None,
+                error: Some(why),
+            };
+            trace.end_attempt(method, outcome);
+        }
         if upstream.retry_after_failed_connect(in_flight, &mut ctx.tried, id, why, metrics, counted)
         {
             e.set_retry(true);
@@ -332,6 +349,9 @@ impl ProxyHttp for Proxy {
         }
         // Pingora itself gives an HTTP/1 upstream the `Host` of an HTTP/2 client.
         ctx.forwarded(session).apply(upstream_request);
+        if let Some(trace) = &ctx.trace {
+            trace.propagate(upstream_request);
+        }
         let id = ctx.request_id.header_value().clone();
         upstream_request.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
         let route = &ctx.route;
@@ -540,6 +560,21 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(trace) = ctx.trace.as_mut() {
+            let req = session.req_header();
+            let upstream_error = e
+                .filter(|e| e.esource() == &ErrorSource::Upstream)
+                .map(|e| e.etype().as_str());
+            trace.finish(&crate::trace::Finished {
+                method: req.method.as_str(),
+                route: &ctx.route.name,
+                path: req.uri.path(),
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                client: ctx.client_ip,
+                upstream_status: ctx.upstream_status,
+                upstream_error,
+            });
+        }
         if let Some(attempt) = &ctx.in_flight {
             let ejections = &self.observer.metrics().upstream_ejections;
             attempt.finished(e, ctx.upstream_status, ejections);

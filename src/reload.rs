@@ -174,6 +174,7 @@ pub struct FixedParts {
     admin: Option<AdminSettings>,
     access_log: Sink,
     cache_max_size: Option<u64>,
+    tracing: Option<crate::trace::TraceSettings>,
 }
 
 impl FixedParts {
@@ -184,6 +185,7 @@ impl FixedParts {
             admin: config.admin.clone(),
             access_log: config.access_log.clone(),
             cache_max_size: config.cache_max_size,
+            tracing: config.tracing.clone(),
         }
     }
 
@@ -198,6 +200,7 @@ impl FixedParts {
                 "cache.max_size",
                 self.cache_max_size != config.cache_max_size,
             ),
+            ("tracing", self.tracing != config.tracing),
         ]
         .into_iter()
         .filter_map(|(section, changed)| changed.then_some(section))

@@ -48,6 +48,8 @@ pub struct RequestCtx {
     pub upstream: Option<Arc<Upstream>>,
     /// The targets this request's attempts went to.
     pub tried: Vec<std::net::SocketAddr>,
+    /// The trace this request takes part in, with `tracing`.
+    pub trace: Option<Box<crate::trace::RequestTrace>>,
     /// The copy `mirror` is taking of this request, until its body ends.
     pub mirror: crate::mirror::Pending,
     /// Retries this request holds against its upstream's budget.
@@ -99,6 +101,7 @@ impl RequestCtx {
             upstream: None,
             tried: Vec::new(),
             mirror: Default::default(),
+            trace: None,
             retry_hold: None,
             upstream_status: None,
             in_flight: None,
@@ -254,7 +257,18 @@ impl RequestCtx {
             metrics,
             counted,
         ) {
-            AfterFailure::Retry => true,
+            AfterFailure::Retry => {
+                if let Some(trace) = self.trace.as_mut() {
+                    let (status, error) = match failure {
+                        Failure::Status(s) => (Some(s), None),
+                        Failure::Reset => (None, Some("connection reset")),
+                        Failure::Timeout => (None, Some("timeout")),
+                    };
+                    let method = session.req_header().method.as_str();
+                    trace.end_attempt(method, crate::trace::Outcome { status, error });
+                }
+                true
+            }
             AfterFailure::GiveUp(failed) => {
                 self.in_flight = Some(failed);
                 false

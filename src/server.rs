@@ -118,6 +118,18 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
         config.server.threads,
         stop.clone(),
     );
+    // With `tracing`: the tracer requests hand spans to, and the exporter
+    // that sends them from a background service of its own.
+    let (tracer, trace_export) = match &config.tracing {
+        Some(settings) => {
+            let dropped = metrics.trace_spans_dropped.clone();
+            let (tracer, spans) = crate::trace::Tracer::new(settings, dropped.clone());
+            let export =
+                crate::trace::TraceExport::new(settings.clone(), spans, dropped, stop.clone());
+            (Some(Arc::new(tracer)), Some(export))
+        }
+        None => (None, None),
+    };
     // One client for aggregate parts and JWK set fetches (see `outbound`).
     let client = Client::pooled();
     let reloader = Arc::new(Reloader::new(
@@ -144,6 +156,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
                     counted: settings.metrics,
                 },
             },
+            tracer: tracer.clone(),
         },
         conf,
     );
@@ -263,6 +276,9 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
             stop.clone(),
         ),
     ));
+    if let Some(export) = trace_export {
+        server.add_service(background_service("trace export", export));
+    }
     server.add_service(background_service(
         "reload on SIGHUP",
         SighupService::new(reloader),

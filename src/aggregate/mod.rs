@@ -191,6 +191,8 @@ pub struct Input<'a> {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The `X-Forwarded-*` fields, as the proxied routes send them.
     pub forwarded: Option<&'a Forwarded<'a>>,
+    /// With `tracing`: each part is a client span of this trace.
+    pub trace: Option<&'a crate::trace::RequestTrace>,
 }
 
 /// The merged answer: body, the keys of the failed optional parts, and how
@@ -400,6 +402,7 @@ async fn call(
             Ok(chosen) => chosen,
             Err(none) => return Err(none.why().to_string().into()),
         };
+        let span = input.trace.map(|t| t.part(in_flight.addr()));
         let mut req = RequestHeader::build("GET", path.as_bytes(), Some(input.headers.len() + 5))
             .map_err(|e| e.to_string())?;
         for (name, value) in &input.headers {
@@ -419,6 +422,10 @@ async fn call(
             .map_err(|e| e.to_string())?;
         req.insert_header(http::header::ACCEPT, "application/json")
             .map_err(|e| e.to_string())?;
+        if let Some((_, traceparent)) = &span {
+            req.insert_header(crate::trace::TRACEPARENT, traceparent.clone())
+                .map_err(|e| e.to_string())?;
+        }
         let mut held = budget.reserve(0).ok_or(PartError::Busy)?;
         let answer = client
             .send(
@@ -430,6 +437,15 @@ async fn call(
                 },
             )
             .await;
+        if let (Some(trace), Some((part, _))) = (input.trace, span) {
+            let (status, error) = match &answer {
+                Ok(a) => (Some(a.status()), None),
+                Err(OutboundError::Connect(_)) => (None, Some("connect")),
+                Err(OutboundError::TooLarge(_)) => (None, Some("too large")),
+                Err(_) => (None, Some("exchange")),
+            };
+            trace.end_part(part, crate::trace::Outcome { status, error });
+        }
         let answer = match answer {
             Ok(a) => a,
             Err(OutboundError::Connect(e)) => {
@@ -486,6 +502,7 @@ mod tests {
             claims: Some(&claims),
             headers: vec![],
             forwarded: None,
+            trace: None,
         };
         assert_eq!(
             t.fill(&input).unwrap(),
@@ -499,6 +516,7 @@ mod tests {
             claims: Some(&claims),
             headers: vec![],
             forwarded: None,
+            trace: None,
         };
         assert_eq!(
             t.fill(&q).unwrap(),

@@ -33,6 +33,8 @@ pub struct Config {
     pub cache_max_size: Option<u64>,
     pub listeners: Vec<Listener>,
     pub admin: Option<AdminSettings>,
+    /// `tracing`: fixed at start, like the access log.
+    pub tracing: Option<crate::trace::TraceSettings>,
     pub runtime: Runtime,
 }
 

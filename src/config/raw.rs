@@ -189,6 +189,14 @@ pub struct RawMirror {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp: String,
+    pub sample: Option<f64>,
+    pub service_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawSplit {
     pub by: Option<String>,
     pub to: Vec<RawSplitSide>,

@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod h2client;
 pub mod jwt;
+pub mod otlp;
 pub mod pki;
 pub mod redis;
 

@@ -41,6 +41,7 @@ const SECTIONS: &[&str] = &[
     "cors",
     "ip_filter",
     "compression",
+    "tracing",
     "upstreams",
     "auth",
     "routes",
@@ -96,6 +97,7 @@ pub(super) fn compile(
     }
     let server = cx.server(root.get("server"));
     let access_log = cx.access_log(root.get("access_log"));
+    let tracing = cx.tracing(root.get("tracing"));
     let (listeners, certificates) = cx.listeners(root.get("listen"));
     let admin = cx.admin(root.get("admin"), &listeners);
     let upstreams = cx.upstreams(root.get("upstreams"));
@@ -147,6 +149,7 @@ pub(super) fn compile(
         cache_max_size,
         listeners,
         admin,
+        tracing,
         runtime: Runtime {
             router: Router::new(routes.into_iter().map(Arc::new).collect()),
             upstreams,

@@ -17,6 +17,37 @@ pub(super) type Certificates = Vec<(std::net::SocketAddr, std::sync::Arc<crate::
 
 impl Compiler<'_> {
     /// `access_log: stdout | off | PATH` (default stdout).
+    /// `tracing`: an `http://` collector URL, a share, a service name.
+    pub(super) fn tracing(&mut self, value: Option<&Value>) -> Option<crate::trace::TraceSettings> {
+        let value = value.filter(|v| !v.is_null())?;
+        let raw = self.de::<crate::config::raw::RawTracing>("tracing", value)?;
+        let errors_before = self.errors.0.len();
+        match raw.otlp.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            Ok(uri) if uri.scheme_str() == Some("https") => self.error(
+                "tracing.otlp",
+                "an https:// collector is not supported: send to a local collector or agent over http://",
+            ),
+            _ => self.error(
+                "tracing.otlp",
+                format!("\"{}\" is not an http:// URL, like http://127.0.0.1:4318/v1/traces", raw.otlp),
+            ),
+        }
+        let sample = raw.sample.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample) {
+            self.error("tracing.sample", "sample is a share from 0 to 1, like 0.1");
+        }
+        let service_name = raw.service_name.unwrap_or_else(|| "gatehouse".to_string());
+        if service_name.trim().is_empty() {
+            self.error("tracing.service_name", "service_name must not be empty");
+        }
+        (self.errors.0.len() == errors_before).then_some(crate::trace::TraceSettings {
+            otlp: raw.otlp,
+            sample,
+            service_name,
+        })
+    }
+
     pub(super) fn access_log(&mut self, value: Option<&Value>) -> Sink {
         match value {
             None | Some(Value::Null) => Sink::Stdout,
