@@ -13,6 +13,8 @@
 #   BARE=1 bench/instructions.sh                 # Pingora alone (examples/bare_proxy.rs), the floor
 #   ROUTE=/limited/v1/users/7 bench/instructions.sh              # a local rate limit
 #   ENCODING=gzip ROUTE=/gzip/v1/users/7 bench/instructions.sh     # the compressed JSON route, gzip asked for
+#   TRACE_SAMPLE=0.01 bench/instructions.sh       # with tracing, 1% of new traces recorded
+#                                                # (sent to a collector that is not there: dropped and counted)
 #   CLUSTER=1 ROUTE=/clustered/v1/users/7 bench/instructions.sh  # the same limit counted in Redis
 #                                                # (a redis-server of its own; its instructions are not counted)
 set -euo pipefail
@@ -25,6 +27,7 @@ QUIET=${QUIET:-0}
 BARE=${BARE:-0}
 CLUSTER=${CLUSTER:-0}
 ENCODING=${ENCODING:-}
+TRACE_SAMPLE=${TRACE_SAMPLE:-}
 BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}
 for tool in valgrind python3 curl openssl; do
     command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
@@ -78,6 +81,10 @@ if [[ $CLUSTER == 1 ]]; then
     GATEHOUSE_EXTRA_ROUTES=$(cluster_route)
 fi
 observe="access_log: $WORK/access.log"
+if [[ -n $TRACE_SAMPLE ]]; then
+    observe="$observe
+tracing: { otlp: 'http://127.0.0.1:$(port)/v1/traces', sample: $TRACE_SAMPLE }"
+fi
 server_extra=""
 if [[ $QUIET == 1 ]]; then observe="access_log: off"; server_extra="  metrics: false"; fi
 cat >"$WORK/gatehouse.yaml" <<EOF
@@ -149,4 +156,4 @@ calls = sum(int(l.split("calls=")[1].split(",")[0]) for l in data.decode().split
 print(f"store: {calls} script calls for {sys.argv[2]} requests (leases)")
 PY
 fi
-python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, N=$N, $(basename "$what") at $what)')"
+python3 -c "print(f'instructions per request: {($two - $one) / $N:,.0f}  ($ROUTE, quiet=$QUIET, trace_sample=${TRACE_SAMPLE:-off}, N=$N, $(basename "$what") at $what)')"

@@ -149,7 +149,7 @@ impl Proxy {
                 claims: ctx.claims(),
                 headers,
                 forwarded: Some(&forwarded),
-                trace: ctx.trace.as_deref(),
+                trace: ctx.trace.as_ref(),
             },
             cache,
             // Never a credentialed answer shared across users.
@@ -221,7 +221,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.identify(session, &self.settings.trusted_proxies);
         if let Some(tracer) = &self.tracer {
-            ctx.trace = Some(Box::new(tracer.begin(&session.req_header().headers)));
+            ctx.trace = Some(tracer.begin(&session.req_header().headers));
         }
         let mut phase = self.select(session, ctx).await;
         if let Phase::Continue = phase {

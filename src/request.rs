@@ -49,7 +49,7 @@ pub struct RequestCtx {
     /// The targets this request's attempts went to.
     pub tried: Vec<std::net::SocketAddr>,
     /// The trace this request takes part in, with `tracing`.
-    pub trace: Option<Box<crate::trace::RequestTrace>>,
+    pub trace: Option<crate::trace::RequestTrace>,
     /// The copy `mirror` is taking of this request, until its body ends.
     pub mirror: crate::mirror::Pending,
     /// Retries this request holds against its upstream's budget.

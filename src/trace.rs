@@ -72,8 +72,18 @@ pub struct RequestTrace {
     start: SystemTime,
     /// The upstream attempt under way.
     attempt: Option<Attempt>,
-    /// The trace id as the access log writes it.
-    hex: String,
+    /// The trace id as the access log writes it (32 lowercase hex digits).
+    hex: [u8; 32],
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long): by hand, as this
+/// runs for every request of a traced gateway.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 struct Attempt {
@@ -163,9 +173,18 @@ impl Tracer {
             sampled,
             tracestate,
             span_id: random_span_id(),
-            start: SystemTime::now(),
+            // Only a recorded span needs its times.
+            start: if sampled {
+                SystemTime::now()
+            } else {
+                SystemTime::UNIX_EPOCH
+            },
             attempt: None,
-            hex: format!("{trace_id:032x}"),
+            hex: {
+                let mut hex = [0u8; 32];
+                hex_into(&trace_id.to_bytes(), &mut hex);
+                hex
+            },
         }
     }
 
@@ -230,21 +249,30 @@ pub struct Outcome<'a> {
 impl RequestTrace {
     /// The trace id, 32 hex digits, for the access log.
     pub fn trace_id(&self) -> &str {
-        &self.hex
+        std::str::from_utf8(&self.hex).unwrap_or_default()
     }
 
     /// `traceparent` naming `span_id` as the parent.
     fn traceparent(&self, span_id: SpanId) -> HeaderValue {
-        let flags = if self.sampled { "01" } else { "00" };
-        let text = format!("00-{:032x}-{:016x}-{flags}", self.trace_id, span_id);
-        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(""))
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        text[3..35].copy_from_slice(&self.hex);
+        hex_into(&span_id.to_bytes(), &mut text[36..52]);
+        if self.sampled {
+            text[54] = b'1';
+        }
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(""))
     }
 
     /// An upstream attempt to `server` starts (`upstream_peer`).
     pub fn attempt(&mut self, server: SocketAddr) {
+        let start = if self.sampled {
+            SystemTime::now()
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
         self.attempt = Some(Attempt {
             span_id: random_span_id(),
-            start: SystemTime::now(),
+            start,
             server,
         });
     }
@@ -258,9 +286,10 @@ impl RequestTrace {
             Some(state) => {
                 let _ = upstream.insert_header(TRACESTATE, state.clone());
             }
-            None => {
+            None if upstream.headers.contains_key(&TRACESTATE) => {
                 upstream.remove_header(&TRACESTATE);
             }
+            None => {}
         }
     }
 
@@ -532,6 +561,34 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, value.parse().unwrap());
         h
+    }
+
+    #[test]
+    fn a_traceparent_is_written_as_it_is_read() {
+        let (tracer, _spans) = Tracer::new(
+            &TraceSettings {
+                otlp: String::new(),
+                sample: 0.0,
+                service_name: "t".into(),
+            },
+            IntCounter::new("t", "t").unwrap(),
+        );
+        let tracer = Arc::new(tracer);
+        for sampled in [true, false] {
+            let flags = if sampled { "01" } else { "00" };
+            let incoming = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            let trace = tracer.begin(&with(&incoming));
+            assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            let span = SpanId::from(0x0123_4567_89ab_cdef);
+            let written = trace.traceparent(span);
+            assert_eq!(
+                written.to_str().unwrap(),
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-0123456789abcdef-{flags}")
+            );
+            let mut again = HeaderMap::new();
+            again.insert(TRACEPARENT, written);
+            assert_eq!(parse_traceparent(&again).unwrap().2, sampled);
+        }
     }
 
     #[test]
