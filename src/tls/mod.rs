@@ -200,10 +200,11 @@ impl ClientCert {
     }
 }
 
-/// A name in RFC 4514 form: the last RDN first, `SHORT=value`, with the
-/// special characters escaped.
+/// A name in RFC 4514 form: the last RDN first, `SHORT=value`, the
+/// attributes of one multi-valued RDN joined by `+`, with the special
+/// characters escaped.
 fn rfc4514(name: &X509NameRef) -> Option<String> {
-    let mut parts: Vec<String> = Vec::new();
+    let mut attributes: Vec<String> = Vec::new();
     for entry in name.entries() {
         let nid = entry.object().nid();
         let key = nid
@@ -213,10 +214,72 @@ fn rfc4514(name: &X509NameRef) -> Option<String> {
         // A value that cannot be read would change who the subject names:
         // then no subject at all.
         let value = escape_rfc4514(&entry.data().to_string().ok()?);
-        parts.push(format!("{key}={value}"));
+        attributes.push(format!("{key}={value}"));
     }
-    parts.reverse();
-    Some(parts.join(","))
+    // The entries come in the DER's order; its SETs say which share an RDN.
+    let sizes = rdn_sizes(&name.to_der().ok()?)?;
+    if sizes.iter().sum::<usize>() != attributes.len() {
+        return None;
+    }
+    let mut rest = attributes.as_slice();
+    let mut rdns: Vec<String> = Vec::with_capacity(sizes.len());
+    for size in sizes {
+        let (rdn, after) = rest.split_at(size);
+        rdns.push(rdn.join("+"));
+        rest = after;
+    }
+    rdns.reverse();
+    Some(rdns.join(","))
+}
+
+/// One DER element at the start of `der`: its tag, its contents, and what
+/// follows it.
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 3 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |l, b| (l << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The number of attributes of each RDN of a DER `Name` (a SEQUENCE of
+/// SETs of SEQUENCEs), in order.
+fn rdn_sizes(der: &[u8]) -> Option<Vec<usize>> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    let (tag, mut sets, rest) = der_element(der)?;
+    if tag != SEQUENCE || !rest.is_empty() {
+        return None;
+    }
+    let mut sizes = Vec::new();
+    while !sets.is_empty() {
+        let (tag, mut attributes, after) = der_element(sets)?;
+        if tag != SET {
+            return None;
+        }
+        let mut count = 0;
+        while !attributes.is_empty() {
+            let (tag, _, after) = der_element(attributes)?;
+            if tag != SEQUENCE {
+                return None;
+            }
+            count += 1;
+            attributes = after;
+        }
+        sizes.push(count);
+        sets = after;
+    }
+    Some(sizes)
 }
 
 fn escape_rfc4514(value: &str) -> String {
@@ -367,5 +430,49 @@ mod tests {
         assert_eq!(escape_rfc4514("#1 "), "\\#1\\ ");
         assert_eq!(escape_rfc4514("a+b=c"), "a\\+b=c");
         assert_eq!(escape_rfc4514("x\ny"), "x\\0ay");
+    }
+
+    #[test]
+    fn a_multi_valued_rdn_is_joined_with_plus() {
+        // Name: SET{CN=a, OU=b}, SET{O=c}; as a subject, the last RDN first.
+        let attribute = |oid: &[u8], value: &[u8]| {
+            let mut inner = vec![0x06, oid.len() as u8];
+            inner.extend_from_slice(oid);
+            inner.extend_from_slice(&[0x0c, value.len() as u8]);
+            inner.extend_from_slice(value);
+            let mut seq = vec![0x30, inner.len() as u8];
+            seq.extend(inner);
+            seq
+        };
+        let set = |attrs: Vec<Vec<u8>>| {
+            let body: Vec<u8> = attrs.concat();
+            let mut out = vec![0x31, body.len() as u8];
+            out.extend(body);
+            out
+        };
+        let (cn, ou, o) = (
+            &[0x55, 0x04, 0x03][..],
+            &[0x55, 0x04, 0x0b][..],
+            &[0x55, 0x04, 0x0a][..],
+        );
+        let sets = [
+            set(vec![attribute(cn, b"a"), attribute(ou, b"b")]),
+            set(vec![attribute(o, b"c")]),
+        ]
+        .concat();
+        let mut der = vec![0x30, sets.len() as u8];
+        der.extend(sets);
+        assert_eq!(rdn_sizes(&der), Some(vec![2, 1]));
+        let name = openssl::x509::X509Name::from_der(&der).unwrap();
+        assert_eq!(rfc4514(&name).as_deref(), Some("O=c,CN=a+OU=b"));
+        // Single-valued RDNs, as most certificates have them.
+        let mut simple = openssl::x509::X509NameBuilder::new().unwrap();
+        simple.append_entry_by_text("O", "Acme, Inc.").unwrap();
+        simple.append_entry_by_text("CN", "client-1").unwrap();
+        assert_eq!(
+            rfc4514(&simple.build()).as_deref(),
+            Some("CN=client-1,O=Acme\\, Inc.")
+        );
+        assert_eq!(rdn_sizes(&[0x30, 0x05, 0x31]), None, "a truncated name");
     }
 }
