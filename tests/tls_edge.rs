@@ -272,6 +272,25 @@ fn required_client_certificates_are_verified_and_described_upstream() {
         .send()
         .is_err());
     assert_eq!(up.count(), before);
+
+    // An edited CA file changes nothing until an upgrade, and the reload
+    // says so: alice still passes, a client of the new CA still does not.
+    stranger_ca.write(dir.path(), "clients");
+    let (status, body) = admin(&gw, "POST", "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("listen: changes only by an upgrade"),
+        "{body}"
+    );
+    let r = https(&ca, &gw, "api.test", Some(&alice))
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(https(&ca, &gw, "api.test", Some(&mallory))
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .is_err());
 }
 
 #[test]
