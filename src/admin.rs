@@ -28,6 +28,25 @@ pub struct AdminApp {
     reloader: Arc<Reloader>,
     token: Option<AdminToken>,
     sampler: Arc<Sampler>,
+    /// The dashboard's `Content-Security-Policy`: its own inline script
+    /// (by hash) and nothing from anywhere else.
+    dashboard_csp: http::HeaderValue,
+}
+
+/// The policy that lets the dashboard run exactly its own script.
+fn dashboard_csp() -> http::HeaderValue {
+    use base64::Engine;
+    use sha2::Digest;
+    let script = DASHBOARD
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(script, _)| script);
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    let policy = format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    );
+    http::HeaderValue::from_str(&policy)
+        .unwrap_or(http::HeaderValue::from_static("default-src 'none'"))
 }
 
 /// The dashboard (SPEC section 9.2): one page, its style and script inline,
@@ -50,6 +69,7 @@ impl AdminApp {
             reloader,
             token,
             sampler,
+            dashboard_csp: dashboard_csp(),
         }
     }
 
@@ -253,12 +273,62 @@ fn problem_with(
     resp
 }
 
+impl AdminApp {
+    /// What a web page must not make a browser do here. A change (`POST`,
+    /// `DELETE`) sent cross-site (`Sec-Fetch-Site`, or an `Origin` other
+    /// than this host) is refused: a browser that opened the dashboard
+    /// would attach its Basic credentials to it. Without a token, a `Host`
+    /// that is not an address or `localhost` is refused: a page whose name
+    /// was made to resolve to this listener (DNS rebinding) cannot read it.
+    fn refuse_from_browsers(
+        &self,
+        req: &pingora_http::RequestHeader,
+        open: bool,
+    ) -> Option<Response<Vec<u8>>> {
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let host = header("host").map(crate::forwarding::strip_port);
+        if self.token.is_none() && !open {
+            let local = host.is_some_and(|h| {
+                h.eq_ignore_ascii_case("localhost")
+                    || h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok()
+            });
+            if !local {
+                return Some(problem(
+                    StatusCode::FORBIDDEN,
+                    "without admin.token, the admin listener answers only requests to an address or localhost",
+                ));
+            }
+        }
+        if matches!(req.method, Method::GET | Method::HEAD) {
+            return None;
+        }
+        let cross_site =
+            header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none");
+        let foreign_origin = header("origin").is_some_and(|origin| {
+            let named = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            Some(named) != header("host")
+        });
+        (cross_site || foreign_origin).then(|| {
+            problem(
+                StatusCode::FORBIDDEN,
+                "a change to the admin listener is not taken from another site's page",
+            )
+        })
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
         let open = matches!(path.as_str(), "/healthz" | "/readyz");
+        if let Some(refused) = self.refuse_from_browsers(req, open) {
+            return refused;
+        }
         if let Some(token) = self.token.as_ref().filter(|_| !open) {
             if !token.admits(&req.headers) {
                 log::warn!("admin: {method} {path} refused: no valid admin token");
@@ -298,9 +368,7 @@ impl ServeHttp for AdminApp {
                 // The page runs its own script only: nothing from elsewhere.
                 resp.headers_mut().insert(
                     http::header::CONTENT_SECURITY_POLICY,
-                    http::HeaderValue::from_static(
-                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
-                    ),
+                    self.dashboard_csp.clone(),
                 );
                 resp
             }

@@ -250,7 +250,7 @@ impl ProxyHttp for Proxy {
         match upstream.choose(&key, &ctx.tried, ctx.deadline) {
             Ok((in_flight, peer)) => {
                 if let Some(trace) = ctx.trace.as_mut() {
-                    trace.attempt(in_flight.addr());
+                    trace.attempt(session.req_header().method.as_str(), in_flight.addr());
                 }
                 ctx.in_flight = Some(in_flight);
                 Ok(peer)

@@ -164,8 +164,22 @@ impl Tracer {
                 self.sample > 0.0 && fastrand::f64() < self.sample,
             ),
         };
-        // A tracestate belongs to the traceparent it came with.
-        let tracestate = parent.and(headers.get(TRACESTATE).cloned());
+        // A tracestate belongs to the traceparent it came with; several
+        // fields are one list (W3C), kept to its 512 characters.
+        let tracestate = parent.and_then(|_| {
+            let mut fields = headers.get_all(TRACESTATE).iter();
+            let first = fields.next()?;
+            let Some(second) = fields.next() else {
+                return Some(first.clone());
+            };
+            let mut joined = first.as_bytes().to_vec();
+            for value in std::iter::once(second).chain(fields) {
+                joined.push(b',');
+                joined.extend_from_slice(value.as_bytes());
+            }
+            joined.truncate(512);
+            HeaderValue::from_bytes(&joined).ok()
+        });
         RequestTrace {
             tracer: Arc::clone(self),
             trace_id,
@@ -264,7 +278,16 @@ impl RequestTrace {
     }
 
     /// An upstream attempt to `server` starts (`upstream_peer`).
-    pub fn attempt(&mut self, server: SocketAddr) {
+    pub fn attempt(&mut self, method: &str, server: SocketAddr) {
+        // One still open was retried by Pingora itself (a pooled connection
+        // that died under the request): it ends here.
+        if self.attempt.is_some() {
+            let outcome = Outcome {
+                status: None,
+                error: Some("retried"),
+            };
+            self.end_attempt(method, outcome);
+        }
         let start = if self.sampled {
             SystemTime::now()
         } else {
@@ -344,6 +367,11 @@ impl RequestTrace {
                 status,
             },
         )
+    }
+
+    /// The client's `tracestate`, passed along with the trace.
+    pub fn tracestate(&self) -> Option<&HeaderValue> {
+        self.tracestate.as_ref()
     }
 
     /// An aggregate part's span and the `traceparent` its request carries.
@@ -463,12 +491,21 @@ impl TraceExport {
 
 #[async_trait::async_trait]
 impl pingora_core::services::background::BackgroundService for TraceExport {
-    async fn start(&self, _shutdown: pingora_core::server::ShutdownWatch) {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
         let spans = self.spans.lock().ok().and_then(|mut s| s.take());
-        if let Some(spans) = spans {
-            let (settings, dropped) = (self.settings.clone(), self.dropped.clone());
-            export_until(settings, spans, dropped, self.stop.clone()).await;
-        }
+        let Some(spans) = spans else {
+            return;
+        };
+        // When shutting down begins, what is queued goes at once: Pingora
+        // may end this runtime before `stop` comes.
+        let flush_now = CancellationToken::new();
+        let on_shutdown = flush_now.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.changed().await;
+            on_shutdown.cancel();
+        });
+        let (settings, dropped) = (self.settings.clone(), self.dropped.clone());
+        export_until(settings, spans, dropped, self.stop.clone(), flush_now).await;
     }
 }
 
@@ -480,6 +517,7 @@ pub async fn export_until(
     mut spans: mpsc::Receiver<SpanData>,
     dropped: IntCounter,
     stop: CancellationToken,
+    flush_now: CancellationToken,
 ) {
     use opentelemetry_otlp::WithExportConfig;
     let built = opentelemetry_otlp::SpanExporter::builder()
@@ -509,8 +547,13 @@ pub async fn export_until(
             },
         };
         if !stopping {
-            // A little longer for a fuller batch.
-            let until = tokio::time::Instant::now() + FLUSH_EVERY;
+            // A little longer for a fuller batch (not once shutting down).
+            let wait = if flush_now.is_cancelled() {
+                Duration::ZERO
+            } else {
+                FLUSH_EVERY
+            };
+            let until = tokio::time::Instant::now() + wait;
             while batch.len() < BATCH {
                 match tokio::time::timeout_at(until, spans.recv()).await {
                     Ok(Some(span)) => batch.push(span),

@@ -14,7 +14,7 @@ fn with_auth(gw: &Gateway, method: &str, target: &str, auth: Option<&str>) -> Ra
     let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     let text = raw_request(
         gw.admin,
-        format!("{method} {target} HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     );
     RawResponse::parse(&text).unwrap_or_else(|| panic!("no answer: {text:?}"))
@@ -117,4 +117,96 @@ fn an_open_admin_listener_off_loopback_is_a_config_error() {
     );
     assert_eq!(code, 1);
     assert!(stderr.contains("admin.insecure"), "{stderr}");
+}
+
+#[test]
+fn pages_elsewhere_cannot_use_the_admin_listener() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "upstreams:\n  app: {{ targets: [{}] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        up.addr
+    );
+    let send = |gw: &Gateway, head: &str| {
+        let text = raw_request(
+            gw.admin,
+            format!("{head}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        RawResponse::parse(&text).unwrap_or_else(|| panic!("no answer: {text:?}"))
+    };
+    // With a token: a browser that holds the Basic credentials is not
+    // made to change anything from another site's page.
+    let gw = gateway(&body)
+        .env("ADMIN_TOKEN", TOKEN)
+        .admin("token: ${ADMIN_TOKEN}")
+        .start();
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    for foreign in [
+        "Origin: http://evil.example\r\n",
+        "Sec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-site\r\n",
+    ] {
+        let r = send(
+            &gw,
+            &format!("POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}{foreign}"),
+        );
+        assert_eq!(r.status, 403, "{foreign}");
+    }
+    let own = format!(
+        "Origin: http://{}\r\nSec-Fetch-Site: same-origin\r\n",
+        gw.admin
+    );
+    let r = send(
+        &gw,
+        &format!(
+            "POST /reload HTTP/1.1\r\nHost: {}\r\n{bearer}{own}",
+            gw.admin
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The dashboard runs its own script only.
+    let r = send(
+        &gw,
+        &format!("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}"),
+    );
+    let csp = r.header("content-security-policy").unwrap();
+    assert!(
+        csp.contains("script-src 'sha256-") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    drop(gw);
+    // Without a token: only requests to an address or localhost (a name
+    // made to resolve here by another site is refused); health stays open.
+    let gw = gateway(&body).start();
+    assert_eq!(
+        send(&gw, "GET /metrics HTTP/1.1\r\nHost: evil.example:9901\r\n").status,
+        403
+    );
+    assert_eq!(
+        send(&gw, "GET /healthz HTTP/1.1\r\nHost: evil.example\r\n").status,
+        200
+    );
+    assert_eq!(
+        send(&gw, "GET /metrics HTTP/1.1\r\nHost: localhost:9901\r\n").status,
+        200
+    );
+    assert_eq!(
+        send(&gw, "GET /metrics HTTP/1.1\r\nHost: [::1]:9901\r\n").status,
+        200
+    );
+}
+
+#[test]
+fn a_token_yaml_reads_as_a_number_is_refused_without_being_shown() {
+    let base = "listen: [127.0.0.1:0]\nupstreams:\n  app: { targets: ['127.0.0.1:9'] }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: app\n";
+    let secret = "73915020488327651209";
+    let (code, out, stderr) = check_config(
+        &format!("{base}admin:\n  listen: 127.0.0.1:9901\n  token: ${{ADMIN_TOKEN}}\n"),
+        &[("ADMIN_TOKEN", secret)],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        stderr.contains("admin.token") && stderr.contains("quote it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&secret[..8]), "{stderr}");
 }

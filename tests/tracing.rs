@@ -57,6 +57,7 @@ fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
         .get(gw.url("/users/7?access_token=secret-in-query"))
         .header("traceparent", traceparent(CLIENT_TRACE, CLIENT_SPAN, true))
         .header("tracestate", "vendor=opaque")
+        .header("tracestate", "other=x")
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
@@ -65,7 +66,11 @@ fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
     assert_eq!(trace, CLIENT_TRACE, "the client's trace id kept");
     assert_ne!(parent, CLIENT_SPAN, "the gateway's span is the parent");
     assert!(sampled);
-    assert_eq!(sent.header("tracestate"), Some("vendor=opaque"));
+    assert_eq!(
+        sent.header_all("tracestate"),
+        ["vendor=opaque,other=x"],
+        "two fields are one list"
+    );
 
     let spans = wait_spans(&collector, 2);
     let server = spans.iter().find(|s| s.kind == 2).expect("a server span");

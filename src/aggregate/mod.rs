@@ -425,6 +425,10 @@ async fn call(
         if let Some((_, traceparent)) = &span {
             req.insert_header(crate::trace::TRACEPARENT, traceparent.clone())
                 .map_err(|e| e.to_string())?;
+            if let Some(state) = input.trace.and_then(|t| t.tracestate()) {
+                req.insert_header(crate::trace::TRACESTATE, state.clone())
+                    .map_err(|e| e.to_string())?;
+            }
         }
         let mut held = budget.reserve(0).ok_or(PartError::Busy)?;
         let answer = client

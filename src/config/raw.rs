@@ -84,7 +84,9 @@ pub struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: String,
-    pub token: Option<String>,
+    /// Text; read as a value so that a token YAML takes for a number is
+    /// refused without serde echoing it.
+    pub token: Option<Value>,
     /// Serve a non-loopback admin listener without a token, on purpose.
     pub insecure: Option<bool>,
 }

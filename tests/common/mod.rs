@@ -466,7 +466,7 @@ impl GatewayBuilder {
             let public_up = TcpStream::connect(gw.addr).is_ok();
             let admin_up = raw_request(
                 gw.admin,
-                b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
             )
             .starts_with("HTTP/1.1 200");
             if public_up && admin_up {
@@ -689,7 +689,7 @@ pub fn signal(pid: u32, signal: &str) {
 pub fn admin(gw: &Gateway, method: &str, target: &str) -> (u16, String) {
     let text = raw_request(
         gw.admin,
-        format!("{method} {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     );
     let r = RawResponse::parse(&text).unwrap_or_else(|| panic!("no admin answer: {text:?}"));

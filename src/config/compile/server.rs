@@ -313,11 +313,20 @@ impl Compiler<'_> {
             );
             return None;
         }
-        let token = raw.token.as_deref().and_then(|t| {
-            crate::config::AdminToken::new(t)
+        let token = match &raw.token {
+            None => None,
+            Some(Value::String(t)) => crate::config::AdminToken::new(t)
                 .map_err(|e| self.error("admin.token", e))
-                .ok()
-        });
+                .ok(),
+            // Never echoed: it is a secret, whatever YAML made of it.
+            Some(_) => {
+                self.error(
+                    "admin.token",
+                    "the admin token must be text: quote it, like token: \"${ADMIN_TOKEN}\"",
+                );
+                None
+            }
+        };
         if raw.token.is_none() && !listen.ip().is_loopback() && raw.insecure != Some(true) {
             self.error(
                 "admin.listen",
