@@ -13,7 +13,7 @@ use http::StatusCode;
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_core::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -273,12 +273,11 @@ impl ProxyHttp for Proxy {
         let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
         let (id, why) = (ctx.request_id.as_str(), e.etype().as_str());
         if let Some(trace) = ctx.trace.as_mut() {
-            let method = session.req_header().method.as_str();
             let outcome = crate::trace::Outcome {
                 status: None,
                 error: Some(why),
             };
-            trace.end_attempt(method, outcome);
+            trace.end_attempt(session.req_header().method.as_str(), outcome);
         }
         if upstream.retry_after_failed_connect(in_flight, &mut ctx.tried, id, why, metrics, counted)
         {
@@ -302,38 +301,8 @@ impl ProxyHttp for Proxy {
             e.retry.decide_reuse(client_reused);
             return e;
         }
-        // Only the upstream's failures; a client that hung up says nothing
-        // of a target, and nothing is retried once the answer has begun.
-        let failure = match (e.esource(), e.etype()) {
-            _ if session.response_written().is_some() => None,
-            (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
-                Some(Failure::Timeout)
-            }
-            (
-                ErrorSource::Upstream,
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
-            ) => Some(Failure::Reset),
-            _ => None,
-        };
-        let upstream = ctx.upstream.as_ref();
-        let listed = failure.filter(|f| upstream.is_some_and(|u| u.retry_on.lists(*f)));
         let (metrics, counted) = (self.observer.metrics(), self.settings.metrics);
-        match listed.map(|f| ctx.retry_after(f, session, metrics, counted)) {
-            Some(true) => e.set_retry(true),
-            // Refused by the method, the body, `retries` or the budget:
-            // returned as it is.
-            Some(false) => e.set_retry(false),
-            None if !session.req_header().method.is_idempotent()
-                || session.retry_buffer_truncated()
-                || ctx.request_rewrite.is_some()
-                || session.response_written().is_some() =>
-            {
-                e.set_retry(false)
-            }
-            // Pingora's own rule: a pooled connection that died under the
-            // request is tried again (the request may never have arrived).
-            None => e.retry.decide_reuse(client_reused),
-        }
+        ctx.after_upstream_error(&mut e, session, metrics, counted, client_reused);
         e
     }
 
@@ -560,21 +529,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if let Some(trace) = ctx.trace.as_mut() {
-            let req = session.req_header();
-            let upstream_error = e
-                .filter(|e| e.esource() == &ErrorSource::Upstream)
-                .map(|e| e.etype().as_str());
-            trace.finish(&crate::trace::Finished {
-                method: req.method.as_str(),
-                route: &ctx.route.name,
-                path: req.uri.path(),
-                status: session.response_written().map_or(0, |r| r.status.as_u16()),
-                client: ctx.client_ip,
-                upstream_status: ctx.upstream_status,
-                upstream_error,
-            });
-        }
+        ctx.finish_trace(session, e);
         if let Some(attempt) = &ctx.in_flight {
             let ejections = &self.observer.metrics().upstream_ejections;
             attempt.finished(e, ctx.upstream_status, ejections);

@@ -276,6 +276,57 @@ impl RequestCtx {
         }
     }
 
+    /// The retry decision for an error in the exchange with the attempt in
+    /// flight (`error_while_proxy`): a failure `retry_on` lists is retried
+    /// or final by `retry_after`; any other keeps Pingora's own rule (a
+    /// pooled connection that died under an idempotent request is tried
+    /// again), never for a body that cannot be replayed as it was.
+    pub fn after_upstream_error(
+        &mut self,
+        e: &mut pingora_core::Error,
+        session: &mut Session,
+        metrics: &Metrics,
+        counted: bool,
+        client_reused: bool,
+    ) {
+        // Nothing once the answer has begun.
+        let failure = Failure::of(e).filter(|_| session.response_written().is_none());
+        let upstream = self.upstream.as_ref();
+        let listed = failure.filter(|f| upstream.is_some_and(|u| u.retry_on.lists(*f)));
+        match listed.map(|f| self.retry_after(f, session, metrics, counted)) {
+            Some(retried) => e.set_retry(retried),
+            None if !session.req_header().method.is_idempotent()
+                || session.retry_buffer_truncated()
+                || self.request_rewrite.is_some()
+                || session.response_written().is_some() =>
+            {
+                e.set_retry(false)
+            }
+            None => e.retry.decide_reuse(client_reused),
+        }
+    }
+
+    /// The request is done (`logging`): with `tracing`, its last attempt's
+    /// client span and its server span end.
+    pub fn finish_trace(&mut self, session: &Session, e: Option<&Error>) {
+        let Some(trace) = self.trace.as_mut() else {
+            return;
+        };
+        let req = session.req_header();
+        let upstream_error = e
+            .filter(|e| e.esource() == &pingora_core::ErrorSource::Upstream)
+            .map(|e| e.etype().as_str());
+        trace.finish(&crate::trace::Finished {
+            method: req.method.as_str(),
+            route: &self.route.name,
+            path: req.uri.path(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            client: self.client_ip,
+            upstream_status: self.upstream_status,
+            upstream_error,
+        });
+    }
+
     /// The path as routed (normalized once, in `request_filter`).
     pub fn routed_path<'a>(&'a self, req: &'a RequestHeader) -> &'a str {
         self.normalized_path

@@ -90,6 +90,25 @@ pub enum Failure {
     Timeout,
 }
 
+impl Failure {
+    /// What an error in the exchange (after the connect) says of the
+    /// target: only the upstream's failures count; a client that hung up
+    /// says nothing of it.
+    pub fn of(e: &pingora_core::Error) -> Option<Failure> {
+        use pingora_core::{ErrorSource, ErrorType};
+        match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                Some(Failure::Timeout)
+            }
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+            ) => Some(Failure::Reset),
+            _ => None,
+        }
+    }
+}
+
 /// What the request allows: a replay needs its whole body at hand.
 pub struct Replay<'a> {
     pub method: &'a Method,
