@@ -97,13 +97,7 @@ fn changed_answers_change_the_targets_and_dropped_addresses_drain() {
 
     // A failed lookup keeps the last addresses, and is counted.
     dns.fail("svc.test");
-    let failures = || {
-        metrics_text(&gw)
-            .lines()
-            .find(|l| l.starts_with("gatehouse_dns_failures_total{upstream=\"svc\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let failures = || metric_sum(&gw, "gatehouse_dns_failures_total{upstream=\"svc\"}");
     eventually(Duration::from_secs(10), "failures counted", || {
         failures() >= 2.0
     });
@@ -231,13 +225,7 @@ fn a_failing_aaaa_lookup_keeps_the_ipv6_targets() {
     let both: BTreeSet<String> = ["a".to_string(), "v6".to_string()].into();
     assert_eq!(served_by(&gw, 8), both);
     dns.fail_v6("svc.test", &["127.0.0.2"]);
-    let failures = || {
-        metrics_text(&gw)
-            .lines()
-            .find(|l| l.starts_with("gatehouse_dns_failures_total{upstream=\"svc\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let failures = || metric_sum(&gw, "gatehouse_dns_failures_total{upstream=\"svc\"}");
     eventually(Duration::from_secs(10), "AAAA failures counted", || {
         failures() >= 3.0
     });

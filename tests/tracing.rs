@@ -311,13 +311,7 @@ fn an_absent_or_slow_collector_costs_requests_nothing() {
         let r = patient_for_a_second.get(gw.url("/users/1")).send().unwrap();
         assert_eq!(r.status(), 200);
     }
-    let dropped = || {
-        metrics_text(&gw)
-            .lines()
-            .find(|l| l.starts_with("gatehouse_trace_spans_dropped_total "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let dropped = || metric_sum(&gw, "gatehouse_trace_spans_dropped_total ");
     eventually(Duration::from_secs(10), "the lost spans counted", || {
         dropped() >= 40.0
     });

@@ -556,13 +556,7 @@ fn listed_failures_are_retried_for_idempotent_methods_with_whole_bodies() {
         big.insert(r.status().as_u16());
     }
     assert!(big.contains(&503) && big.contains(&200), "{big:?}");
-    let retried = metrics_text(&gw)
-        .lines()
-        .filter(|l| {
-            l.starts_with("gatehouse_upstream_requests_total{") && l.contains("outcome=\"retry\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum::<f64>();
+    let retried = metric_sum(&gw, "gatehouse_upstream_requests_total{outcome=\"retry\"");
     assert!(retried >= 8.0, "{retried} retries counted");
     assert!(gw.log_text().contains("status 503 from"));
     assert!(gw.log_text().contains("connection reset from"));
@@ -585,11 +579,7 @@ fn retries_stop_at_the_budget_and_without_retry_on_a_503_passes() {
     });
     let passed = statuses.iter().filter(|s| **s == 503).count();
     assert!(passed >= 6, "{statuses:?}");
-    let retried: f64 = metrics_text(&gw)
-        .lines()
-        .filter(|l| l.contains("outcome=\"retry\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
+    let retried = metric_sum(&gw, "gatehouse_upstream_requests_total{outcome=\"retry\"");
     assert_eq!(
         retried, 3.0,
         "the budget's minimum of three in flight: {statuses:?}"

@@ -862,6 +862,16 @@ pub fn metrics_text(gw: &Gateway) -> String {
         .unwrap()
 }
 
+/// The sum of the `/metrics` series whose line starts with `line_start`
+/// (0 when there is none).
+pub fn metric_sum(gw: &Gateway, line_start: &str) -> f64 {
+    metrics_text(gw)
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Asserts `gatehouse -t` refuses each YAML, naming the path and the
 /// message given, and never printing `secret`.
 pub fn assert_config_errors(cases: &[(String, &str, &str)], secret: Option<&str>) {
