@@ -6,16 +6,20 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use ipnet::IpNet;
 use pingora_http::RequestHeader;
+
+use crate::transform::headers::{remove_fields, EditHeaders};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Fields some frameworks route by (IIS, Symfony, Laravel): a client's
 /// would choose the upstream's route past the gateway's.
 pub const X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
@@ -37,14 +41,10 @@ pub const BELIEVED_FROM_PROXIES: [&str; 9] = [
     "front-end-https",
 ];
 
-/// The names as sent. Pingora keeps a field's case, and takes a `&'static
-/// str` name without the copy it makes of a `HeaderName`'s.
+/// The request id's name as a response sends it: a response head keeps its
+/// fields' case, and Pingora takes a `&'static str` name without the copy
+/// it makes of a `HeaderName`'s.
 pub mod sent {
-    pub const X_FORWARDED_FOR: &str = "X-Forwarded-For";
-    pub const X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
-    pub const X_FORWARDED_HOST: &str = "X-Forwarded-Host";
-    pub const X_REAL_IP: &str = "X-Real-IP";
-    pub const FORWARDED: &str = "Forwarded";
     pub const X_REQUEST_ID: &str = "X-Request-Id";
 }
 
@@ -164,7 +164,18 @@ impl Forwarded<'_> {
     /// and `X-Rewrite-URL` never pass. Works on a copy of the client's
     /// request and on a request the gateway builds itself (an aggregate
     /// part) alike.
-    pub fn apply(&self, req: &mut RequestHeader) {
+    pub fn apply(&self, req: &mut impl EditHeaders) {
+        // Before the inserts, so the pass sees only the client's fields.
+        let trusted = self.peer_trusted;
+        remove_fields(req, |n| {
+            *n == X_ORIGINAL_URL
+                || *n == X_REWRITE_URL
+                || (!trusted && BELIEVED_FROM_PROXIES.contains(&n.as_str()))
+        });
+        // The peer's address is written once, at the end of the chain, and
+        // shared from there by `X-Real-IP` (the peer itself unless a trusted
+        // proxy named the client) and `Forwarded`.
+        let mut peer_text = None;
         if let Some(peer) = self.peer {
             let mut chain = String::with_capacity(64);
             for v in self.client.get_all(X_FORWARDED_FOR).iter() {
@@ -173,31 +184,30 @@ impl Forwarded<'_> {
                     chain.push_str(", ");
                 }
             }
+            let at = chain.len();
             push_ip(&mut chain, peer);
-            let _ = req.insert_header(sent::X_FORWARDED_FOR, chain);
+            let chain = Bytes::from(chain);
+            peer_text = Some((peer, chain.slice(at..)));
+            set_bytes(req, &X_FORWARDED_FOR, chain);
         }
-        let _ = req.insert_header(sent::X_FORWARDED_PROTO, self.proto());
+        req.insert(&X_FORWARDED_PROTO, self.proto());
         match self.forwarded_host() {
-            Some(h) => {
-                let _ = req.insert_header(sent::X_FORWARDED_HOST, h);
-            }
-            None => {
-                req.remove_header(&X_FORWARDED_HOST);
-            }
+            Some(h) => req.insert(&X_FORWARDED_HOST, h),
+            None => req.remove(&X_FORWARDED_HOST),
         }
-        if let Some(ip) = self.client_ip {
-            let mut text = String::with_capacity(40);
-            push_ip(&mut text, ip);
-            let _ = req.insert_header(sent::X_REAL_IP, text);
+        match (self.client_ip, &peer_text) {
+            (Some(ip), Some((peer, text))) if ip == *peer => {
+                set_bytes(req, &X_REAL_IP, text.clone());
+            }
+            (Some(ip), _) => {
+                let mut text = String::with_capacity(40);
+                push_ip(&mut text, ip);
+                set_bytes(req, &X_REAL_IP, Bytes::from(text));
+            }
+            (None, _) => {}
         }
-        let _ = req.insert_header(sent::FORWARDED, self.forwarded_field());
-        // One pass over the fields present: most requests carry none of these.
-        let trusted = self.peer_trusted;
-        crate::transform::headers::remove_fields(req, |n| {
-            *n == X_ORIGINAL_URL
-                || *n == X_REWRITE_URL
-                || (!trusted && BELIEVED_FROM_PROXIES.contains(&n.as_str()))
-        });
+        let forwarded = self.forwarded_field(peer_text.as_ref().map(|(_, text)| &text[..]));
+        set_bytes(req, &FORWARDED, Bytes::from(forwarded));
     }
 
     /// What a trusted proxy told the upstream of the original request
@@ -223,7 +233,8 @@ impl Forwarded<'_> {
 
     /// `Forwarded` (RFC 7239): a trusted proxy's elements, then ours,
     /// describing the hop from the peer to the gateway.
-    fn forwarded_field(&self) -> String {
+    /// `peer_text` is the peer's address as already written.
+    fn forwarded_field(&self, peer_text: Option<&[u8]>) -> String {
         let mut out = String::with_capacity(64);
         if self.peer_trusted {
             for v in self.client.get_all(FORWARDED).iter() {
@@ -237,14 +248,21 @@ impl Forwarded<'_> {
             }
         }
         out.push_str("for=");
-        match self.peer {
-            Some(IpAddr::V4(v4)) => push_ip(&mut out, IpAddr::V4(v4)),
-            Some(IpAddr::V6(v6)) => {
+        let text = peer_text.and_then(|t| std::str::from_utf8(t).ok());
+        match (self.peer, text) {
+            (Some(IpAddr::V4(_)), Some(text)) => out.push_str(text),
+            (Some(IpAddr::V6(_)), Some(text)) => {
                 out.push_str("\"[");
-                push_ip(&mut out, IpAddr::V6(v6));
+                out.push_str(text);
                 out.push_str("]\"");
             }
-            None => out.push_str("unknown"),
+            (Some(ip @ IpAddr::V4(_)), None) => push_ip(&mut out, ip),
+            (Some(ip @ IpAddr::V6(_)), None) => {
+                out.push_str("\"[");
+                push_ip(&mut out, ip);
+                out.push_str("]\"");
+            }
+            (None, _) => out.push_str("unknown"),
         }
         out.push_str(if self.tls {
             ";proto=https"
@@ -259,20 +277,52 @@ impl Forwarded<'_> {
     }
 }
 
+/// A value built from the client's (already valid) fields and the
+/// gateway's own text; one that is not a valid value leaves the field out.
+fn set_bytes(req: &mut impl EditHeaders, name: &HeaderName, text: Bytes) {
+    match HeaderValue::from_maybe_shared(text) {
+        Ok(value) => req.insert(name, value),
+        Err(_) => req.remove(name),
+    }
+}
+
 /// A `Forwarded` parameter value: a token as it is, anything else quoted
 /// (RFC 7230 quoted-string; `"` and `\` escaped).
 fn push_token_or_quoted(out: &mut String, value: &str) {
-    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if !value.is_empty() && value.chars().all(tchar) {
+    let tchar = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            )
+    };
+    if !value.is_empty() && value.bytes().all(tchar) {
         out.push_str(value);
         return;
     }
     out.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
+    if !value.contains(['"', '\\']) {
+        out.push_str(value);
+    } else {
+        for c in value.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
         }
-        out.push(c);
     }
     out.push('"');
 }

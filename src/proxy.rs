@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT_ENCODING};
 use http::StatusCode;
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, NoCacheReason, RespCacheable};
@@ -31,7 +32,9 @@ use crate::request::RequestCtx;
 use crate::respond::{self, Phase};
 use crate::route::{self, Route};
 use crate::transform::body::{BodyCount, Rewrite};
-use crate::transform::headers::{strip_hop_by_hop, strip_request_hop_by_hop};
+use crate::transform::headers::{
+    strip_hop_by_hop, strip_request_hop_by_hop, EditHeaders, OpenRequest,
+};
 use crate::upstream::Failure;
 
 /// The gateway's `ProxyHttp`; `server` builds it.
@@ -312,31 +315,35 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        strip_request_hop_by_hop(upstream_request);
         if let Some(uri) = ctx.upstream_uri.as_deref() {
             upstream_request.set_raw_path(uri.as_bytes())?;
         }
-        // Pingora itself gives an HTTP/1 upstream the `Host` of an HTTP/2 client.
-        ctx.forwarded(session).apply(upstream_request);
-        if let Some(trace) = &ctx.trace {
-            trace.propagate(upstream_request);
-        }
-        let id = ctx.request_id.header_value().clone();
-        upstream_request.insert_header(forwarding::sent::X_REQUEST_ID, id)?;
         let route = &ctx.route;
         if let Some(auth) = &route.auth {
             auth.strip_keys(upstream_request);
         }
+        let mut head = OpenRequest::open(upstream_request);
+        strip_request_hop_by_hop(&mut head);
+        // Pingora itself gives an HTTP/1 upstream the `Host` of an HTTP/2 client.
+        ctx.forwarded(session).apply(&mut head);
+        if let Some(trace) = &ctx.trace {
+            trace.propagate(&mut head);
+        }
+        head.insert(
+            &forwarding::REQUEST_ID,
+            ctx.request_id.header_value().clone(),
+        );
         let (identity, cert) = (ctx.identity.as_ref(), ctx.client_cert.as_ref());
-        auth::forward_identity(&route.identity_headers, identity, cert, upstream_request);
-        route.request_headers.apply(upstream_request);
+        auth::forward_identity(&route.identity_headers, identity, cert, &mut head);
+        route.request_headers.apply(&mut head);
         // Response rules read bodies: ask for them uncompressed.
         if route.response_body.is_some() {
-            upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+            head.insert(&ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
         if let Some(rewrite) = &ctx.request_rewrite {
-            rewrite.prepare_request(upstream_request);
+            rewrite.prepare_request(&mut head);
         }
+        head.close(upstream_request)?;
         if let Some(mirror) = &route.mirror {
             let body_empty = session.is_body_empty();
             let (name, pending) = (&route.name, &mut ctx.mirror);

@@ -25,10 +25,11 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
-use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::transform::headers::EditHeaders;
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -302,15 +303,13 @@ impl RequestTrace {
 
     /// The attempt's `traceparent` (and the client's `tracestate`) on the
     /// request the upstream is sent.
-    pub fn propagate(&self, upstream: &mut RequestHeader) {
+    pub fn propagate(&self, upstream: &mut impl EditHeaders) {
         let span = self.attempt.as_ref().map_or(self.span_id, |a| a.span_id);
-        let _ = upstream.insert_header(TRACEPARENT, self.traceparent(span));
+        upstream.insert(&TRACEPARENT, self.traceparent(span));
         match &self.tracestate {
-            Some(state) => {
-                let _ = upstream.insert_header(TRACESTATE, state.clone());
-            }
-            None if upstream.headers.contains_key(&TRACESTATE) => {
-                upstream.remove_header(&TRACESTATE);
+            Some(state) => upstream.insert(&TRACESTATE, state.clone()),
+            None if upstream.header_map().contains_key(&TRACESTATE) => {
+                upstream.remove(&TRACESTATE);
             }
             None => {}
         }

@@ -30,7 +30,7 @@ use jwks::RemoteJwks;
 use keys::{KeySet, NoKey};
 
 use crate::tls::ClientCert;
-use crate::transform::headers::remove_fields;
+use crate::transform::headers::{remove_fields, EditHeaders};
 
 pub use crate::subject::Claims;
 
@@ -478,7 +478,7 @@ pub fn forward_identity(
     identity_headers: &[HeaderName],
     verified: Option<&Identity>,
     client_cert: Option<&ClientCert>,
-    upstream: &mut RequestHeader,
+    upstream: &mut impl EditHeaders,
 ) {
     if identity_headers.is_empty() {
         return;
@@ -491,12 +491,10 @@ pub fn forward_identity(
             .any(|identity| same_but_underscores(sent.as_str(), identity.as_str()))
     });
     if let Some(identity) = verified {
-        identity.each_header(|header, value| {
-            let _ = upstream.insert_header(header.clone(), value);
-        });
+        identity.each_header(|header, value| upstream.insert(header, value));
     }
     for (header, value) in client_cert.into_iter().flat_map(ClientCert::headers) {
-        let _ = upstream.insert_header(header, value);
+        upstream.insert(&header, value);
     }
 }
 

@@ -22,6 +22,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use serde_json::{Map, Value};
 
 use super::decode::{self, Coding};
+use super::headers::EditHeaders;
 use super::json::JsonRules;
 use crate::budget::{Budget, Held};
 
@@ -472,10 +473,10 @@ impl Rewrite {
 
     /// The upstream request carries the rewritten body: sent chunked, and
     /// decoded when it was encoded.
-    pub fn prepare_request(&self, upstream: &mut RequestHeader) {
-        upstream.remove_header(&http::header::CONTENT_LENGTH);
+    pub fn prepare_request(&self, upstream: &mut impl EditHeaders) {
+        upstream.remove(&http::header::CONTENT_LENGTH);
         if !self.codings.is_empty() {
-            upstream.remove_header(&http::header::CONTENT_ENCODING);
+            upstream.remove(&http::header::CONTENT_ENCODING);
         }
     }
 

@@ -61,6 +61,96 @@ macro_rules! edit_headers_for {
 edit_headers_for!(RequestHeader);
 edit_headers_for!(ResponseHeader);
 
+/// A bare map keeps no second map of name spellings: the cheap target for
+/// edits (see [`OpenRequest`]).
+impl EditHeaders for HeaderMap {
+    fn header_map(&self) -> &HeaderMap {
+        self
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        HeaderMap::remove(self, name);
+    }
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) {
+        // Past http's limit of 32,768 fields the field is not added rather
+        // than the process aborted; the head limits refuse far fewer.
+        let _ = self.try_insert(name.clone(), value);
+    }
+    fn append(&mut self, name: &HeaderName, value: HeaderValue) {
+        let _ = self.try_append(name.clone(), value);
+    }
+}
+
+/// The upstream request taken apart for the gateway's edits, then put
+/// back. Pingora's request head keeps every name twice (a map of values and
+/// a map of the client's spellings) and parses the name again on each
+/// insert; a cloned head also has no spare room, so the first inserts grow
+/// both maps. The gateway sets some ten fields on every request, and done
+/// through that API they were a tenth of a plain request's instructions.
+/// Opened, the head is one map with room for them, edited by `HeaderName`.
+///
+/// The price: names reach an HTTP/1 upstream in canonical form (standard
+/// names title-cased, others lower-cased), as HAProxy and Envoy send them
+/// and as an HTTP/2 client's arrive anyway; field names are
+/// case-insensitive (RFC 9110 5.1).
+pub struct OpenRequest {
+    parts: http::request::Parts,
+    /// The target as the client sent it, when the URI does not give it
+    /// back byte for byte (absolute form, bytes that are not UTF-8).
+    raw_target: Option<Vec<u8>>,
+    send_end_stream: Option<bool>,
+}
+
+/// Fields the gateway may add to a request: the five forwarding fields,
+/// the request id, trace context, identity and a route's own rules.
+const ROOM_FOR_GATEWAY_FIELDS: usize = 16;
+
+impl OpenRequest {
+    pub fn open(req: &mut RequestHeader) -> Self {
+        let raw = req.raw_path();
+        let round_trips = req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(raw);
+        let raw_target = (!round_trips).then(|| raw.to_vec());
+        let send_end_stream = req.send_end_stream();
+        let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+        let mut parts: http::request::Parts = std::mem::replace(req, empty).into();
+        // Past http's limit there is no room to make; the inserts then fail
+        // one by one, as they would have.
+        let _ = parts.headers.try_reserve(ROOM_FOR_GATEWAY_FIELDS);
+        OpenRequest {
+            parts,
+            raw_target,
+            send_end_stream,
+        }
+    }
+
+    /// Puts the edited head back where it was taken from.
+    pub fn close(self, req: &mut RequestHeader) -> pingora_core::Result<()> {
+        let mut head = RequestHeader::from(self.parts);
+        if let Some(raw) = &self.raw_target {
+            head.set_raw_path(raw)?;
+        }
+        if let Some(end) = self.send_end_stream {
+            head.set_send_end_stream(end);
+        }
+        *req = head;
+        Ok(())
+    }
+}
+
+impl EditHeaders for OpenRequest {
+    fn header_map(&self) -> &HeaderMap {
+        &self.parts.headers
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        EditHeaders::remove(&mut self.parts.headers, name);
+    }
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) {
+        EditHeaders::insert(&mut self.parts.headers, name, value);
+    }
+    fn append(&mut self, name: &HeaderName, value: HeaderValue) {
+        EditHeaders::append(&mut self.parts.headers, name, value);
+    }
+}
+
 /// Removes every field `doomed` picks, in one pass over the fields present:
 /// per message, most candidate names are absent, and a hashed removal per
 /// candidate costs more than the pass. Nothing is allocated when none
@@ -171,7 +261,7 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
 /// `Connection`, `Upgrade` and `HTTP2-Settings` unless the request is a
 /// WebSocket handshake, so those are left to it. With `Transfer-Encoding`
 /// gone, Pingora frames a request body again after the filters run.
-pub fn strip_request_hop_by_hop(req: &mut RequestHeader) {
+pub fn strip_request_hop_by_hop(req: &mut impl EditHeaders) {
     use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING};
     remove_fields(req, |n| {
         *n == TRANSFER_ENCODING
@@ -256,6 +346,72 @@ mod tests {
 
     fn name(s: &'static str) -> HeaderName {
         HeaderName::from_static(s)
+    }
+
+    fn wire(req: &RequestHeader) -> String {
+        let mut out = Vec::new();
+        req.header_to_h1_wire(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn an_opened_request_keeps_its_fields_target_and_framing() {
+        for target in [
+            &b"/a/b?c=d"[..],
+            b"http://example.com/abs?x=1",
+            b"/caf\xe9/raw",
+            b"*",
+        ] {
+            let mut req = RequestHeader::build("GET", target, Some(2)).unwrap();
+            req.append_header("Host", "example.com").unwrap();
+            req.append_header("X-Client", "1").unwrap();
+            req.append_header("X-Client", "2").unwrap();
+            let mut head = OpenRequest::open(&mut req);
+            head.insert(
+                &name("x-forwarded-for"),
+                HeaderValue::from_static("10.0.0.1"),
+            );
+            head.remove(&name("x-client"));
+            head.append(&name("x-client"), HeaderValue::from_static("3"));
+            head.close(&mut req).unwrap();
+            assert_eq!(
+                req.raw_path(),
+                target,
+                "{}",
+                String::from_utf8_lossy(target)
+            );
+            assert_eq!(req.headers.get("host").unwrap(), "example.com");
+            assert_eq!(req.headers.get("x-forwarded-for").unwrap(), "10.0.0.1");
+            let clients: Vec<_> = req.headers.get_all("x-client").iter().collect();
+            assert_eq!(clients, ["3"]);
+            // Names leave in canonical form: standard ones title-cased.
+            let text = wire(&req);
+            assert!(text.contains("Host: example.com\r\n"), "{text}");
+            assert!(text.contains("x-forwarded-for: 10.0.0.1\r\n"), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_opened_http2_request_keeps_its_end_of_stream_choice() {
+        for end in [true, false] {
+            let mut req = RequestHeader::build_no_case("POST", b"/up", None).unwrap();
+            req.set_version(http::Version::HTTP_2);
+            req.set_send_end_stream(end);
+            let head = OpenRequest::open(&mut req);
+            head.close(&mut req).unwrap();
+            assert_eq!(req.version, http::Version::HTTP_2);
+            assert_eq!(req.send_end_stream(), Some(end));
+        }
+    }
+
+    #[test]
+    fn a_full_map_refuses_fields_without_aborting() {
+        let mut map = HeaderMap::new();
+        for i in 0..40_000 {
+            let n = HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap();
+            EditHeaders::insert(&mut map, &n, HeaderValue::from_static("v"));
+        }
+        assert!(map.len() < 40_000);
     }
 
     #[test]
