@@ -173,10 +173,9 @@ impl Forwarded<'_> {
                 || (!trusted && BELIEVED_FROM_PROXIES.contains(&n.as_str()))
         });
         // The peer's address is written once, at the end of the chain, and
-        // shared from there by `X-Real-IP` (the peer itself unless a trusted
-        // proxy named the client) and `Forwarded`.
-        let mut peer_text = None;
-        if let Some(peer) = self.peer {
+        // shared from there by `Forwarded` and `X-Real-IP` (the peer itself
+        // unless a trusted proxy named the client).
+        let chain = self.peer.map(|peer| {
             let mut chain = String::with_capacity(64);
             for v in self.client.get_all(X_FORWARDED_FOR).iter() {
                 if let Ok(s) = v.to_str() {
@@ -186,28 +185,27 @@ impl Forwarded<'_> {
             }
             let at = chain.len();
             push_ip(&mut chain, peer);
+            (chain, at)
+        });
+        let forwarded = self.forwarded_field(chain.as_ref().map(|(c, at)| &c[*at..]));
+        set_bytes(req, &FORWARDED, Bytes::from(forwarded));
+        if let Some((chain, at)) = chain {
             let chain = Bytes::from(chain);
-            peer_text = Some((peer, chain.slice(at..)));
+            if self.client_ip == self.peer {
+                set_bytes(req, &X_REAL_IP, chain.slice(at..));
+            }
             set_bytes(req, &X_FORWARDED_FOR, chain);
+        }
+        if let Some(ip) = self.client_ip.filter(|ip| Some(*ip) != self.peer) {
+            let mut text = String::with_capacity(40);
+            push_ip(&mut text, ip);
+            set_bytes(req, &X_REAL_IP, Bytes::from(text));
         }
         req.insert(&X_FORWARDED_PROTO, self.proto());
         match self.forwarded_host() {
             Some(h) => req.insert(&X_FORWARDED_HOST, h),
             None => req.remove(&X_FORWARDED_HOST),
         }
-        match (self.client_ip, &peer_text) {
-            (Some(ip), Some((peer, text))) if ip == *peer => {
-                set_bytes(req, &X_REAL_IP, text.clone());
-            }
-            (Some(ip), _) => {
-                let mut text = String::with_capacity(40);
-                push_ip(&mut text, ip);
-                set_bytes(req, &X_REAL_IP, Bytes::from(text));
-            }
-            (None, _) => {}
-        }
-        let forwarded = self.forwarded_field(peer_text.as_ref().map(|(_, text)| &text[..]));
-        set_bytes(req, &FORWARDED, Bytes::from(forwarded));
     }
 
     /// What a trusted proxy told the upstream of the original request
@@ -233,8 +231,8 @@ impl Forwarded<'_> {
 
     /// `Forwarded` (RFC 7239): a trusted proxy's elements, then ours,
     /// describing the hop from the peer to the gateway.
-    /// `peer_text` is the peer's address as already written.
-    fn forwarded_field(&self, peer_text: Option<&[u8]>) -> String {
+    /// `peer` is the peer's address as `X-Forwarded-For` ends with it.
+    fn forwarded_field(&self, peer: Option<&str>) -> String {
         let mut out = String::with_capacity(64);
         if self.peer_trusted {
             for v in self.client.get_all(FORWARDED).iter() {
@@ -248,21 +246,14 @@ impl Forwarded<'_> {
             }
         }
         out.push_str("for=");
-        let text = peer_text.and_then(|t| std::str::from_utf8(t).ok());
-        match (self.peer, text) {
-            (Some(IpAddr::V4(_)), Some(text)) => out.push_str(text),
+        match (self.peer, peer) {
             (Some(IpAddr::V6(_)), Some(text)) => {
                 out.push_str("\"[");
                 out.push_str(text);
                 out.push_str("]\"");
             }
-            (Some(ip @ IpAddr::V4(_)), None) => push_ip(&mut out, ip),
-            (Some(ip @ IpAddr::V6(_)), None) => {
-                out.push_str("\"[");
-                push_ip(&mut out, ip);
-                out.push_str("]\"");
-            }
-            (None, _) => out.push_str("unknown"),
+            (_, Some(text)) => out.push_str(text),
+            (_, None) => out.push_str("unknown"),
         }
         out.push_str(if self.tls {
             ";proto=https"
@@ -289,26 +280,7 @@ fn set_bytes(req: &mut impl EditHeaders, name: &HeaderName, text: Bytes) {
 /// A `Forwarded` parameter value: a token as it is, anything else quoted
 /// (RFC 7230 quoted-string; `"` and `\` escaped).
 fn push_token_or_quoted(out: &mut String, value: &str) {
-    let tchar = |b: u8| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            )
-    };
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if !value.is_empty() && value.bytes().all(tchar) {
         out.push_str(value);
         return;
