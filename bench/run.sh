@@ -557,7 +557,8 @@ if need_gatehouse; then
         git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev+="-dirty"
         GH_VER+=" ($rev)"
     fi
-    GH_VER+=" $(basename "$(dirname "$GATEHOUSE_BIN")")"
+    # The binary itself (target/release, target/pgo/release, ...), not just its profile name.
+    GH_VER+=" ${GATEHOUSE_BIN#"$ROOT"/}"
 fi
 
 # --------------------------------------------------------------- load -------
