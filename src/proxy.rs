@@ -140,7 +140,7 @@ impl Proxy {
         };
         let req = session.req_header();
         let authorization = req.headers.get(http::header::AUTHORIZATION);
-        let (verified, cert) = (ctx.identity.as_ref(), ctx.client_cert.as_ref());
+        let (verified, cert) = (ctx.identity.identity(), ctx.client_cert.as_ref());
         let id = ctx.request_id.header_value();
         let headers = auth::part_headers(id, authorization, verified, cert);
         let cache = ctx.cache_slot(session, self.cache.as_ref());
@@ -333,7 +333,7 @@ impl ProxyHttp for Proxy {
             &forwarding::REQUEST_ID,
             ctx.request_id.header_value().clone(),
         );
-        let (identity, cert) = (ctx.identity.as_ref(), ctx.client_cert.as_ref());
+        let (identity, cert) = (ctx.identity.identity(), ctx.client_cert.as_ref());
         auth::forward_identity(&route.identity_headers, identity, cert, &mut head);
         route.request_headers.apply(&mut head);
         // Response rules read bodies: ask for them uncompressed.

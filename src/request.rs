@@ -12,7 +12,7 @@ use pingora_core::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Verdict};
 use crate::budget::Held;
 use crate::cache::{self, Cache, CachePolicy, Slot};
 use crate::forwarding::{self, Forwarded, RequestId};
@@ -59,8 +59,9 @@ pub struct RequestCtx {
     pub in_flight: Option<InFlight>,
     /// The request body against the route's `max_body`.
     pub body: BodyCount,
-    /// Who the credentials verified as, on a route with `auth`.
-    pub identity: Option<Identity>,
+    /// What the credentials came to on a route with `auth`: who they
+    /// verified as, or why not.
+    pub identity: Verdict,
     /// The connection's verified client certificate.
     pub client_cert: Option<ClientCert>,
     /// The rate limit count, for the `RateLimit-*` headers.
@@ -106,7 +107,7 @@ impl RequestCtx {
             upstream_status: None,
             in_flight: None,
             body: BodyCount::default(),
-            identity: None,
+            identity: Verdict::Unverified,
             client_cert: None,
             limit: None,
             params: Params::default(),
@@ -161,8 +162,9 @@ impl RequestCtx {
         self.normalized_path = selected.normalized_path;
         self.params = selected.params;
         self.deadline = selected.deadline;
-        // Verified by routing (`match.claims`); `guard` takes it from here.
-        self.identity = selected.identity;
+        // Found by routing (`match.claims`), valid or not; `guard` takes it
+        // from here.
+        self.identity = selected.verified;
     }
 
     pub fn problem(&self, status: StatusCode, detail: &str) -> Phase {
@@ -194,12 +196,12 @@ impl RequestCtx {
 
     /// The verified token's `sub` (when a string) or the API consumer.
     pub fn user(&self) -> Option<&str> {
-        self.identity.as_ref()?.user()
+        self.identity.identity()?.user()
     }
 
     /// The verified token's claims or the consumer's fields.
     pub fn claims(&self) -> Option<&Claims> {
-        self.identity.as_ref().map(Identity::claims)
+        self.identity.identity().map(Identity::claims)
     }
 
     /// What request keys (rate limits, consistent hashing) are taken from.
@@ -208,7 +210,7 @@ impl RequestCtx {
             client_ip: self.client_ip,
             headers,
             claims: self.claims(),
-            consumer: self.identity.as_ref().and_then(Identity::consumer),
+            consumer: self.identity.identity().and_then(Identity::consumer),
         }
     }
 
@@ -365,7 +367,7 @@ impl RequestCtx {
     pub fn cache_key(&self, session: &Session, policy: &CachePolicy) -> String {
         let req = session.req_header();
         let origin = cache::origin(&self.forwarded(session));
-        let subject = self.identity.as_ref().and_then(Identity::cache_subject);
+        let subject = self.identity.identity().and_then(Identity::cache_subject);
         let mut key = cache::primary_key(
             req,
             &origin,

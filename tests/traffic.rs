@@ -1,11 +1,17 @@
-//! Traffic management end to end (SPEC section 7.1): weighted splits,
-//! sticky by a key across processes, a side that cannot answer, and
-//! routing by the verified token's claims and by the query.
+//! Traffic management end to end (SPEC section 7): weighted splits,
+//! sticky by a key (header, claim, consumer) across processes, a side that
+//! cannot answer, routing by the verified token's claims (verified once)
+//! and by the query, outlier detection beside active health checks,
+//! retries and their budget, and mirroring.
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::jwt::{self, claims};
@@ -841,4 +847,582 @@ routes:
         "POST is not retried"
     );
     assert!(gw.log_text().contains("timeout from"));
+}
+
+#[test]
+fn a_refused_token_is_verified_once_though_a_claims_route_fell_through() {
+    let (premium, std) = (TestUpstream::named("premium"), TestUpstream::named("std"));
+    // After the first, every key set takes longer to come than the
+    // early-refresh gap the gateway is given (1 s): each verification of a
+    // token naming an unknown kid then makes a fetch of its own, so the
+    // fetches count verifications.
+    let keys = jwt::jwks(&[("rsa1.pem", "key-a")]);
+    let served = AtomicUsize::new(0);
+    let idp = TestUpstream::with_handler("idp", move |_| {
+        let reply = Reply::typed(200, "application/json", &keys);
+        match served.fetch_add(1, Ordering::SeqCst) {
+            0 => reply,
+            _ => reply.delayed(Duration::from_millis(1500)),
+        }
+    });
+    let config = format!(
+        "auth:
+  jwt:
+    idp:
+      algorithms: [RS256]
+      jwks_url: http://{}/jwks
+      jwks_refresh: 1h
+upstreams:
+  premium: {{ targets: [{}] }}
+  std: {{ targets: [{}] }}
+routes:
+  - name: default
+    match: {{ path_prefix: /api }}
+    upstream: std
+    auth: idp
+  - name: premium
+    match: {{ path_prefix: /api, claims: {{ tier: premium }} }}
+    upstream: premium
+    auth: idp
+",
+        idp.addr, premium.addr, std.addr
+    );
+    let gw = gateway(&config)
+        .env("GATEHOUSE_JWKS_EARLY_REFRESH_GAP", "1s")
+        .start();
+    let premium_token = |kid: &str| {
+        let mut c = claims("user-1");
+        c["tier"] = json!("premium");
+        jwt::mint(Algorithm::RS256, "rsa1.pem", Some(kid), &c)
+    };
+    let get = |token: &str| {
+        client()
+            .get(gw.url("/api/orders"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+    };
+    let r = get(&premium_token("key-a"));
+    assert_eq!(r.text().unwrap(), "premium");
+    let fetches = idp.count();
+    // A premium token naming a kid the identity provider never published:
+    // routing verifies it for the claims route and falls through; the
+    // default route (same provider) refuses it with that verdict.
+    let r = get(&premium_token("key-gone"));
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    assert_problem(r, 401);
+    assert_eq!(
+        idp.count(),
+        fetches + 1,
+        "verified once, while routing: the default route's auth verified it again"
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            "gatehouse_auth_failures_total{reason=\"unknown_key\",route=\"default\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric_sum(&gw, "gatehouse_auth_failures_total{"), 1.0);
+    assert_eq!((premium.count(), std.count()), (1, 0));
+}
+
+fn sha256_hex(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An HS256 token valid for an hour, for `sub` or (`None`) with no `sub`.
+fn hs256_token(sub: Option<&str>) -> String {
+    let mut c = claims(sub.unwrap_or_default());
+    if sub.is_none() {
+        c.as_object_mut().unwrap().remove("sub");
+    }
+    jwt::mint(Algorithm::HS256, jwt::SECRET, None, &c)
+}
+
+/// The side `c` is sent to for `path`, with these headers.
+fn side_from(
+    c: &reqwest::blocking::Client,
+    gw: &Gateway,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    let mut req = c.get(gw.url(path));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let r = req.send().unwrap();
+    assert_eq!(r.status(), 200, "{path} {headers:?}");
+    r.text().unwrap()
+}
+
+#[test]
+fn splits_by_claim_or_consumer_stick_per_user_and_fall_back_to_the_client_ip() {
+    let (v1, v2) = (TestUpstream::named("v1"), TestUpstream::named("v2"));
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    let partner_key = |i: usize| format!("partner-key-{i:02}-0f3c9a1e77d24b5c");
+    let keys: String = (0..40)
+        .map(|i| {
+            let digest = sha256_hex(&partner_key(i));
+            format!("- {{ consumer: partner-{i}, sha256: \"{digest}\" }}\n")
+        })
+        .collect();
+    std::fs::write(&keys_file, keys).unwrap();
+    let sides = "      to:
+        - { upstream: v1, weight: 90 }
+        - { upstream: v2, weight: 10 }
+";
+    let config = format!(
+        "auth:
+  jwt:
+    main:
+      algorithms: [HS256]
+      secret: ${{JWT_SECRET}}
+  api_keys:
+    partners:
+      from: header:X-API-Key
+      keys_file: {keys}
+upstreams:
+  v1: {{ targets: [{v1}] }}
+  v2: {{ targets: [{v2}] }}
+routes:
+  - name: users
+    match: {{ path_prefix: /users }}
+    auth: main
+    split:
+      by: claim:sub
+{sides}  - name: open
+    match: {{ path_prefix: /open }}
+    split:
+      by: claim:sub
+{sides}  - name: by-ip
+    match: {{ path_prefix: /by-ip }}
+    split:
+      by: ip
+{sides}  - name: partners
+    match: {{ path_prefix: /partners }}
+    auth: partners
+    split:
+      by: consumer
+      to: [{{ upstream: v1 }}, {{ upstream: v2 }}]
+",
+        keys = keys_file.display(),
+        v1 = v1.addr,
+        v2 = v2.addr,
+    );
+    let gw = gateway(&config).env("JWT_SECRET", jwt::SECRET).start();
+    let local = client();
+    let elsewhere: Vec<_> = (2..7)
+        .map(|i| client_from(&format!("127.0.0.{i}")))
+        .collect();
+
+    // The SPEC's own example: each user stays on one side, wherever they
+    // connect from, and the users spread by the weights.
+    let mut on_v2 = 0;
+    for i in 0..200 {
+        let bearer = format!("Bearer {}", hs256_token(Some(&format!("user-{i}"))));
+        let auth = [("Authorization", bearer.as_str())];
+        let side = side_from(&local, &gw, "/users/x", &auth);
+        assert_eq!(side_from(&local, &gw, "/users/x", &auth), side, "user-{i}");
+        assert_eq!(
+            side_from(&elsewhere[i % 5], &gw, "/users/x", &auth),
+            side,
+            "user-{i} moved with the client address"
+        );
+        on_v2 += usize::from(side == "v2");
+    }
+    assert!(
+        (6..=40).contains(&on_v2),
+        "{on_v2} of 200 users on the 10% side"
+    );
+
+    // Without the claim (a token with no `sub`, or no token on a route
+    // without auth) the key is the client IP: the side a `by: ip` split of
+    // the same weights picks.
+    let no_sub = format!("Bearer {}", hs256_token(None));
+    let mut by_ip = BTreeSet::new();
+    for i in 10..110 {
+        let c = client_from(&format!("127.0.0.{i}"));
+        let side = side_from(&c, &gw, "/by-ip/x", &[]);
+        let auth = [("Authorization", no_sub.as_str())];
+        assert_eq!(side_from(&c, &gw, "/users/x", &auth), side, "127.0.0.{i}");
+        assert_eq!(side_from(&c, &gw, "/open/x", &[]), side, "127.0.0.{i}");
+        by_ip.insert(side);
+    }
+    assert_eq!(by_ip.len(), 2, "the addresses fall on both sides");
+
+    // `by: consumer`: each API key's consumer stays on one side.
+    let mut seen = BTreeSet::new();
+    for i in 0..40 {
+        let key = partner_key(i);
+        let header = [("X-API-Key", key.as_str())];
+        let side = side_from(&local, &gw, "/partners/x", &header);
+        assert_eq!(
+            side_from(&elsewhere[i % 5], &gw, "/partners/x", &header),
+            side,
+            "partner-{i}"
+        );
+        seen.insert(side);
+    }
+    assert_eq!(seen.len(), 2, "the consumers fall on both sides");
+}
+
+#[test]
+fn a_target_serves_only_while_neither_its_checks_nor_its_failures_count_against_it() {
+    // Passes its health checks, fails every request.
+    let flaky = failing("flaky", 500);
+    // Fails its health checks, would answer every request.
+    let down = TestUpstream::named("down");
+    down.set_healthy(false);
+    let good = TestUpstream::named("good");
+    let config = format!(
+        "upstreams:
+  pool:
+    targets: [{}, {}, {}]
+    health_check: {{ path: /health, interval: 100ms, timeout: 500ms, unhealthy_after: 1, healthy_after: 1 }}
+    outlier: {{ consecutive_failures: 2, eject_for: 30s, max_ejected: 50% }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: pool
+",
+        flaky.addr, down.addr, good.addr
+    );
+    let gw = gateway(&config).start();
+    let healthy = |t: &TestUpstream| {
+        metric(
+            &gw,
+            &format!(
+                "gatehouse_upstream_healthy{{target=\"{}\",upstream=\"pool\"}}",
+                t.addr
+            ),
+        )
+    };
+    eventually(Duration::from_secs(5), "its check marks it down", || {
+        healthy(&down) == Some(0.0)
+    });
+    let get = || client().get(gw.url("/x")).send().unwrap();
+    let statuses: Vec<u16> = (0..20).map(|_| get().status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(flaky.count(), 2, "ejected after two failures");
+    assert_eq!(
+        down.count(),
+        0,
+        "never used, though no request of it ever failed"
+    );
+    assert_eq!(good.count(), 18);
+    // The ejected target keeps passing its checks, and stays out.
+    let checks = flaky.health_checks();
+    eventually(Duration::from_secs(5), "more passing checks", || {
+        flaky.health_checks() >= checks + 3
+    });
+    for _ in 0..10 {
+        assert_eq!(get().text().unwrap(), "good");
+    }
+    assert_eq!(flaky.count(), 2);
+    // Checks passing again, the target nothing counts against serves.
+    down.set_healthy(true);
+    eventually(
+        Duration::from_secs(5),
+        "the recovered target serves",
+        || {
+            assert_eq!(get().status(), 200);
+            down.count() > 0
+        },
+    );
+    assert_eq!(flaky.count(), 2);
+}
+
+/// Reads one message head off `s` (through its blank line) and the bytes
+/// read past it; `None` once the peer closed.
+fn read_head(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Some((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A target on 127.0.0.1:0, a thread per connection: `answer` gets each
+/// request head (and the bytes read past it) with the connection, and says
+/// whether to read another request on it.
+fn serve_raw(
+    answer: impl Fn(&str, &[u8], &mut TcpStream) -> bool + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let answer = Arc::clone(&answer);
+            std::thread::spawn(move || {
+                while let Some((head, rest)) = read_head(&mut s) {
+                    if !answer(&head, &rest, &mut s) {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Two targets' shared gate: each first attempt is held until `held` have
+/// arrived, then all are answered 503 at once; a later request (a retry)
+/// is held until each first attempt is either retried or answered to its
+/// client, then answered 200. So every retry is decided while all the
+/// requests are in flight, and no retry ends before the last decision.
+struct Gate {
+    /// Requests arrived, and 503s the clients received.
+    counts: Mutex<(usize, usize)>,
+    changed: Condvar,
+    held: usize,
+}
+
+impl Gate {
+    fn target(gate: &Arc<Gate>) -> SocketAddr {
+        let gate = Arc::clone(gate);
+        serve_raw(move |_, _, s| {
+            let wait = Duration::from_secs(10);
+            let mut counts = gate.counts.lock().unwrap();
+            counts.0 += 1;
+            let first = counts.0 <= gate.held;
+            gate.changed.notify_all();
+            let reply: &[u8] = if first {
+                let _all_here = gate
+                    .changed
+                    .wait_timeout_while(counts, wait, |c| c.0 < gate.held)
+                    .unwrap();
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown"
+            } else {
+                let _all_decided = gate
+                    .changed
+                    .wait_timeout_while(counts, wait, |c| c.0 - gate.held + c.1 < gate.held)
+                    .unwrap();
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry"
+            };
+            s.write_all(reply).is_ok()
+        })
+    }
+
+    fn given_up(&self) {
+        self.counts.lock().unwrap().1 += 1;
+        self.changed.notify_all();
+    }
+}
+
+#[test]
+fn retries_stop_at_their_share_of_the_requests_in_flight() {
+    const REQUESTS: usize = 40;
+    let gate = Arc::new(Gate {
+        counts: Mutex::new((0, 0)),
+        changed: Condvar::new(),
+        held: REQUESTS,
+    });
+    let targets = format!("{}, {}", Gate::target(&gate), Gate::target(&gate));
+    // 22% of 40 in flight: 8 retries, above the minimum of 3.
+    let gw = gateway(&retry_config("    retry_budget: 22%\n", &targets)).start();
+    let url = gw.url("/x");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let status = client().get(&url).send().unwrap().status().as_u16();
+                    if status == 503 {
+                        gate.given_up();
+                    }
+                    status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let retried = metric_sum(&gw, "gatehouse_upstream_requests_total{outcome=\"retry\"");
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(retried, 8.0, "{statuses:?}");
+    assert_eq!(served, 8, "each retry answered: {statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        REQUESTS - 8,
+        "past the budget the 503 is returned as it is"
+    );
+}
+
+/// A target that answers `503` as soon as it has a request's head, before
+/// a chunked body has arrived (a sized one it reads first); counts heads.
+fn answers_before_the_body(heads: &Arc<AtomicUsize>) -> SocketAddr {
+    let heads = Arc::clone(heads);
+    serve_raw(move |head, rest, s| {
+        heads.fetch_add(1, Ordering::SeqCst);
+        let mut left = content_length(head).saturating_sub(rest.len());
+        let mut buf = [0u8; 4096];
+        while left > 0 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+        let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndown";
+        if s.write_all(answer).is_err() {
+            return false;
+        }
+        // Whatever else comes (the rest of a chunked body) is read and
+        // dropped until the gateway closes.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        false
+    })
+}
+
+#[test]
+fn a_body_still_arriving_is_never_replayed() {
+    let heads = Arc::new(AtomicUsize::new(0));
+    let targets = format!(
+        "{}, {}",
+        answers_before_the_body(&heads),
+        answers_before_the_body(&heads)
+    );
+    let gw = gateway(&retry_config("", &targets)).start();
+    // A PUT whose chunked body is still coming when its target answers 503:
+    // it cannot be replayed whole, so the client gets that 503.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"PUT /x HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .unwrap();
+    let (head, mut body) = read_head(&mut s).expect("an answer before the body ends");
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let mut buf = [0u8; 64];
+    while body.len() < content_length(&head) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert_eq!(body, b"down", "the target's own answer");
+    let _ = s.write_all(b"0\r\n\r\n");
+    drop(s);
+    assert_eq!(heads.load(Ordering::SeqCst), 1, "the other target saw it");
+    let retried = || metric_sum(&gw, "gatehouse_upstream_requests_total{outcome=\"retry\"");
+    assert_eq!(retried(), 0.0);
+    // The same PUT with its whole body is replayed on the other target.
+    let r = client().put(gw.url("/x")).body("whole").send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(heads.load(Ordering::SeqCst), 3);
+    assert_eq!(retried(), 1.0);
+}
+
+#[test]
+fn a_retried_request_is_mirrored_once_and_a_retried_connect_stays_a_connect_error() {
+    let down = failing("down", 503);
+    let good = TestUpstream::with_handler("good", |req| {
+        Reply::text(200, &format!("good {}", String::from_utf8_lossy(&req.body)))
+    });
+    let next = TestUpstream::named("next");
+    let dead = free_port();
+    let config = format!(
+        "upstreams:
+  orders:
+    targets: [{down}, {good}]
+    retry_on: [503]
+  refusing:
+    targets: ['127.0.0.1:{dead}', {good}]
+  next: {{ targets: [{next}] }}
+routes:
+  - name: orders
+    match: {{ path_prefix: /orders }}
+    upstream: orders
+    mirror: {{ upstream: next }}
+  - name: refusing
+    match: {{ path_prefix: /refusing }}
+    upstream: refusing
+    mirror: {{ upstream: next }}
+",
+        down = down.addr,
+        good = good.addr,
+        next = next.addr
+    );
+    let gw = gateway(&config).start();
+    let mut bodies = BTreeSet::new();
+    for i in 0..6 {
+        let body = format!("put-{i}");
+        let r = client()
+            .put(gw.url("/orders/1"))
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.text().unwrap(), format!("good {body}"));
+        bodies.insert(body);
+    }
+    assert!(down.count() >= 2, "some went to the failing target first");
+    for i in 0..4 {
+        let body = format!("post-{i}");
+        let r = client()
+            .post(gw.url("/refusing/1"))
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.text().unwrap(), format!("good {body}"));
+        bodies.insert(body);
+    }
+    let sent = |route: &str| {
+        metric(
+            &gw,
+            &format!("gatehouse_mirror_requests_total{{result=\"sent\",route=\"{route}\"}}"),
+        )
+    };
+    eventually(Duration::from_secs(5), "every copy answered", || {
+        sent("orders") == Some(6.0) && sent("refusing") == Some(4.0)
+    });
+    // One copy per request, retried or not, each with its whole body.
+    let copies: Vec<String> = next
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(copies.len(), 10, "{copies:?}");
+    assert_eq!(copies.into_iter().collect::<BTreeSet<_>>(), bodies);
+    let text = metrics_text(&gw);
+    assert!(!text.contains("result=\"skipped\""), "{text}");
+    // A retried status counts as `retry`; a retried connect stays
+    // `connect_error`.
+    let retried = metric_sum(&gw, "gatehouse_upstream_requests_total{outcome=\"retry\"");
+    assert_eq!(retried, down.count() as f64);
+    let refused = format!(
+        "gatehouse_upstream_requests_total{{outcome=\"connect_error\",target=\"127.0.0.1:{dead}\",upstream=\"refusing\"}}"
+    );
+    assert!(metric(&gw, &refused).is_some_and(|n| n >= 1.0), "{text}");
+    assert!(
+        !text.contains(&format!("outcome=\"retry\",target=\"127.0.0.1:{dead}\"")),
+        "{text}"
+    );
 }

@@ -472,6 +472,45 @@ impl Identity {
     }
 }
 
+/// What a request's credentials came to, once verified. Routing
+/// (`match.claims`) may verify them before `guard` does; whatever it found,
+/// an identity or a refusal, `guard` takes instead of verifying again, so a
+/// forged token costs one verification (and an unknown kid one early JWKS
+/// fetch) whichever route is chosen.
+#[derive(Debug, Clone, Default)]
+pub enum Verdict {
+    /// Not verified yet, or nothing the route verifies (a route asking only
+    /// for a client certificate).
+    #[default]
+    Unverified,
+    Verified(Identity),
+    Refused(AuthError),
+}
+
+impl Verdict {
+    /// The verdict of [`RouteAuth::identify`]'s result.
+    pub fn of(identified: Result<Option<Identity>, AuthError>) -> Self {
+        match identified {
+            Ok(Some(identity)) => Verdict::Verified(identity),
+            Ok(None) => Verdict::Unverified,
+            Err(e) => Verdict::Refused(e),
+        }
+    }
+
+    /// The identity the credentials verified as, if they did.
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Verdict::Verified(identity) => Some(identity),
+            Verdict::Unverified | Verdict::Refused(_) => None,
+        }
+    }
+
+    /// The verdict, leaving [`Verdict::Unverified`] in its place.
+    pub fn take(&mut self) -> Verdict {
+        std::mem::take(self)
+    }
+}
+
 /// Identity headers on the upstream request: whatever the client sent
 /// under those names is dropped, then the verified identity's are set.
 pub fn forward_identity(
@@ -555,20 +594,21 @@ impl RouteAuth {
     /// The identity a request's credentials verify as (`None` on a route
     /// that asks only for a client certificate, checked with
     /// `client_cert_verified`).
-    /// `verified`: the identity routing already verified these credentials
-    /// as (for `match.claims`), so they are not verified twice.
+    /// `verified`: what routing already found these credentials to be (for
+    /// `match.claims`), valid or not, so they are not verified twice.
     pub async fn authorize(
         &self,
         req: &RequestHeader,
         client_cert_verified: bool,
-        verified: Option<Identity>,
+        verified: Verdict,
     ) -> Result<Option<Identity>, AuthError> {
         if self.client_cert && !client_cert_verified {
             return Err(AuthError::NoClientCert);
         }
         let identity = match verified {
-            Some(identity) => identity,
-            None => match self.identify(req).await? {
+            Verdict::Verified(identity) => identity,
+            Verdict::Refused(e) => return Err(e),
+            Verdict::Unverified => match self.identify(req).await? {
                 Some(identity) => identity,
                 None => return Ok(None),
             },

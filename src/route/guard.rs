@@ -8,7 +8,7 @@
 use pingora_http::RequestHeader;
 
 use super::Route;
-use crate::auth::Identity;
+use crate::auth::{Identity, Verdict};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, RateLimit};
 use crate::respond::Phase;
@@ -17,21 +17,21 @@ use crate::subject::Subject;
 /// What guarding a request found, whatever it decided.
 #[derive(Default)]
 pub struct Guarded {
-    /// Who the credentials verified as.
-    pub identity: Option<Identity>,
+    /// What the credentials came to: who they verified as, or why not.
+    pub identity: Verdict,
     /// The rate limit's count, for the `RateLimit-*` headers (on a refusal
     /// too).
     pub limit: Option<Decision>,
 }
 
-/// Rate limit and authentication of `req` on `route`; `verified` is the
-/// identity routing verified the credentials as, if it had to.
+/// Rate limit and authentication of `req` on `route`; `verified` is what
+/// routing found the credentials to be, if it had to verify them.
 pub async fn guard(
     route: &Route,
     req: &RequestHeader,
     client_ip: Option<std::net::IpAddr>,
     client_cert_verified: bool,
-    verified: Option<Identity>,
+    verified: Verdict,
     metrics: &Metrics,
     request_id: &str,
 ) -> (Guarded, Phase) {
@@ -54,8 +54,11 @@ pub async fn guard(
     }
     if let Some(auth) = &route.auth {
         match auth.authorize(req, client_cert_verified, verified).await {
-            Ok(identity) => found.identity = identity,
+            Ok(identity) => {
+                found.identity = identity.map_or(Verdict::Unverified, Verdict::Verified)
+            }
             Err(e) => {
+                found.identity = Verdict::Refused(e);
                 metrics
                     .auth_failures
                     .with_label_values(&[&route.name, e.reason()])
@@ -72,7 +75,7 @@ pub async fn guard(
         }
     }
     if let Some(limit) = late {
-        let identity = found.identity.clone();
+        let identity = found.identity.identity().cloned();
         if let Some(refused) = counter.count(limit, identity.as_ref(), &mut found).await {
             return (found, refused);
         }

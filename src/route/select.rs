@@ -11,7 +11,7 @@ use http::StatusCode;
 use pingora_http::RequestHeader;
 
 use super::{Route, Routes};
-use crate::auth::Identity;
+use crate::auth::{Identity, Verdict};
 use crate::respond::Response;
 use crate::routing::{
     normalize_path, path_params, without_params, Claimed, Params, PathParams, PathParamsFound,
@@ -20,9 +20,10 @@ use crate::routing::{
 
 /// The route chosen for a request, and what routing worked out.
 pub struct Selected {
-    /// Who the route's credentials verified as, when `match.claims` had to
-    /// verify them to choose it: `guard` does not verify them again.
-    pub identity: Option<Identity>,
+    /// What the route's credentials came to, valid or not, when
+    /// `match.claims` had to verify them to choose a route: `guard` does not
+    /// verify them again.
+    pub verified: Verdict,
     pub route: Arc<Route>,
     /// Path and query for the upstream, when they differ from the client's.
     pub upstream_uri: Option<String>,
@@ -78,9 +79,9 @@ pub async fn select(
     };
     let preflight = crate::cors::preflight_method(&req.method, &req.headers)
         .and_then(|asked| preflight_route(routes, &request, &asked));
-    // Identities verified for `match.claims`, by the auth that verified
-    // them: routes sharing providers share the one verification.
-    let mut verified: Vec<(Arc<Route>, Option<Identity>)> = Vec::new();
+    // Verdicts on the credentials for `match.claims`, by the auth that
+    // reached them: routes sharing providers share the one verification.
+    let mut verified: Vec<(Arc<Route>, Verdict)> = Vec::new();
     let route = loop {
         let outcome = match preflight {
             Some(route) => RouteOutcome::Matched(route),
@@ -89,11 +90,11 @@ pub async fn select(
         match outcome {
             RouteOutcome::Matched(route) => break Arc::clone(route),
             RouteOutcome::NeedsIdentity(route) => {
-                let identity = match &route.auth {
-                    Some(auth) => auth.identify(req).await.ok().flatten(),
-                    None => None,
+                let verdict = match &route.auth {
+                    Some(auth) => Verdict::of(auth.identify(req).await),
+                    None => Verdict::Unverified,
                 };
-                verified.push((Arc::clone(route), identity));
+                verified.push((Arc::clone(route), verdict));
             }
             RouteOutcome::NotFound => {
                 return Err(problem(
@@ -122,12 +123,15 @@ pub async fn select(
     if route.aggregate().is_some() {
         route.matcher.path.matches(match_path, Some(&mut params));
     }
-    let identity = verified
+    // A refusal is kept too: the chosen route's own auth answers with it
+    // rather than verifying the same credentials again.
+    let verified = verified
         .into_iter()
         .find(|(by, _)| same_credentials(by, &route))
-        .and_then(|(_, identity)| identity);
+        .map(|(_, verdict)| verdict)
+        .unwrap_or_default();
     Ok(Selected {
-        identity,
+        verified,
         normalized_path: match path {
             Cow::Owned(p) => Some(p),
             Cow::Borrowed(_) => None,
@@ -177,13 +181,13 @@ fn same_credentials(a: &Route, b: &Route) -> bool {
 }
 
 /// What `verified` tells of `route`'s `match.claims`.
-fn claimed(route: &Route, verified: &[(Arc<Route>, Option<Identity>)]) -> Claimed {
+fn claimed(route: &Route, verified: &[(Arc<Route>, Verdict)]) -> Claimed {
     match verified.iter().find(|(by, _)| same_credentials(by, route)) {
         None => Claimed::Unknown,
-        Some((_, identity)) => {
+        Some((_, verdict)) => {
             if route
                 .matcher
-                .matches_claims(identity.as_ref().map(Identity::claims))
+                .matches_claims(verdict.identity().map(Identity::claims))
             {
                 Claimed::Hold
             } else {
