@@ -1,9 +1,10 @@
 //! The IP filter (SPEC section 6.2), a route's `ip_filter` or the
-//! top-level default. Joins `request_filter`, before CORS, rate limits and
-//! authentication. The client IP is the one `forwarding` found:
-//! `X-Forwarded-For` counts only from a peer in `server.trusted_proxies`,
-//! so a client cannot name its own address. `deny` wins over `allow`; with
-//! `allow` set, every other address is refused.
+//! top-level default. Joins `request_filter`, before CORS, the route's
+//! `max_body`, rate limits and authentication. The client IP is the one
+//! `forwarding` found: `X-Forwarded-For` counts only from a peer in
+//! `server.trusted_proxies`, so a client cannot name its own address.
+//! `deny` wins over `allow`; with `allow` set, every other address is
+//! refused.
 
 use std::net::IpAddr;
 

@@ -55,8 +55,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// The route, and what routing worked out; the head's limits and the
-    /// body's declared length. Synchronous on purpose.
+    /// The route, and what routing worked out; the head's limits.
     async fn select(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         // HTTP/1 heads were measured as they arrived (`listener`).
@@ -72,8 +71,25 @@ impl Proxy {
             Ok(selected) => selected,
             Err(response) => return Phase::Respond(response),
         };
-        let max_body = selected.route.max_body;
         ctx.routed(selected);
+        Phase::Continue
+    }
+
+    /// The IP filter and CORS (a preflight is answered here).
+    fn edge(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
+        let route = Arc::clone(&ctx.route);
+        let (req, id) = (session.req_header(), ctx.request_id.as_str());
+        let metrics = self.observer.metrics();
+        let (admitted, phase) = route::edge(&route, req, ctx.client_ip, metrics, id);
+        ctx.cors = admitted;
+        phase
+    }
+
+    /// The body's declared length against the route's `max_body`. After the
+    /// edge: the refusal carries the CORS fields, and a refused address
+    /// learns nothing of the route's limits.
+    fn admit_body(&self, session: &mut Session, ctx: &mut RequestCtx) -> Phase {
+        let (req, max_body) = (session.req_header(), ctx.route.max_body);
         let Some(body) = BodyCount::admit(&req.headers, max_body) else {
             let detail = format!("the request body is larger than {max_body} bytes");
             return ctx.problem(StatusCode::PAYLOAD_TOO_LARGE, &detail);
@@ -88,16 +104,6 @@ impl Proxy {
         // client trickling it cannot hold an upstream connection for long.
         session.set_read_timeout(Some(self.settings.body_timeout));
         Phase::Continue
-    }
-
-    /// The IP filter and CORS (a preflight is answered here).
-    fn edge(&self, session: &Session, ctx: &mut RequestCtx) -> Phase {
-        let route = Arc::clone(&ctx.route);
-        let (req, id) = (session.req_header(), ctx.request_id.as_str());
-        let metrics = self.observer.metrics();
-        let (admitted, phase) = route::edge(&route, req, ctx.client_ip, metrics, id);
-        ctx.cors = admitted;
-        phase
     }
 
     /// Rate limit and authentication (`route::guard` orders them).
@@ -229,6 +235,9 @@ impl ProxyHttp for Proxy {
         let mut phase = self.select(session, ctx).await;
         if let Phase::Continue = phase {
             phase = self.edge(session, ctx);
+        }
+        if let Phase::Continue = phase {
+            phase = self.admit_body(session, ctx);
         }
         if let Phase::Continue = phase {
             phase = self.guard(session, ctx).await;

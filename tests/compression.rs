@@ -26,12 +26,15 @@ fn upstream() -> TestUpstream {
         match path.rsplit('/').next().unwrap_or("") {
             "small" => Reply::typed(200, "application/json", "{\"ok\":true}"),
             "png" => Reply::typed(200, "image/png", &json),
-            "encoded" => {
-                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                std::io::Write::write_all(&mut gz, json.as_bytes()).unwrap();
-                let mut r = Reply::typed(200, "application/json", "");
-                r.body = gz.finish().unwrap();
-                r.header("content-encoding", "gzip")
+            "encoded" => gzipped(&json),
+            // nginx with `gzip on` and no `gzip_vary`: encoded for those
+            // who ask, and no `Vary` to tell a cache so.
+            "negotiated"
+                if req
+                    .header("accept-encoding")
+                    .is_some_and(|a| a.contains("gzip")) =>
+            {
+                gzipped(&json)
             }
             "notransform" => {
                 Reply::typed(200, "application/json", &json).header("cache-control", "no-transform")
@@ -53,6 +56,14 @@ fn upstream() -> TestUpstream {
             _ => Reply::typed(200, "application/json; charset=utf-8", &json),
         }
     })
+}
+
+fn gzipped(text: &str) -> Reply {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, text.as_bytes()).unwrap();
+    let mut r = Reply::typed(200, "application/json", "");
+    r.body = gz.finish().unwrap();
+    r.header("content-encoding", "gzip")
 }
 
 fn body(up: &TestUpstream) -> String {
@@ -93,6 +104,7 @@ struct Got {
     encoding: Option<String>,
     vary: Vec<String>,
     length: Option<String>,
+    x_cache: Option<String>,
     body: Vec<u8>,
 }
 
@@ -116,6 +128,7 @@ fn fetch(gw: &Gateway, path: &str, accept: Option<&str>) -> Got {
         length: h
             .get("content-length")
             .map(|v| v.to_str().unwrap().to_string()),
+        x_cache: h.get("x-cache").map(|v| v.to_str().unwrap().to_string()),
         body: r.bytes().unwrap().to_vec(),
     }
 }
@@ -291,6 +304,52 @@ fn the_cache_never_serves_an_encoding_the_client_did_not_accept() {
         }
     }
     assert_eq!(up.count(), 1, "served from one cached entry");
+}
+
+#[test]
+fn a_body_the_upstream_encoded_without_vary_is_never_replayed_to_a_client_that_cannot_decode_it() {
+    let up = upstream();
+    let gw = gateway(&body(&up)).start();
+    let original = json_body().into_bytes();
+    // What a client gets decodes to the upstream's bytes, in an encoding it
+    // asked for.
+    let check = |path: &str, accept: Option<&str>| {
+        let g = fetch(&gw, path, accept);
+        assert_eq!(g.status, 200);
+        match g.encoding.as_deref() {
+            None => assert_eq!(g.body, original, "{path} {accept:?}"),
+            Some(e) => {
+                assert!(
+                    accept.is_some_and(|a| a.contains(e)),
+                    "{path}: {e} for a client accepting {accept:?}"
+                );
+                assert_eq!(decode(e, &g.body), original, "{path} {accept:?}");
+            }
+        }
+        g
+    };
+    // The gzip client first: its entry is the upstream's gzip body.
+    let g = check("/cached/a/negotiated", Some("gzip"));
+    assert_eq!(
+        (g.encoding.as_deref(), g.x_cache.as_deref()),
+        (Some("gzip"), Some("MISS"))
+    );
+    assert!(g.vary.is_empty(), "the upstream sent no Vary: {:?}", g.vary);
+    let g = check("/cached/a/negotiated", Some("gzip, deflate"));
+    assert_eq!(
+        (g.encoding.as_deref(), g.x_cache.as_deref()),
+        (Some("gzip"), Some("HIT"))
+    );
+    for accept in [Some("identity"), None, Some("br")] {
+        check("/cached/a/negotiated", accept);
+    }
+    // The identity client first: nobody gets what it cannot decode either.
+    let g = check("/cached/b/negotiated", Some("identity"));
+    assert_eq!((g.encoding, g.x_cache.as_deref()), (None, Some("MISS")));
+    check("/cached/b/negotiated", Some("gzip"));
+    let g = check("/cached/b/negotiated", None);
+    assert_eq!((g.encoding, g.x_cache.as_deref()), (None, Some("HIT")));
+    check("/cached/b/negotiated", Some("br"));
 }
 
 #[test]

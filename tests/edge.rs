@@ -337,3 +337,138 @@ fn edge_policy_mistakes_are_config_errors_with_their_path() {
     ];
     assert_config_errors(&cases, None);
 }
+
+#[test]
+fn the_gateways_413_and_502_carry_the_cors_fields() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "cors: {{ allow_origins: [https://app.example.com], expose_headers: [X-Request-Id] }}
+upstreams:
+  app:
+    targets: [{}]
+  dead:
+    targets: [127.0.0.1:{}]
+routes:
+  - name: upload
+    match: {{ path_prefix: /upload }}
+    upstream: app
+    max_body: 1KiB
+  - name: gone
+    match: {{ path_prefix: /gone }}
+    upstream: dead
+",
+        up.addr,
+        free_port()
+    );
+    let gw = gateway(&body).start();
+    let origin = "https://app.example.com";
+    let allowed = |r: &reqwest::blocking::Response, what: &str| {
+        let h = r.headers();
+        assert_eq!(
+            h.get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap()),
+            Some(origin),
+            "{what}"
+        );
+        assert_eq!(h["access-control-expose-headers"], "x-request-id", "{what}");
+        assert!(varies_by_origin(r), "{what}");
+    };
+    // A declared length over max_body, refused before the upstream.
+    let r = client()
+        .post(gw.url("/upload"))
+        .header("Origin", origin)
+        .body(vec![b'x'; 2000])
+        .send()
+        .unwrap();
+    allowed(&r, "413");
+    assert_problem(r, 413);
+    assert_eq!(up.count(), 0);
+    // Within it, the upstream answers, with the fields too.
+    let r = client()
+        .post(gw.url("/upload"))
+        .header("Origin", origin)
+        .body(vec![b'x'; 1000])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    allowed(&r, "200");
+    // An upstream that refuses connections.
+    let r = client()
+        .get(gw.url("/gone"))
+        .header("Origin", origin)
+        .send()
+        .unwrap();
+    allowed(&r, "502");
+    assert_problem(r, 502);
+    // Another origin learns nothing from either.
+    for r in [
+        client()
+            .post(gw.url("/upload"))
+            .header("Origin", "https://evil.test")
+            .body(vec![b'x'; 2000])
+            .send()
+            .unwrap(),
+        client()
+            .get(gw.url("/gone"))
+            .header("Origin", "https://evil.test")
+            .send()
+            .unwrap(),
+    ] {
+        assert!(cors_fields(&r).is_empty(), "{:?}", cors_fields(&r));
+        assert!(varies_by_origin(&r));
+    }
+}
+
+#[test]
+fn a_refused_address_gets_403_before_authentication_and_max_body() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "upstreams:
+  app:
+    targets: [{addr}]
+{provider}routes:
+  - name: guarded
+    match: {{ path_prefix: /guarded }}
+    upstream: app
+    auth: main
+    max_body: 1KiB
+    ip_filter: {{ deny: [127.0.0.2] }}
+    cors: {{ allow_origins: [https://app.example.com] }}
+",
+        addr = up.addr,
+        provider = common::jwt::rs256_provider("main"),
+    );
+    let gw = gateway(&body).start();
+    let token = common::jwt::rs256_token("alice");
+    let post = |ip: &str, size: usize, token: Option<&str>| {
+        let mut req = client_from(ip)
+            .post(gw.url("/guarded"))
+            .header("Origin", "https://app.example.com")
+            .body(vec![b'x'; size]);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.send().unwrap()
+    };
+    // Whatever else is wrong with the request, the address is refused
+    // first, and the page can read why.
+    for (size, token) in [(2000, None), (10, None), (2000, Some(token.as_str()))] {
+        let r = post("127.0.0.2", size, token);
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert!(r.headers().get("www-authenticate").is_none());
+        assert_problem(r, 403);
+    }
+    assert!(
+        metrics_text(&gw).contains("gatehouse_ip_filtered_total{route=\"guarded\"} 3"),
+        "{}",
+        metrics_text(&gw)
+    );
+    // Another address meets the other refusals.
+    assert_problem(post("127.0.0.1", 10, None), 401);
+    assert_problem(post("127.0.0.1", 2000, Some(&token)), 413);
+    assert_eq!(post("127.0.0.1", 10, Some(&token)).status(), 200);
+    assert_eq!(up.count(), 1);
+}

@@ -606,3 +606,185 @@ fn tls_mistakes_are_config_errors_with_their_paths() {
     ];
     assert_config_errors(&cases, Some("PRIVATE KEY"));
 }
+
+#[test]
+fn a_reload_rotates_ticket_keys_from_the_edited_file() {
+    let (dir, _ca) = api_site();
+    let up = upstream();
+    let start = |keys: &Path| {
+        api_gateway(
+            &up,
+            dir.path(),
+            &format!(", ticket_keys: {}", keys.display()),
+        )
+    };
+    let live = dir.path().join("live.key");
+    let old = dir.path().join("old.key");
+    std::fs::write(&live, ticket_keys(&[1])).unwrap();
+    std::fs::write(&old, ticket_keys(&[1])).unwrap();
+    let (gw, stale) = (start(&live), start(&old));
+    let (addr, stale_addr) = (gw.tls_addr.unwrap(), stale.tls_addr.unwrap());
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        let label = format!("{:?}", versions[0].version);
+        // Before the rotation, a process with the old keys resumes the
+        // gateway's sessions.
+        let client = common::pki::resuming_client(&versions);
+        assert!(!request_resuming(&client, addr, "api.test").0, "{label}");
+        assert!(
+            request_resuming(&client, stale_addr, "api.test").0,
+            "{label}"
+        );
+    }
+
+    // A new first key, the old one kept after it for the tickets out there.
+    let before = common::pki::resuming_client(&[&rustls::version::TLS13]);
+    assert!(!request_resuming(&before, addr, "api.test").0);
+    std::fs::write(&live, ticket_keys(&[2, 1])).unwrap();
+    let (status, body) = admin(&gw, "POST", "/reload");
+    assert_eq!(status, 200, "{body}");
+
+    // A ticket issued before the reload still resumes: every key decrypts.
+    let (resumed, status) = request_resuming(&before, addr, "api.test");
+    assert!(resumed && status.starts_with("HTTP/1.1 200"), "{status}");
+    for versions in [vec![&rustls::version::TLS13], vec![&rustls::version::TLS12]] {
+        let label = format!("{:?}", versions[0].version);
+        let client = common::pki::resuming_client(&versions);
+        assert!(!request_resuming(&client, addr, "api.test").0, "{label}");
+        // The gateway resumes its new tickets...
+        assert!(request_resuming(&client, addr, "api.test").0, "{label}");
+        // ...which the new key encrypted: the old keys cannot open them.
+        let (resumed, status) = request_resuming(&client, stale_addr, "api.test");
+        assert!(
+            !resumed,
+            "{label}: a ticket issued after the reload opened with the old keys"
+        );
+        assert!(status.starts_with("HTTP/1.1 200"), "{label}: {status}");
+    }
+}
+
+/// The civil date (year, month, day) `days` after 1970-01-01.
+fn civil_date(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year as i32, month as u8, day as u8)
+}
+
+/// A configuration with one TLS listener whose `tls` value is `tls`.
+fn tls_config(tls: &str) -> String {
+    format!(
+        "listen:\n  - address: 127.0.0.1:8443\n    tls: {tls}\nupstreams:\n  app:\n    targets: [127.0.0.1:9]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+    )
+}
+
+#[test]
+fn a_certificate_expiring_within_14_days_is_a_warning_of_dash_t() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
+    ca.issue(&["soon.test"], "soon", None, Some(civil_date(today + 7)))
+        .write(dir.path(), "soon");
+    ca.issue(&["later.test"], "later", None, Some(civil_date(today + 30)))
+        .write(dir.path(), "later");
+    let d = dir.path();
+    let yaml = tls_config(&format!(
+        "{{ certificates: [{}, {}] }}",
+        pair(d, "later"),
+        pair(d, "soon")
+    ));
+    let (code, out, err) = check_config(&yaml, &[]);
+    let text = format!("{out}{err}");
+    assert_eq!(code, 0, "a warning, not an error:\n{text}");
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("expires in")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("listen[0].tls.certificates[1].cert")
+            && warnings[0].contains("soon.pem")
+            && (warnings[0].contains("expires in 6 days")
+                || warnings[0].contains("expires in 7 days")),
+        "{text}"
+    );
+}
+
+/// `openssl s_client` against `addr` with `flags`: whether the handshake
+/// completed, and what it printed.
+fn s_client(addr: std::net::SocketAddr, flags: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(["-servername", "api.test"])
+        .args(flags)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A session without a cipher is a handshake that did not complete.
+    let done = out.status.success() && !text.contains("Cipher is (NONE)");
+    (done, text)
+}
+
+#[test]
+fn tls_1_0_and_1_1_are_refused_and_1_2_is_served() {
+    let (dir, _ca) = api_site();
+    let up = upstream();
+    let gw = api_gateway(&up, dir.path(), "");
+    let addr = gw.tls_addr.unwrap();
+    // The system's OpenSSL offers the old versions only at security
+    // level 0; the gateway must refuse them all the same.
+    for version in ["-tls1", "-tls1_1"] {
+        let (done, text) = s_client(addr, &[version, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(!done, "{version} was served:\n{text}");
+        // The server's protocol_version alert: the client did offer it.
+        assert!(
+            text.contains("alert protocol version"),
+            "{version} not refused by the server:\n{text}"
+        );
+    }
+    let (done, text) = s_client(addr, &["-tls1_2"]);
+    assert!(done, "{text}");
+    assert!(text.contains("TLSv1.2"), "{text}");
+}
+
+#[test]
+fn an_unreadable_client_ca_is_a_config_error_with_its_path() {
+    let (dir, _ca) = api_site();
+    let d = dir.path();
+    let not_pem = d.join("not-a-ca.pem");
+    std::fs::write(&not_pem, "no certificate here\n").unwrap();
+    let with_ca = |ca: &Path| {
+        tls_config(&format!(
+            "{{ certificates: [{}], client_ca: {}, client_cert: required }}",
+            pair(d, "api"),
+            ca.display()
+        ))
+    };
+    let cases = vec![
+        (
+            with_ca(&d.join("missing.pem")),
+            "listen[0].tls.client_ca",
+            "cannot read",
+        ),
+        // A folder where the file should be.
+        (with_ca(d), "listen[0].tls.client_ca", "cannot read"),
+        (
+            with_ca(&not_pem),
+            "listen[0].tls.client_ca",
+            "holds no PEM certificate",
+        ),
+    ];
+    assert_config_errors(&cases, Some("PRIVATE KEY"));
+}

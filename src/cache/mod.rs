@@ -1,7 +1,8 @@
 //! The response cache: pingora-cache is the engine, `storage` a bounded
 //! in-memory store. Joins `request_cache_filter` (turn it on for GET/HEAD on
 //! a cached route), `cache_key_callback` (the key), `response_cache_filter`
-//! (store or not), `cache_vary_filter` (the upstream's `Vary`) and
+//! (store or not), `cache_vary_filter` (the upstream's `Vary`, and
+//! `Accept-Encoding` for a body it encoded) and
 //! `response_filter` (`X-Cache`). Authentication runs before the cache, so
 //! an unauthenticated request never reaches an entry of a protected route.
 
@@ -9,7 +10,9 @@ pub mod storage;
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{HeaderName, AUTHORIZATION, SET_COOKIE, VARY};
+use http::header::{
+    HeaderName, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, SET_COOKIE, VARY,
+};
 use http::Method;
 use pingora_cache::cache_control::CacheControl;
 use pingora_cache::key::HashBinary;
@@ -228,7 +231,9 @@ pub fn origin_lifetime(resp: &ResponseHeader) -> Option<Option<Duration>> {
 }
 
 /// Whether and how long to keep a response: only 200; never `no-store`,
-/// `private`, `no-cache`, `Vary: *` or `Set-Cookie`; for as long as the
+/// `private`, `no-cache`, `Vary: *`, `Set-Cookie`, or a content coding
+/// [`CODINGS`] does not name or the client did not accept (an upstream
+/// ignoring `Accept-Encoding` is not repeated to others); for as long as the
 /// route's `ttl`, or a shorter `s-maxage`/`max-age`. A response to a
 /// request with `Authorization` on a route the gateway does not
 /// authenticate is kept only when marked `public`, `s-maxage` or
@@ -253,6 +258,10 @@ pub fn cacheability(
     }) {
         return no("vary-star");
     }
+    match content_codings(resp) {
+        Some(codings) if codings & !accepted_codings(req) == 0 => {}
+        _ => return no("content-encoding"),
+    }
     let Some(origin_limit) = origin_lifetime(resp) else {
         return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     };
@@ -272,10 +281,22 @@ pub fn cacheability(
     RespCacheable::Cacheable(CacheMeta::new(now + ttl, now, 0, 0, resp.clone()))
 }
 
+/// The content codings the cache tells apart in a client's
+/// `Accept-Encoding`, one bit each.
+const CODINGS: [&str; 4] = ["br", "deflate", "gzip", "zstd"];
+
 /// The upstream's `Vary`: the listed request headers' values split entries.
+/// A body in a content coding varies by `Accept-Encoding` whether or not the
+/// upstream says so (nginx's `gzip on` does not), or the cache would replay
+/// it to clients that cannot decode it: by whether the client accepts that
+/// coding, so every client that can decode it shares the one entry.
+/// A listed `Accept-Encoding` is normalized, as Varnish does, to the
+/// [`CODINGS`] the client accepts (`gzip, br` and `br;q=0.9, gzip` share an
+/// entry). Either way an entry's value holds its own codings, so a client
+/// whose value matches accepts them.
 pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
-    let names: Vec<String> = meta
-        .response_header()
+    let resp = meta.response_header();
+    let mut names: Vec<String> = resp
         .headers
         .get_all(VARY)
         .iter()
@@ -284,18 +305,91 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
         .map(|n| n.trim().to_ascii_lowercase())
         .filter(|n| !n.is_empty())
         .collect();
+    let accept_encoding = ACCEPT_ENCODING.as_str();
+    let listed = names.iter().any(|n| n == accept_encoding);
+    // Unknown codings are never stored (`cacheability`).
+    let codings = content_codings(resp).unwrap_or(u8::MAX);
+    if !listed && codings != 0 {
+        names.push(accept_encoding.to_owned());
+    }
     if names.is_empty() {
         return None;
     }
     let mut builder = VarianceBuilder::new();
     for name in &names {
-        let value = req
-            .headers
-            .get(name.as_str())
-            .map_or(&b""[..], |v| v.as_bytes());
-        builder.add_value(name, value);
+        let value = if name != accept_encoding {
+            let mut joined = Vec::new();
+            for (i, v) in req.headers.get_all(name.as_str()).iter().enumerate() {
+                if i > 0 {
+                    joined.push(b',');
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+            joined
+        } else if listed {
+            vec![accepted_codings(req)]
+        } else {
+            vec![accepted_codings(req) & codings]
+        };
+        builder.add_owned_value(name, value);
     }
     builder.finalize()
+}
+
+/// The [`CODINGS`] a response's `Content-Encoding` applied (0: none, or
+/// `identity`); `None` when it names another one.
+fn content_codings(resp: &ResponseHeader) -> Option<u8> {
+    let mut bits = 0;
+    for value in resp.headers.get_all(CONTENT_ENCODING) {
+        let text = value.to_str().ok()?;
+        for coding in text.split(',').map(str::trim) {
+            if coding.is_empty() || coding.eq_ignore_ascii_case("identity") {
+                continue;
+            }
+            bits |= coding_bit(coding)?;
+        }
+    }
+    Some(bits)
+}
+
+/// The [`CODINGS`] `req`'s `Accept-Encoding` accepts (RFC 9110 12.5.3): one
+/// named with a weight above 0, or one not named when `*` has such a weight.
+/// Without the field, none: that is what compressors (nginx's, ours) do.
+fn accepted_codings(req: &RequestHeader) -> u8 {
+    let (mut named, mut accepted, mut any) = (0u8, 0u8, false);
+    for value in req.headers.get_all(ACCEPT_ENCODING) {
+        let Ok(text) = value.to_str() else { continue };
+        for entry in text.split(',') {
+            let mut parts = entry.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            // A weight that cannot be read accepts nothing.
+            let weighted = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(n, _)| n.trim().eq_ignore_ascii_case("q"))
+                .is_none_or(|(_, q)| q.trim().parse::<f32>().is_ok_and(|q| q > 0.0));
+            if coding == "*" {
+                any = weighted;
+            } else if let Some(bit) = coding_bit(coding) {
+                named |= bit;
+                if weighted {
+                    accepted |= bit;
+                } else {
+                    accepted &= !bit;
+                }
+            }
+        }
+    }
+    if any {
+        accepted |= !named & ((1 << CODINGS.len()) - 1);
+    }
+    accepted
+}
+
+fn coding_bit(coding: &str) -> Option<u8> {
+    CODINGS
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(coding))
+        .map(|i| 1 << i)
 }
 
 /// `X-Cache` for a response of a cached route.
@@ -326,6 +420,81 @@ mod tests {
             resp.append_header(name.to_string(), *value).unwrap();
         }
         resp
+    }
+
+    fn request(accept_encoding: Option<&str>) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        if let Some(a) = accept_encoding {
+            req.insert_header("Accept-Encoding", a).unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn accept_encoding_is_read_by_weight_and_wildcard() {
+        let bits = |a| accepted_codings(&request(a));
+        let (br, deflate, gzip, zstd) = (1, 2, 4, 8);
+        assert_eq!(bits(None), 0);
+        assert_eq!(bits(Some("identity")), 0);
+        assert_eq!(bits(Some("GZIP")), gzip);
+        assert_eq!(bits(Some("gzip;q=0.5, br")), gzip | br);
+        assert_eq!(bits(Some("gzip;q=0, br;q=0.000")), 0);
+        assert_eq!(bits(Some("gzip;q=nonsense")), 0);
+        assert_eq!(bits(Some("*, zstd;q=0")), br | deflate | gzip);
+        assert_eq!(bits(Some("*;q=0, gzip")), gzip);
+        assert_eq!(bits(Some("compress")), 0);
+        assert_eq!(bits(Some("zstd, deflate")), zstd | deflate);
+    }
+
+    #[test]
+    fn an_encoded_body_varies_by_what_the_client_accepts() {
+        let meta = |fields: &[(&str, &str)]| {
+            let now = SystemTime::now();
+            CacheMeta::new(now, now, 0, 0, response(fields))
+        };
+        let gzipped = meta(&[("Content-Encoding", "gzip")]);
+        let v = |m: &CacheMeta, a| variance(m, &request(a));
+        // Without the upstream's Vary, an encoded body still varies: by
+        // whether the client can decode it.
+        assert_ne!(v(&gzipped, Some("gzip")), v(&gzipped, None));
+        assert_ne!(v(&gzipped, Some("gzip")), v(&gzipped, Some("br")));
+        assert_eq!(
+            v(&gzipped, Some("gzip")),
+            v(&gzipped, Some("br;q=0.2, gzip, zstd"))
+        );
+        assert_eq!(v(&gzipped, None), v(&gzipped, Some("identity")));
+        assert_eq!(v(&gzipped, None), v(&gzipped, Some("br")));
+        assert!(v(&gzipped, None).is_some());
+        // An identity body serves every client; a listed Vary is normalized.
+        assert_eq!(v(&meta(&[]), Some("gzip")), None);
+        let listed = meta(&[("Vary", "Accept-Encoding")]);
+        assert_eq!(
+            v(&listed, Some("gzip, br")),
+            v(&listed, Some("br, gzip;q=0.9"))
+        );
+        assert_ne!(v(&listed, Some("gzip, br")), v(&listed, Some("gzip")));
+        assert_eq!(v(&listed, Some("gzip")), v(&gzipped, Some("gzip")));
+    }
+
+    #[test]
+    fn an_encoding_the_client_did_not_accept_is_not_stored() {
+        let policy = CachePolicy {
+            ttl: Duration::from_secs(60),
+            vary: Vec::new(),
+            scope: String::new(),
+        };
+        let stored = |a, ce: &str| {
+            let resp = response(&[("Content-Encoding", ce)]);
+            matches!(
+                cacheability(&policy, &request(a), &resp, false),
+                RespCacheable::Cacheable(_)
+            )
+        };
+        assert!(stored(Some("gzip"), "gzip"));
+        assert!(stored(None, "identity"));
+        assert!(!stored(Some("br"), "gzip"));
+        assert!(!stored(Some("gzip, compress"), "compress"));
+        assert!(!stored(Some("gzip"), "gzip, br"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The edge of a route: its `ip_filter`, then its `cors` (a preflight is
-//! answered here, before rate limits and authentication). Joins
-//! `request_filter`.
+//! answered here, before `max_body`, rate limits and authentication, so
+//! every refusal after it carries the CORS fields). Joins `request_filter`.
 
 use std::net::IpAddr;
 
