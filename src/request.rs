@@ -323,6 +323,11 @@ impl RequestCtx {
             route: &self.route.name,
             path: req.uri.path(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            scheme: if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+                "https"
+            } else {
+                "http"
+            },
             client: self.client_ip,
             upstream_status: self.upstream_status,
             upstream_error,

@@ -414,15 +414,25 @@ impl RequestTrace {
             KeyValue::new("http.request.method", done.method.to_string()),
             KeyValue::new("http.route", done.route.to_string()),
             KeyValue::new("url.path", done.path.to_string()),
+            KeyValue::new("url.scheme", done.scheme),
             KeyValue::new("http.response.status_code", i64::from(done.status)),
         ];
         if let Some(ip) = done.client {
             attributes.push(KeyValue::new("client.address", ip.to_string()));
         }
-        let status = if done.status >= 500 || done.status == 0 {
-            Status::error(done.status.to_string())
-        } else {
-            Status::Unset
+        // Semantic conventions: a 5xx is its own error type; a request
+        // that got no answer at all is named by its upstream's error.
+        let error = match done.status {
+            0 => Some(done.upstream_error.unwrap_or("_OTHER").to_string()),
+            500.. => Some(done.status.to_string()),
+            _ => None,
+        };
+        let status = match error {
+            Some(error) => {
+                attributes.push(KeyValue::new("error.type", error.clone()));
+                Status::error(error)
+            }
+            None => Status::Unset,
         };
         let name = format!("{} {}", done.method, done.route);
         let parent = (
@@ -459,6 +469,8 @@ pub struct Finished<'a> {
     /// Without the query.
     pub path: &'a str,
     pub status: u16,
+    /// `http` or `https`: how the client's connection came.
+    pub scheme: &'static str,
     pub client: Option<IpAddr>,
     pub upstream_status: Option<u16>,
     pub upstream_error: Option<&'a str>,
@@ -518,9 +530,24 @@ pub async fn export_until(
     stop: CancellationToken,
     flush_now: CancellationToken,
 ) {
-    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    // No proxy from the environment, no redirects: spans go to the URL the
+    // configuration names and nowhere else.
+    let client = otlp_http::Client::builder()
+        .timeout(EXPORT_TIMEOUT)
+        .redirect(otlp_http::redirect::Policy::none())
+        .no_proxy()
+        .build();
+    let client = match client {
+        Ok(client) => client,
+        Err(e) => {
+            log::error!("tracing: the OTLP client cannot be built: {e}; spans are dropped");
+            return;
+        }
+    };
     let built = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(client)
         .with_endpoint(settings.otlp.clone())
         .with_timeout(EXPORT_TIMEOUT)
         .build();

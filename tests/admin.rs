@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use base64::Engine;
 use common::*;
 
@@ -23,8 +25,9 @@ fn with_auth(gw: &Gateway, method: &str, target: &str, auth: Option<&str>) -> Ra
 #[test]
 fn the_token_opens_every_endpoint_but_health_which_stays_open() {
     let up = TestUpstream::named("app");
+    // A cache, so that `DELETE /cache` has something to purge.
     let body = format!(
-        "upstreams:\n  app: {{ targets: [{}] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        "cache: {{ max_size: 1MiB }}\nupstreams:\n  app: {{ targets: [{}] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n    cache: {{ ttl: 30s }}\n",
         up.addr
     );
     let gw = gateway(&body)
@@ -40,7 +43,15 @@ fn the_token_opens_every_endpoint_but_health_which_stays_open() {
             base64::engine::general_purpose::STANDARD.encode(creds)
         )
     };
-    for (method, target) in [("GET", "/metrics"), ("POST", "/reload"), ("GET", "/nope")] {
+    let endpoints = [
+        ("GET", "/metrics"),
+        ("POST", "/reload"),
+        ("GET", "/"),
+        ("GET", "/status"),
+        ("DELETE", "/cache"),
+        ("GET", "/nope"),
+    ];
+    for (method, target) in endpoints {
         for refused in [
             None,
             Some("Bearer wrong-token-0000000000".to_string()),
@@ -59,18 +70,29 @@ fn the_token_opens_every_endpoint_but_health_which_stays_open() {
                 .starts_with("application/problem+json"));
         }
     }
-    let r = with_auth(&gw, "GET", "/metrics", Some(&format!("Bearer {TOKEN}")));
-    assert_eq!(r.status, 200);
-    assert!(r.body.contains("gatehouse_requests_total") || r.body.contains("# HELP"));
-    let r = with_auth(
-        &gw,
-        "GET",
-        "/metrics",
-        Some(&basic(&format!("prometheus:{TOKEN}"))),
-    );
-    assert_eq!(r.status, 200);
-    let r = with_auth(&gw, "POST", "/reload", Some(&format!("Bearer {TOKEN}")));
-    assert_eq!(r.status, 200, "{}", r.body);
+    // What each endpoint answers once let in: its own content.
+    let answers = [
+        ("GET", "/metrics", "# HELP"),
+        ("POST", "/reload", "\"reloaded\""),
+        ("GET", "/", "<title>gatehouse</title>"),
+        ("GET", "/status", "\"upstreams\""),
+        ("DELETE", "/cache", "\"purged\""),
+    ];
+    for (method, target, content) in answers {
+        for admitted in [
+            format!("Bearer {TOKEN}"),
+            basic(&format!("prometheus:{TOKEN}")),
+            basic(&format!(":{TOKEN}")),
+        ] {
+            let r = with_auth(&gw, method, target, Some(&admitted));
+            assert_eq!(
+                r.status, 200,
+                "{method} {target} with {admitted}: {}",
+                r.body
+            );
+            assert!(r.body.contains(content), "{method} {target}: {}", r.body);
+        }
+    }
     let r = with_auth(&gw, "GET", "/nope", Some(&format!("Bearer {TOKEN}")));
     assert_eq!(r.status, 404);
     let log = gw.log_text();
@@ -209,4 +231,105 @@ fn a_token_yaml_reads_as_a_number_is_refused_without_being_shown() {
         "{stderr}"
     );
     assert!(!stderr.contains(&secret[..8]), "{stderr}");
+}
+
+/// An address of this machine other than loopback: where a scraper on
+/// another host (Prometheus in compose or Kubernetes) reaches the
+/// listener. Found by the route to an outside address (no packet leaves).
+fn network_address() -> std::net::IpAddr {
+    for (bind, outside) in [
+        ("0.0.0.0:0", "198.51.100.1:9"),
+        ("[::]:0", "[2001:db8::1]:9"),
+    ] {
+        let Ok(socket) = std::net::UdpSocket::bind(bind) else {
+            continue;
+        };
+        if socket.connect(outside).is_err() {
+            continue;
+        }
+        if let Ok(local) = socket.local_addr() {
+            let ip = local.ip();
+            if !ip.is_loopback() && !ip.is_unspecified() {
+                return ip;
+            }
+        }
+    }
+    panic!("this test needs an address other than loopback (a network interface with a route)");
+}
+
+#[test]
+fn an_insecure_listener_answers_any_host_from_the_network_but_not_over_loopback() {
+    let up = TestUpstream::named("app");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let conf = dir.path().join("gatehouse.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  threads: 1\n  pid_file: {d}/gatehouse.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n  graceful_shutdown_timeout: 1s\nlisten: [\"127.0.0.1:{port}\"]\nadmin: {{ listen: \"[::]:{admin_port}\", insecure: true }}\nupstreams:\n  app: {{ targets: [{}] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+            up.addr,
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("gatehouse.log");
+    let child = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _gw = scopeguard(child);
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let network = std::net::SocketAddr::new(network_address(), admin_port);
+    let send = |to: std::net::SocketAddr, head: &str| {
+        let text = raw_request(
+            to,
+            format!("{head}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        RawResponse::parse(&text)
+    };
+    eventually(Duration::from_secs(20), "the admin listener is up", || {
+        send(loopback, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+            .is_some_and(|r| r.status == 200)
+    });
+    let answer = |to, head: &str| {
+        send(to, head).unwrap_or_else(|| {
+            panic!(
+                "no answer to {head:?} at {to}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+    };
+    // From the network, a scraper's or a colleague's name for the host.
+    for (target, content) in [
+        ("/metrics", "# HELP"),
+        ("/status", "\"routes\""),
+        ("/", "<title>gatehouse</title>"),
+    ] {
+        let r = answer(
+            network,
+            &format!("GET {target} HTTP/1.1\r\nHost: gatehouse:{admin_port}\r\n"),
+        );
+        assert_eq!(r.status, 200, "{target}: {}", r.body);
+        assert!(r.body.contains(content), "{target}: {}", r.body);
+    }
+    // Another site's page still cannot make a browser change anything.
+    let r = answer(
+        network,
+        &format!("POST /reload HTTP/1.1\r\nHost: gatehouse:{admin_port}\r\nOrigin: http://evil.example\r\n"),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    // Over loopback, a name is still what a rebinding page would send: a
+    // browser on this machine keeps its guard.
+    let r = answer(
+        loopback,
+        &format!("GET /metrics HTTP/1.1\r\nHost: evil.example:{admin_port}\r\n"),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = answer(
+        loopback,
+        &format!("GET /metrics HTTP/1.1\r\nHost: localhost:{admin_port}\r\n"),
+    );
+    assert_eq!(r.status, 200);
 }

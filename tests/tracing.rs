@@ -51,7 +51,13 @@ fn wait_spans(collector: &Collector, n: usize) -> Vec<Got> {
 #[test]
 fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
     let collector = Collector::start();
-    let up = TestUpstream::named("app");
+    let up = TestUpstream::with_handler("app", |r| {
+        if r.target.starts_with("/users/broken") {
+            Reply::text(500, "broken")
+        } else {
+            Reply::text(200, "app")
+        }
+    });
     let gw = traced(&collector.url(), 0.0, &routes(&up)).start();
     let r = client()
         .get(gw.url("/users/7?access_token=secret-in-query"))
@@ -83,6 +89,7 @@ fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
         ("http.request.method", "GET"),
         ("http.route", "users"),
         ("url.path", "/users/7"),
+        ("url.scheme", "http"),
         ("http.response.status_code", "200"),
         ("client.address", "127.0.0.1"),
     ] {
@@ -92,6 +99,8 @@ fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
             "{key}: {server:?}"
         );
     }
+    assert!(!server.attrs.contains_key("error.type"), "{server:?}");
+    assert!(!upstream.attrs.contains_key("error.type"), "{upstream:?}");
     assert_eq!(upstream.trace_id, CLIENT_TRACE);
     assert_eq!(upstream.parent, server.span_id);
     assert_eq!(
@@ -101,6 +110,31 @@ fn a_client_trace_is_continued_with_a_server_span_and_a_client_span() {
     assert_eq!(upstream.attrs["server.address"], "127.0.0.1");
     assert_eq!(upstream.attrs["server.port"], up.addr.port().to_string());
     assert_eq!(upstream.attrs["http.response.status_code"], "200");
+    // A 5xx: the server span and the client span are errors whose
+    // `error.type` is the status code.
+    let failed_trace = "33333333333333333333333333333333";
+    let r = client()
+        .get(gw.url("/users/broken"))
+        .header("traceparent", traceparent(failed_trace, CLIENT_SPAN, true))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let spans = wait_spans(&collector, 4);
+    let of_failed = |kind| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == failed_trace && s.kind == kind)
+            .unwrap_or_else(|| panic!("a span of kind {kind} in {spans:?}"))
+    };
+    for span in [of_failed(2), of_failed(3)] {
+        assert_eq!(span.attrs["http.response.status_code"], "500", "{span:?}");
+        assert_eq!(
+            span.attrs.get("error.type").map(String::as_str),
+            Some("500"),
+            "{span:?}"
+        );
+        assert_eq!(span.status, 2, "an error span: {span:?}");
+    }
     // No query, token or header value in any span.
     for span in &spans {
         for value in span.attrs.values() {
@@ -268,6 +302,7 @@ routes:
                     .find(|s| s.attrs["http.response.status_code"] == "503")
                     .unwrap();
                 assert_eq!(failed.status, 2, "an error span");
+                assert_eq!(failed.attrs["error.type"], "503");
                 assert_eq!(failed.attrs["server.port"], down.addr.port().to_string());
             }
             other => panic!("attempts {other:?} in {spans:?}"),
@@ -334,9 +369,27 @@ fn an_absent_or_slow_collector_costs_requests_nothing() {
 #[test]
 fn without_tracing_the_clients_traceparent_passes_untouched() {
     let up = TestUpstream::named("app");
+    let parts = TestUpstream::with_handler("parts", |_| {
+        Reply::typed(200, "application/json", "{\"ok\":true}")
+    });
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let gw = gateway(&format!("access_log: {}\n{}", log.display(), routes(&up))).start();
+    let aggregate = "  - name: combined
+    match: { path: \"/combined/{id}\" }
+    aggregate:
+      parts:
+        - { key: a, upstream: parts, path: \"/a/{id}\" }
+        - { key: b, upstream: parts, path: \"/b/{id}\" }
+";
+    let body = format!(
+        "access_log: {}\n{}{aggregate}",
+        log.display(),
+        routes(&up).replace(
+            "upstreams:\n",
+            &format!("upstreams:\n  parts: {{ targets: [{}] }}\n", parts.addr)
+        )
+    );
+    let gw = gateway(&body).start();
     let theirs = traceparent(CLIENT_TRACE, CLIENT_SPAN, true);
     client()
         .get(gw.url("/users/1"))
@@ -348,12 +401,42 @@ fn without_tracing_the_clients_traceparent_passes_untouched() {
     assert_eq!(up.last().header("tracestate"), Some("vendor=opaque"));
     client().get(gw.url("/users/2")).send().unwrap();
     assert_eq!(up.last().header("traceparent"), None, "none made up");
-    eventually(Duration::from_secs(5), "two log lines", || {
+    // Each aggregate part is sent the client's trace context as it came.
+    let r = client()
+        .get(gw.url("/combined/9"))
+        .header("traceparent", &theirs)
+        .header("tracestate", "vendor=opaque")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = parts.requests();
+    assert_eq!(sent.len(), 2);
+    for part in &sent {
+        assert_eq!(
+            part.header_all("traceparent"),
+            [theirs.as_str()],
+            "{part:?}"
+        );
+        assert_eq!(part.header_all("tracestate"), ["vendor=opaque"], "{part:?}");
+    }
+    assert_eq!(
+        client()
+            .get(gw.url("/combined/10"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    for part in &parts.requests()[2..] {
+        assert_eq!(part.header("traceparent"), None, "none made up: {part:?}");
+        assert_eq!(part.header("tracestate"), None, "{part:?}");
+    }
+    eventually(Duration::from_secs(5), "four log lines", || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
             .count()
-            >= 2
+            >= 4
     });
     assert!(!std::fs::read_to_string(&log).unwrap().contains("trace_id"));
 }
@@ -363,14 +446,14 @@ fn tracing_mistakes_are_config_errors_with_their_path() {
     let base = "listen: [127.0.0.1:0]\nupstreams:\n  a: { targets: ['127.0.0.1:9'] }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: a\n";
     let cases = [
         (
-            format!("{base}tracing: {{ otlp: 'https://collector:4318/v1/traces' }}\n"),
+            format!("{base}tracing: {{ otlp: 'ftp://collector:4318/v1/traces' }}\n"),
             "tracing.otlp",
-            "https",
+            "http:// or https:// URL",
         ),
         (
             format!("{base}tracing: {{ otlp: 'collector' }}\n"),
             "tracing.otlp",
-            "http:// URL",
+            "http:// or https:// URL",
         ),
         (
             format!("{base}tracing: {{ otlp: 'http://c:4318/v1/traces', sample: 1.5 }}\n"),
@@ -384,4 +467,42 @@ fn tracing_mistakes_are_config_errors_with_their_path() {
         ),
     ];
     assert_config_errors(&cases, None);
+}
+
+#[test]
+fn spans_reach_an_https_collector_that_the_gateway_trusts_and_no_other() {
+    let ca = common::pki::Ca::new("collector test CA");
+    let issued = ca.issue(&["127.0.0.1"], "collector", None, None);
+    let collector = Collector::start_tls(&issued.cert_pem, &issued.key_pem);
+    assert!(collector.url().starts_with("https://127.0.0.1:"));
+    let up = TestUpstream::named("app");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(dir.path(), "ca");
+
+    // Trusting the CA (OpenSSL reads SSL_CERT_FILE), the spans arrive.
+    let gw = traced(&collector.url(), 1.0, &routes(&up))
+        .env("SSL_CERT_FILE", ca_path.to_str().unwrap())
+        .start();
+    let r = client().get(gw.url("/users/7")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let spans = wait_spans(&collector, 2);
+    assert!(
+        spans.iter().any(|s| s.kind == 2 && s.name == "GET users"),
+        "{spans:?}"
+    );
+    drop(gw);
+
+    // A gateway that does not trust it never hands spans to that server:
+    // its export fails verification and the spans are counted as dropped.
+    let stranger = Collector::start_tls(&issued.cert_pem, &issued.key_pem);
+    let gw = traced(&stranger.url(), 1.0, &routes(&up)).start();
+    let r = client().get(gw.url("/users/7")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let dropped = || metric_sum(&gw, "gatehouse_trace_spans_dropped_total ");
+    eventually(
+        Duration::from_secs(10),
+        "the refused export counted",
+        || dropped() >= 2.0,
+    );
+    assert!(stranger.spans().is_empty(), "{:?}", stranger.spans());
 }

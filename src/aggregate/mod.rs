@@ -191,7 +191,8 @@ pub struct Input<'a> {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The `X-Forwarded-*` fields, as the proxied routes send them.
     pub forwarded: Option<&'a Forwarded<'a>>,
-    /// With `tracing`: each part is a client span of this trace.
+    /// With `tracing`: each part is a client span of this trace (without,
+    /// a part gets the client's `traceparent` as it came, from `forwarded`).
     pub trace: Option<&'a crate::trace::RequestTrace>,
 }
 
@@ -428,6 +429,15 @@ async fn call(
             if let Some(state) = input.trace.and_then(|t| t.tracestate()) {
                 req.insert_header(crate::trace::TRACESTATE, state.clone())
                     .map_err(|e| e.to_string())?;
+            }
+        } else if let Some(forwarded) = input.forwarded {
+            // Without `tracing`, a part is in the client's trace as a
+            // proxied request is: its trace context passes as it came.
+            for name in [crate::trace::TRACEPARENT, crate::trace::TRACESTATE] {
+                for value in forwarded.client.get_all(&name) {
+                    req.append_header(name.clone(), value.clone())
+                        .map_err(|e| e.to_string())?;
+                }
             }
         }
         let mut held = budget.reserve(0).ok_or(PartError::Busy)?;

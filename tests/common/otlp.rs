@@ -39,6 +39,8 @@ struct State {
 
 pub struct Collector {
     pub addr: SocketAddr,
+    /// `https` when started with [`Collector::start_tls`].
+    scheme: &'static str,
     state: Arc<State>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -59,6 +61,31 @@ fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String 
 
 impl Collector {
     pub fn start() -> Self {
+        Self::serve(None)
+    }
+
+    /// A receiver that speaks HTTPS with `cert_pem`/`key_pem` (a certificate
+    /// for 127.0.0.1).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -76,6 +103,7 @@ impl Collector {
                     continue;
                 };
                 let st = Arc::clone(&st);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let st = Arc::clone(&st);
@@ -125,21 +153,33 @@ impl Collector {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                    }
                 });
             }
         });
         Collector {
             addr,
+            scheme,
             state,
             _runtime: runtime,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/v1/traces", self.addr)
+        format!("{}://{}/v1/traces", self.scheme, self.addr)
     }
 
     pub fn spans(&self) -> Vec<Got> {

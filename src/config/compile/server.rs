@@ -17,20 +17,20 @@ pub(super) type Certificates = Vec<(std::net::SocketAddr, std::sync::Arc<crate::
 
 impl Compiler<'_> {
     /// `access_log: stdout | off | PATH` (default stdout).
-    /// `tracing`: an `http://` collector URL, a share, a service name.
+    /// `tracing`: an `http://` or `https://` collector URL, a share, a service name.
     pub(super) fn tracing(&mut self, value: Option<&Value>) -> Option<crate::trace::TraceSettings> {
         let value = value.filter(|v| !v.is_null())?;
         let raw = self.de::<crate::config::raw::RawTracing>("tracing", value)?;
         let errors_before = self.errors.0.len();
         match raw.otlp.parse::<http::Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
-            Ok(uri) if uri.scheme_str() == Some("https") => self.error(
-                "tracing.otlp",
-                "an https:// collector is not supported: send to a local collector or agent over http://",
-            ),
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
             _ => self.error(
                 "tracing.otlp",
-                format!("\"{}\" is not an http:// URL, like http://127.0.0.1:4318/v1/traces", raw.otlp),
+                format!(
+                    "\"{}\" is not an http:// or https:// URL, like http://127.0.0.1:4318/v1/traces",
+                    raw.otlp
+                ),
             ),
         }
         let sample = raw.sample.unwrap_or(1.0);
