@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,gatehouse-split,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,gatehouse-split,gatehouse-traced,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -60,7 +60,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
 mkdir -p "$WORK/tmp" "$WORK/wrk"
 RESULTS=$WORK/results.tsv
 declare -A SERVER_PID=()        # server name -> pid of the process we started
-declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT [pingora-bare]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
+declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT [gatehouse-traced]=INT [pingora-bare]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
 STATUS=1
 
 cleanup() {
@@ -98,22 +98,24 @@ NOFILE=$(ulimit -n)
 [[ $NOFILE =~ ^[0-9]+$ ]] && (( NOFILE <= 65536 )) || NOFILE=65536
 (( NOFILE >= 2 * CONNS + 64 )) || note "warning: open-file limit $NOFILE is low for CONNS=$CONNS"
 
-read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT REDIS_PORT < <(python3 -c '
+read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT REDIS_PORT GHT_PORT GHT_ADMIN_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(8)]
+ss = [socket.socket() for _ in range(10)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 ') || true
-[[ -n ${REDIS_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
+[[ -n ${GHT_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
 # One line per target: "name|server|url|auth". `server` is the process whose CPU and
-# RSS are measured (upstream, nginx, pingora-bare, gatehouse or gatehouse-quiet;
+# RSS are measured (upstream, nginx, pingora-bare, gatehouse, gatehouse-quiet or gatehouse-traced;
 # "-" = measure nothing). pingora-bare is examples/bare_proxy.rs: Pingora with
 # gatehouse's allocator, build profile and server options, forwarding to one
 # prebuilt peer and doing nothing else. gatehouse-quiet is a second gatehouse with the same routes but no
-# metrics and no access log, to price them against gatehouse. The
+# metrics and no access log, to price them against gatehouse. gatehouse-traced
+# is a third one, like gatehouse plus `tracing` at sample 0.01 (SPEC 9.1),
+# exporting its spans to the upstream nginx, which answers every POST 200. The
 # upstream always runs; the other servers start only if a selected target needs
 # them. `auth` = bearer sends one RS256 token (minted below) with every request.
 # A further gatehouse scenario is one more line here plus its route in
@@ -124,6 +126,7 @@ TARGET_DEFS=(
     "pingora-bare|pingora-bare|http://127.0.0.1:$BARE_PORT$REQ_PATH|-"
     "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
     "gatehouse-quiet|gatehouse-quiet|http://127.0.0.1:$GHQ_PORT$REQ_PATH|-"
+    "gatehouse-traced|gatehouse-traced|http://127.0.0.1:$GHT_PORT$REQ_PATH|-"
     "gatehouse-auth|gatehouse|http://127.0.0.1:$GH_PORT/auth$REQ_PATH|bearer"
     "gatehouse-cache|gatehouse|http://127.0.0.1:$GH_PORT/cached$REQ_PATH|-"
     "gatehouse-limit|gatehouse|http://127.0.0.1:$GH_PORT/limited$REQ_PATH|-"
@@ -156,7 +159,7 @@ need_server() {
     for n in "${SELECTED[@]}"; do [[ ${T_SERVER[$n]} == "$1" ]] && return 0; done
     return 1
 }
-need_gatehouse() { need_server gatehouse || need_server gatehouse-quiet; }
+need_gatehouse() { need_server gatehouse || need_server gatehouse-quiet || need_server gatehouse-traced; }
 
 if need_gatehouse && [[ $GATEHOUSE_BIN == */debug/* ]]; then
     note "WARNING: $GATEHOUSE_BIN looks like a debug build; its numbers mean nothing (use target/release/gatehouse)"
@@ -201,6 +204,8 @@ $(nginx_temp_paths upstream)
         default_type application/json;
         location / { return 200 '$BODY'; }
         location /big/ { return 200 '$BIG_BODY'; }
+        # gatehouse-traced's span export (OTLP/HTTP): accepted, discarded.
+        location = /v1/traces { return 200; }
     }
 }
 EOF
@@ -292,6 +297,12 @@ $CLUSTER_LINES" >"$WORK/gatehouse.yaml"
 gatehouse_yaml gatehouse-quiet "$GHQ_PORT" "$GHQ_ADMIN_PORT" "  metrics: false" \
     "access_log: off
 $CLUSTER_LINES" >"$WORK/gatehouse-quiet.yaml"
+# gatehouse-traced: gatehouse plus tracing, 1% of new traces recorded, so
+# gatehouse-traced vs gatehouse is the price of tracing.
+gatehouse_yaml gatehouse-traced "$GHT_PORT" "$GHT_ADMIN_PORT" "" \
+    "access_log: $WORK/access-traced.log
+tracing: { otlp: 'http://127.0.0.1:$UP_PORT/v1/traces', sample: 0.01 }
+$CLUSTER_LINES" >"$WORK/gatehouse-traced.yaml"
 
 # --------------------------------------------------------------- helpers ----
 show_log() {   # $1 = log file
@@ -490,7 +501,7 @@ busy_check() {
 
 # --------------------------------------------------------------- start ------
 busy_check
-note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT), pingora-bare $BARE_PORT"
+note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT), gatehouse-traced $GHT_PORT (admin $GHT_ADMIN_PORT), pingora-bare $BARE_PORT"
 
 "$NGINX_BIN" -t -q -p "$WORK" -e "$WORK/upstream-error.log" -c "$WORK/upstream.conf" 2>"$WORK/upstream.log" \
     || { show_log "$WORK/upstream.log"; die "upstream nginx config rejected"; }
@@ -538,6 +549,9 @@ fi
 if need_server gatehouse-quiet; then
     start_gatehouse gatehouse-quiet "$GHQ_ADMIN_PORT" \
         " (it sets server.metrics: false; a binary older than that option refuses it: rebuild, or leave gatehouse-quiet out of TARGETS)"
+fi
+if need_server gatehouse-traced; then
+    start_gatehouse gatehouse-traced "$GHT_ADMIN_PORT"
 fi
 
 for name in "${SELECTED[@]}"; do check_target "$name"; done
@@ -595,6 +609,13 @@ if need_server gatehouse; then
     note "gatehouse access log: $log_lines lines, $log_mib MiB, ${dropped:-?} dropped"
     (( log_lines > 0 )) || note "WARNING: gatehouse wrote nothing to $WORK/access.log; its figures do not include logging"
     [[ ${dropped:-0} == 0 ]] || note "WARNING: gatehouse dropped $dropped access-log lines (its writer fell behind); the cost of logging is understated"
+fi
+# gatehouse-traced must really have recorded and exported its share of spans.
+if need_server gatehouse-traced; then
+    traced=$(curl -s --max-time 2 "http://127.0.0.1:$GHT_ADMIN_PORT/metrics" \
+        | awk '/^gatehouse_trace_spans_dropped_total/ { print $2 + 0 }' || true)
+    note "gatehouse-traced: ${traced:-?} spans dropped"
+    [[ ${traced:-0} == 0 ]] || note "WARNING: gatehouse-traced dropped $traced spans (the export fell behind or failed); the cost of tracing is understated"
 fi
 
 # --------------------------------------------------------------- report -----
@@ -666,6 +687,8 @@ for g in ("gatehouse", "gatehouse-quiet"):
         obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
 if round_ratio("gatehouse-auth", "gatehouse") is not None:
     obs.append(f"gatehouse-auth vs gatehouse (auth + limit vs plain): {round_ratio('gatehouse-auth', 'gatehouse'):.2f}× rps")
+if round_ratio("gatehouse-traced", "gatehouse") is not None:
+    obs.append(f"gatehouse-traced vs gatehouse (tracing at sample 0.01 vs none): {round_ratio('gatehouse-traced', 'gatehouse'):.2f}× rps")
 if round_ratio("gatehouse-split", "gatehouse") is not None:
     obs.append(f"gatehouse-split vs gatehouse (a 90/10 split vs one upstream): {round_ratio('gatehouse-split', 'gatehouse'):.2f}× rps")
 if round_ratio("gatehouse-gzip", "nginx-gzip") is not None:
