@@ -277,24 +277,23 @@ impl AdminApp {
     /// What a web page must not make a browser do here. A change (`POST`,
     /// `DELETE`) sent cross-site (`Sec-Fetch-Site`, or an `Origin` other
     /// than this host) is refused: a browser that opened the dashboard
-    /// would attach its Basic credentials to it. Without a token, a request
-    /// that came over loopback with a `Host` that is not an address or
-    /// `localhost` is refused: a page whose name was made to resolve to
-    /// 127.0.0.1 (DNS rebinding) cannot read the local listener. A request
-    /// that came over the network without a token exists only because
-    /// `admin.insecure: true` opened the listener on purpose, and there a
-    /// scraper's `Host: gatehouse:9901` is what the operator asked for.
+    /// would attach its Basic credentials to it. Without a token, a `Host`
+    /// that is not an address, `localhost` or a single label is refused: a
+    /// page whose public name was made to resolve to this listener's
+    /// address, loopback or private (DNS rebinding), cannot read it or
+    /// change it, while a scraper's `Host: gatehouse:9901` (a container or
+    /// service name, which no outside site can publish) is served.
     fn refuse_from_browsers(
         &self,
         req: &pingora_http::RequestHeader,
         open: bool,
-        over_network: bool,
     ) -> Option<Response<Vec<u8>>> {
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         let host = header("host").map(crate::forwarding::strip_port);
-        if self.token.is_none() && !open && !over_network {
+        if self.token.is_none() && !open {
             let local = host.is_some_and(|h| {
                 h.eq_ignore_ascii_case("localhost")
+                    || (!h.is_empty() && !h.contains('.') && !h.contains(':'))
                     || h.trim_start_matches('[')
                         .trim_end_matches(']')
                         .parse::<std::net::IpAddr>()
@@ -303,7 +302,7 @@ impl AdminApp {
             if !local {
                 return Some(problem(
                     StatusCode::FORBIDDEN,
-                    "without admin.token, a request over loopback must name an address or localhost as its Host",
+                    "without admin.token, the admin listener answers only a Host that is an address, localhost or a single name",
                 ));
             }
         }
@@ -331,11 +330,7 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
         let open = matches!(path.as_str(), "/healthz" | "/readyz");
-        let over_network = session
-            .server_addr()
-            .and_then(|a| a.as_inet())
-            .is_some_and(|a| !a.ip().to_canonical().is_loopback());
-        if let Some(refused) = self.refuse_from_browsers(req, open, over_network) {
+        if let Some(refused) = self.refuse_from_browsers(req, open) {
             return refused;
         }
         if let Some(token) = self.token.as_ref().filter(|_| !open) {

@@ -258,7 +258,7 @@ fn network_address() -> std::net::IpAddr {
 }
 
 #[test]
-fn an_insecure_listener_answers_any_host_from_the_network_but_not_over_loopback() {
+fn an_insecure_listener_answers_a_service_name_but_never_a_public_name() {
     let up = TestUpstream::named("app");
     let dir = tempfile::tempdir().unwrap();
     let (port, admin_port) = (free_port(), free_port());
@@ -320,13 +320,15 @@ fn an_insecure_listener_answers_any_host_from_the_network_but_not_over_loopback(
         &format!("POST /reload HTTP/1.1\r\nHost: gatehouse:{admin_port}\r\nOrigin: http://evil.example\r\n"),
     );
     assert_eq!(r.status, 403, "{}", r.body);
-    // Over loopback, a name is still what a rebinding page would send: a
-    // browser on this machine keeps its guard.
-    let r = answer(
-        loopback,
-        &format!("GET /metrics HTTP/1.1\r\nHost: evil.example:{admin_port}\r\n"),
-    );
-    assert_eq!(r.status, 403, "{}", r.body);
+    // A public name is what a rebinding page would send, over loopback or
+    // over the network: the guard stays.
+    for to in [loopback, network] {
+        let r = answer(
+            to,
+            &format!("GET /metrics HTTP/1.1\r\nHost: evil.example:{admin_port}\r\n"),
+        );
+        assert_eq!(r.status, 403, "{to}: {}", r.body);
+    }
     let r = answer(
         loopback,
         &format!("GET /metrics HTTP/1.1\r\nHost: localhost:{admin_port}\r\n"),
