@@ -53,6 +53,23 @@ pub struct TraceSettings {
     pub service_name: String,
 }
 
+impl TraceSettings {
+    /// The collector as the log names it: scheme, host, port and path, never
+    /// user info or a query (a hosted collector's credentials travel there).
+    pub fn collector(&self) -> String {
+        match self.otlp.parse::<http::Uri>() {
+            Ok(uri) => format!(
+                "{}://{}{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.authority()
+                    .map_or("", |a| a.as_str().rsplit('@').next().unwrap_or("")),
+                uri.path()
+            ),
+            Err(_) => "the configured collector".to_string(),
+        }
+    }
+}
+
 /// Makes each request's trace and takes the finished spans.
 pub struct Tracer {
     sample: f64,
@@ -599,7 +616,7 @@ pub async fn export_until(
                     if failing {
                         log::info!(
                             "tracing: the collector at {} takes spans again",
-                            settings.otlp
+                            settings.collector()
                         );
                     }
                     failing = false;
@@ -607,9 +624,15 @@ pub async fn export_until(
                 Err(e) => {
                     dropped.inc_by(count);
                     if !failing {
+                        // The client's error names the whole URL.
+                        let collector = settings.collector();
+                        let why = if collector == settings.otlp {
+                            e.to_string()
+                        } else {
+                            "its error names the URL's credentials, not shown".to_string()
+                        };
                         log::warn!(
-                            "tracing: exporting to {} failed ({e}); dropping spans until it works",
-                            settings.otlp
+                            "tracing: exporting to {collector} failed ({why}); dropping spans until it works"
                         );
                     }
                     failing = true;
@@ -624,6 +647,25 @@ pub async fn export_until(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_logged_collector_has_no_credentials() {
+        let named = |otlp: &str| {
+            super::TraceSettings {
+                otlp: otlp.to_string(),
+                sample: 1.0,
+                service_name: String::new(),
+            }
+            .collector()
+        };
+        assert_eq!(
+            named("https://user:secret@otlp.example:4318/v1/traces?api_key=k"),
+            "https://otlp.example:4318/v1/traces"
+        );
+        assert_eq!(
+            named("http://127.0.0.1:4318/v1/traces"),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+    }
     use super::*;
 
     fn with(value: &str) -> HeaderMap {
