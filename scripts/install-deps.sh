@@ -2,8 +2,9 @@
 # Installs what building gatehouse needs on a fresh Debian/Ubuntu machine:
 # cmake (Pingora's zlib-ng), a C/C++ compiler, pkg-config and OpenSSL headers;
 # for the tests, systemd-analyze, redis-server (the cluster tests start
-# their own; bench/run.sh's gatehouse-cluster target too) and chromium
-# (the dashboard test renders the page headless).
+# their own; bench/run.sh's gatehouse-cluster target too), chromium
+# (the dashboard test renders the page headless) and promtool (package
+# prometheus; the metrics test lints /metrics with it).
 # A Rust toolchain (rustup, 1.88 or newer) is assumed.
 set -euo pipefail
 need=()
@@ -19,6 +20,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # The dashboard test loads the page in a real headless browser.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The metrics test lints /metrics with Prometheus's promtool.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -109,6 +109,41 @@ fn metrics_after_known_traffic() {
         now - started < 600.0 && now >= started,
         "{started} vs {now}"
     );
+    promtool_check_metrics(&text);
+}
+
+/// `promtool check metrics`: what Prometheus's own linter says of the text
+/// (names, units, help, types); silent and successful when all is well.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is not installed ({e}): run scripts/install-deps.sh (it installs Debian's prometheus, which ships promtool)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}"
+    );
 }
 
 /// With the kernel's transparent huge pages on, the allocator's regions would
