@@ -382,6 +382,21 @@ fn traffic_mistakes_are_config_errors_with_their_path() {
             "routes[0].split.to[1].share",
             "unknown key",
         ),
+        (
+            route("    match: { path_prefix: / }\n    split: { to: [{ upstream: a, weight: 10000 }, { upstream: b, weight: 10001 }] }\n"),
+            "routes[0].split.to[1].weight",
+            "between 0 and 10000",
+        ),
+        (
+            route("    match: { path: \"/p/{id}\" }\n    mirror: { upstream: b }\n    aggregate:\n      parts:\n        - { key: x, upstream: a, path: \"/x/{id}\" }\n"),
+            "routes[0].mirror",
+            "an aggregate route sends its parts",
+        ),
+        (
+            format!("{base}  c: {{ targets: ['127.0.0.1:11'], resolve_at_start: maybe }}\n"),
+            "upstreams.c.resolve_at_start",
+            "expected a boolean",
+        ),
     ];
     assert_config_errors(&cases, None);
 }
