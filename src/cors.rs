@@ -294,13 +294,43 @@ impl Cors {
         let Some(origin) = origin else {
             return;
         };
-        let _ = resp.insert_header(ACAO, origin.clone());
-        if let Some(v) = &self.expose_headers {
-            let _ = resp.insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+        for (name, value) in self.allowed(origin) {
+            let _ = resp.insert_header(name, value);
         }
-        if self.allow_credentials {
-            let _ = resp.insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+    }
+
+    /// A refusal routing made before the request had a route (`405`, or
+    /// `404` when `match.claims` failed), on a path whose first route (in
+    /// the order routes are tried) has this policy: the fields `decorate`
+    /// would have set, or the page could not read why it was refused.
+    pub fn on_refusal(&self, headers: &HeaderMap, refusal: Response) -> Response {
+        let mut refusal = refusal.with_header(header::VARY, HeaderValue::from_static("Origin"));
+        if let Admitted::Origin(Some(origin)) = self.admit(headers) {
+            for (name, value) in self.allowed(&origin) {
+                refusal = refusal.with_header(name, value);
+            }
         }
+        refusal
+    }
+
+    /// The fields of a response to an allowed origin.
+    fn allowed<'a>(
+        &'a self,
+        origin: &HeaderValue,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
+        let expose = self
+            .expose_headers
+            .clone()
+            .map(|v| (header::ACCESS_CONTROL_EXPOSE_HEADERS, v));
+        let credentials = self.allow_credentials.then(|| {
+            (
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            )
+        });
+        std::iter::once((ACAO, origin.clone()))
+            .chain(expose)
+            .chain(credentials)
     }
 }
 

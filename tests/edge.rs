@@ -2,7 +2,8 @@
 //! answered by the gateway (allowed and refused by origin, method, header,
 //! wildcard labels, scheme and port), the fields on actual requests and on
 //! the gateway's own errors, the upstream's own fields removed, top-level
-//! defaults and `off`; IP allow and deny with and without trusted proxies.
+//! defaults and `off`; the fields on routing's own refusals (405, and 404
+//! by `match.claims`); IP allow and deny with and without trusted proxies.
 
 mod common;
 
@@ -239,6 +240,115 @@ fn actual_requests_carry_the_fields_on_every_response_the_gateway_errors_include
 }
 
 #[test]
+fn routing_refusals_carry_the_cors_fields_of_the_route_the_path_led_to() {
+    let up = TestUpstream::named("app");
+    let body = format!(
+        "upstreams:
+  app:
+    targets: [{addr}]
+{provider}routes:
+  - name: reads
+    match: {{ path_prefix: /multi, methods: [GET] }}
+    upstream: app
+    cors: {{ allow_origins: [https://a.example.com], expose_headers: [X-Request-Id], allow_credentials: true }}
+  - name: writes
+    match: {{ path_prefix: /multi, methods: [POST] }}
+    upstream: app
+    cors: {{ allow_origins: [https://b.example.com] }}
+  - name: elsewhere
+    match: {{ path_prefix: /multi, host: elsewhere.test, methods: [PATCH] }}
+    upstream: app
+    cors: {{ allow_origins: [https://c.example.com] }}
+  - name: premium
+    match: {{ path_prefix: /premium, claims: {{ tier: premium }} }}
+    upstream: app
+    auth: main
+    cors: {{ allow_origins: [https://a.example.com] }}
+  - name: plain
+    match: {{ path_prefix: /plain, methods: [GET] }}
+    upstream: app
+",
+        addr = up.addr,
+        provider = common::jwt::rs256_provider("main"),
+    );
+    let gw = gateway(&body).start();
+    let put = |path: &str, origin: Option<&str>| {
+        let mut req = client().put(gw.url(path));
+        if let Some(o) = origin {
+            req = req.header("Origin", o);
+        }
+        req.send().unwrap()
+    };
+    // The path matched, the method did not: the 405 follows the first route
+    // tried for the path (`reads`: file order breaks the tie), so the page
+    // can read it.
+    let r = put("/multi/x", Some("https://a.example.com"));
+    let h = r.headers();
+    assert_eq!(h["allow"], "GET, HEAD, POST");
+    assert_eq!(h["access-control-allow-origin"], "https://a.example.com");
+    assert_eq!(h["access-control-expose-headers"], "x-request-id");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert!(varies_by_origin(&r));
+    assert_problem(r, 405);
+    // An origin only a later route (`writes`) or a route for another host
+    // (`elsewhere`) admits, or none at all: no field, but Vary: Origin.
+    for origin in ["https://b.example.com", "https://c.example.com"] {
+        let r = put("/multi/x", Some(origin));
+        assert!(
+            cors_fields(&r).is_empty(),
+            "{origin}: {:?}",
+            cors_fields(&r)
+        );
+        assert!(varies_by_origin(&r), "{origin}");
+        assert_problem(r, 405);
+    }
+    // Without an Origin nothing is added (the answer is no-store).
+    let r = put("/multi/x", None);
+    assert!(cors_fields(&r).is_empty() && !varies_by_origin(&r));
+    assert_problem(r, 405);
+    // A route without cors adds nothing.
+    let r = put("/plain", Some("https://a.example.com"));
+    assert!(cors_fields(&r).is_empty() && !varies_by_origin(&r));
+    assert_problem(r, 405);
+    // A 404 because the token lacks the route's claims: the route's fields.
+    let token = common::jwt::rs256_token("alice");
+    let r = client()
+        .get(gw.url("/premium"))
+        .header("Origin", "https://a.example.com")
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://a.example.com"
+    );
+    assert!(varies_by_origin(&r));
+    assert_problem(r, 404);
+    // No route for the path at all: nothing to follow.
+    let r = client()
+        .get(gw.url("/nowhere"))
+        .header("Origin", "https://a.example.com")
+        .send()
+        .unwrap();
+    assert!(cors_fields(&r).is_empty() && !varies_by_origin(&r));
+    assert_problem(r, 404);
+    assert_eq!(up.count(), 0);
+
+    // `allow_methods` defaults to the route's methods: HEAD only where the
+    // route serves it (a GET route does, as routing answers HEAD for GET).
+    let r = preflight(&gw, "/multi", "https://b.example.com", "POST", None);
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["access-control-allow-methods"], "POST");
+    let r = preflight(&gw, "/multi", "https://a.example.com", "HEAD", None);
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["access-control-allow-methods"], "GET, HEAD");
+    assert_eq!(
+        client().head(gw.url("/multi")).send().unwrap().status(),
+        200
+    );
+}
+
+#[test]
 fn the_ip_filter_allows_denies_and_cannot_be_fooled_by_forwarded_headers() {
     let up = TestUpstream::named("app");
     let body = format!(
@@ -336,6 +446,17 @@ fn edge_policy_mistakes_are_config_errors_with_their_path() {
         (format!("{base}ip_filter: {{ allow: [10.0.0.0/8], block: [] }}\n"), "ip_filter.block", "unknown key"),
     ];
     assert_config_errors(&cases, None);
+    // And the line and column of the mistake, in a block list.
+    let yaml = format!(
+        "{base}{}",
+        route("    ip_filter:\n      allow:\n        - 10.0.0.0/8\n        - 10.0.0.0/33\n")
+    );
+    let (code, out, err) = check_config(&yaml, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("routes[0].ip_filter.allow[1] (line 11, column 11): \"10.0.0.0/33\" is not an IP address or CIDR"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! TLS at the edge end to end (SPEC 6.5, 6.6): certificates chosen by SNI
 //! (exact names, wildcards, the first by default), a reload serving renewed
-//! files, `min_version`, the ALPN refusal, the expiry metric; client
-//! certificates `required` and `optional`, routes needing one, the subject
-//! and fingerprint headers set only from a verified certificate and always
-//! stripped from client input; `-t` errors.
+//! files to new connections while an open one keeps its own,
+//! `min_version`, the ALPN refusal, the expiry metric; client certificates
+//! `required` and `optional`, routes needing one, the subject and
+//! fingerprint headers set only from a verified certificate and always
+//! stripped from client input, refusals for want of one counted; `-t`
+//! errors with their path and line.
 
 mod common;
 
@@ -153,6 +155,82 @@ fn sni_picks_each_certificate_and_the_first_one_by_default() {
     }
 }
 
+/// One HTTP/1.1 connection over TLS, kept alive from request to request,
+/// verifying the server's certificate by `ca` as a browser would.
+struct KeptAlive {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    name: String,
+}
+
+impl KeptAlive {
+    fn open(addr: std::net::SocketAddr, ca: &Ca, name: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        KeptAlive {
+            tls: rustls::StreamOwned::new(conn, sock),
+            name: name.to_string(),
+        }
+    }
+
+    /// `GET path` on this connection: the status line, once the whole
+    /// answer (framed by `Content-Length`) is read and the connection may
+    /// carry the next request.
+    fn get(&mut self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.name);
+        self.tls.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = self.tls.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection was closed");
+            answer.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+        while answer.len() < head_end + length {
+            let n = self.tls.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection was closed mid-body");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(answer.len(), head_end + length, "more than one answer");
+        head.lines().next().unwrap_or("").to_string()
+    }
+
+    fn peer_certificate(&self) -> Vec<u8> {
+        self.tls.conn.peer_certificates().unwrap()[0].to_vec()
+    }
+}
+
 #[test]
 fn a_reload_serves_renewed_certificates_and_keeps_them_when_files_fail() {
     let dir = tempfile::tempdir().unwrap();
@@ -168,28 +246,25 @@ fn a_reload_serves_renewed_certificates_and_keeps_them_when_files_fail() {
             .0
     };
     assert_eq!(served(), first.der);
-    // A connection opened before the reload.
-    let kept = https(&ca, &gw, "api.test", None);
-    assert_eq!(
-        kept.get(url(&gw, "api.test", "/open"))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    // A connection opened before the reload, kept alive across it.
+    let mut kept = KeptAlive::open(addr, &ca, "api.test");
+    assert_eq!(kept.get("/open"), "HTTP/1.1 200 OK");
+    assert_eq!(kept.peer_certificate(), first.der);
 
     let renewed = ca.issue(&["api.test"], "api", None, None);
     renewed.write(dir.path(), "api");
     let (status, body) = admin(&gw, "POST", "/reload");
     assert_eq!(status, 200, "{body}");
     assert_eq!(served(), renewed.der);
-    assert_eq!(
-        kept.get(url(&gw, "api.test", "/open"))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    // The same socket and session: still served, on the old certificate.
+    assert_eq!(kept.get("/open"), "HTTP/1.1 200 OK");
+    assert_eq!(kept.peer_certificate(), first.der);
+    assert_eq!(up.count(), 2);
+    let r = https(&ca, &gw, "api.test", None)
+        .get(url(&gw, "api.test", "/open"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "a new client verifies the renewed one");
 
     // A key that is not the certificate's: the reload is refused and the
     // renewed certificate stays.
@@ -331,6 +406,15 @@ fn optional_client_certificates_let_routes_ask_for_one() {
         .unwrap();
     let p = assert_problem(r, 401);
     assert_eq!(p["detail"], "a verified client certificate is required");
+    let missing = |route: &str| {
+        metric_sum(
+            &gw,
+            &format!(
+                "gatehouse_auth_failures_total{{reason=\"missing_client_cert\",route=\"{route}\"}}"
+            ),
+        )
+    };
+    assert_eq!(missing("certified"), 1.0);
 
     // A certificate that does not verify is served as none.
     let r = with_mallory
@@ -384,6 +468,19 @@ fn optional_client_certificates_let_routes_ask_for_one() {
     assert_eq!(r.status(), 200);
     assert_eq!(up.last().header("x-client-cert-subject"), None);
     assert_problem(client().get(gw.url("/certified")).send().unwrap(), 401);
+    // Each refusal for want of a certificate is counted as one, by route:
+    // anonymous, mallory's and the plain listener's on `certified`, the
+    // token without a certificate on `both` (bob's certificate without a
+    // token is a missing token).
+    assert_eq!(missing("certified"), 3.0);
+    assert_eq!(missing("both"), 1.0);
+    assert_eq!(
+        metric_sum(
+            &gw,
+            "gatehouse_auth_failures_total{reason=\"missing_token\",route=\"both\"}"
+        ),
+        1.0
+    );
 }
 
 /// `n` random-looking 80-byte ticket keys, each named by its first byte.
@@ -605,6 +702,17 @@ fn tls_mistakes_are_config_errors_with_their_paths() {
         ),
     ];
     assert_config_errors(&cases, Some("PRIVATE KEY"));
+    // With the line and column of the key, in a block mapping.
+    let yaml = format!(
+        "listen:\n  - address: 127.0.0.1:8443\n    tls:\n      certificates: [{}]\n      min_version: \"1.1\"\nupstreams:\n  app:\n    targets: [127.0.0.1:9]\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        pair(d, "api")
+    );
+    let (code, out, err) = check_config(&yaml, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("listen[0].tls.min_version (line 5, column 7): min_version \"1.1\": use \"1.2\" or \"1.3\""),
+        "{err}"
+    );
 }
 
 #[test]

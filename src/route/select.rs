@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, ALLOW};
+use http::header::{HeaderValue, ALLOW, ORIGIN};
 use http::StatusCode;
 use pingora_http::RequestHeader;
 
@@ -36,7 +36,8 @@ pub struct Selected {
 }
 
 /// The route of `req`, or the answer when there is none (`400` for a path
-/// that is refused, `404`, `405` with `Allow`). `host` is the request's host
+/// that is refused, `404`, `405` with `Allow`; the last two with the CORS
+/// fields of the route the path led to). `host` is the request's host
 /// without its port. A route with `match.claims` verifies its credentials
 /// to be chosen: without valid ones, or with other claims, it does not
 /// match and the next route is tried.
@@ -96,19 +97,18 @@ pub async fn select(
                 };
                 verified.push((Arc::clone(route), verdict));
             }
-            RouteOutcome::NotFound => {
-                return Err(problem(
-                    StatusCode::NOT_FOUND,
-                    "no route matches this request",
-                ))
+            RouteOutcome::NotFound { near } => {
+                let refusal = problem(StatusCode::NOT_FOUND, "no route matches this request");
+                return Err(with_cors(req, near, refusal));
             }
-            RouteOutcome::MethodNotAllowed { allow } => {
+            RouteOutcome::MethodNotAllowed { allow, near } => {
                 let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
-                return Err(problem(
+                let refusal = problem(
                     StatusCode::METHOD_NOT_ALLOWED,
                     &format!("{} is not allowed here", req.method),
                 )
-                .with_header(ALLOW, allow));
+                .with_header(ALLOW, allow);
+                return Err(with_cors(req, Some(near), refusal));
             }
         }
     };
@@ -141,6 +141,22 @@ pub async fn select(
         upstream_uri,
         params,
     })
+}
+
+/// A routing refusal with the CORS fields of `near`, the first route whose
+/// conditions but the method (or `match.claims`) held: the route the page
+/// meant, whose policy the refusal follows even when a later route for the
+/// path has another. Only for a request with an `Origin`: without one
+/// there is no field to set but `Vary`, and the gateway's own answers are
+/// `no-store`, so no cache keeps one for a browser.
+fn with_cors(req: &RequestHeader, near: Option<&Arc<Route>>, refusal: Response) -> Response {
+    if !req.headers.contains_key(ORIGIN) {
+        return refusal;
+    }
+    match near.and_then(|route| route.cors.as_ref()) {
+        Some(cors) => cors.on_refusal(&req.headers, refusal),
+        None => refusal,
+    }
 }
 
 /// The route with `cors` a preflight asks about: the one its actual

@@ -125,11 +125,17 @@ pub enum RouteOutcome<'r, T> {
     /// credentials must be verified to tell (then ask again).
     NeedsIdentity(&'r T),
     /// A route matches everything but the method; `allow` lists the methods
-    /// that would have matched.
+    /// that would have matched. `near` as for `NotFound`.
     MethodNotAllowed {
         allow: String,
+        near: &'r T,
     },
-    NotFound,
+    /// `near`: the first route, in the order routes are tried, whose path,
+    /// host, headers and query held (its method or `match.claims` did
+    /// not): the route whose policies (CORS) the refusal follows.
+    NotFound {
+        near: Option<&'r T>,
+    },
 }
 
 /// What the router needs of a route: its conditions.
@@ -178,6 +184,7 @@ impl<T: Routable> Router<T> {
         mut claimed: impl FnMut(&T) -> Claimed,
     ) -> RouteOutcome<'_, T> {
         let mut allowed: Option<Vec<&Method>> = None;
+        let mut near = None;
         for route in &self.routes {
             let m = route.matcher();
             if !m.path.matches(req.path, None)
@@ -186,6 +193,7 @@ impl<T: Routable> Router<T> {
             {
                 continue;
             }
+            near = near.or(Some(route));
             if m.matches_method(req.method) {
                 if m.claims.is_empty() {
                     return RouteOutcome::Matched(route);
@@ -205,17 +213,17 @@ impl<T: Routable> Router<T> {
                 }
             }
         }
-        match allowed {
-            Some(mut methods) => {
+        match (allowed, near) {
+            (Some(mut methods), Some(near)) => {
                 methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
                 let allow = methods
                     .iter()
                     .map(|m| m.as_str())
                     .collect::<Vec<_>>()
                     .join(", ");
-                RouteOutcome::MethodNotAllowed { allow }
+                RouteOutcome::MethodNotAllowed { allow, near }
             }
-            None => RouteOutcome::NotFound,
+            _ => RouteOutcome::NotFound { near },
         }
     }
 }
