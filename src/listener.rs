@@ -62,15 +62,25 @@ pub struct HeadGuard<A> {
     limits: HeadLimits,
     log: AccessLog,
     metrics: Arc<Metrics>,
+    /// With `tracing` (fixed at start), a refused head's log line has a
+    /// trace id of its own.
+    traced: bool,
 }
 
 impl<A> HeadGuard<A> {
-    pub fn new(inner: A, limits: HeadLimits, log: AccessLog, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        inner: A,
+        limits: HeadLimits,
+        log: AccessLog,
+        metrics: Arc<Metrics>,
+        traced: bool,
+    ) -> Self {
         HeadGuard {
             inner: Arc::new(inner),
             limits,
             log,
             metrics,
+            traced,
         }
     }
 }
@@ -298,6 +308,9 @@ where
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
                 .map(|ip| ip.to_canonical());
+            // With `tracing` every line has a trace id; this request never
+            // reached the proxy, so its trace is new and unrecorded.
+            let trace_id = self.traced.then(crate::trace::unrecorded_trace_id);
             self.log.write(&access_log::Entry {
                 ts: SystemTime::now(),
                 request_id,
@@ -314,7 +327,9 @@ where
                 user: None,
                 error: Some(detail),
                 body: None,
-                trace_id: None,
+                trace_id: trace_id
+                    .as_ref()
+                    .and_then(|hex| std::str::from_utf8(hex).ok()),
             });
         }
     }

@@ -180,6 +180,7 @@ pub fn build(config: Config, options: &RunOptions) -> Result<Gatehouse, StartErr
         },
         log,
         Arc::clone(&metrics),
+        config.tracing.is_some(),
     );
     let mut tls = Vec::new();
     let mut addrs = Vec::new();

@@ -154,6 +154,20 @@ fn random_span_id() -> SpanId {
     SpanId::from(fastrand::u64(1..))
 }
 
+fn random_trace_id() -> TraceId {
+    TraceId::from(fastrand::u128(1..))
+}
+
+/// A new trace id as the access log writes it (32 lowercase hex digits),
+/// for a request refused before it took part in a trace (a head the
+/// listener refused): with `tracing`, every line has a `trace_id` (SPEC
+/// 9.1). Such a trace is never recorded.
+pub fn unrecorded_trace_id() -> [u8; 32] {
+    let mut hex = [0u8; 32];
+    hex_into(&random_trace_id().to_bytes(), &mut hex);
+    hex
+}
+
 impl Tracer {
     /// The tracer, and the queue's far end for [`export_until`].
     pub fn new(settings: &TraceSettings, dropped: IntCounter) -> (Self, mpsc::Receiver<SpanData>) {
@@ -177,7 +191,7 @@ impl Tracer {
         let (trace_id, parent, sampled) = match parse_traceparent(headers) {
             Some((trace, parent, sampled)) => (trace, Some(parent), sampled),
             None => (
-                TraceId::from(fastrand::u128(1..)),
+                random_trace_id(),
                 None,
                 self.sample > 0.0 && fastrand::f64() < self.sample,
             ),

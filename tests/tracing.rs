@@ -1,8 +1,10 @@
 //! Tracing end to end (SPEC section 9.1) against a real OTLP/HTTP receiver:
 //! continued and new traces, span names and attributes, a client span per
-//! upstream attempt and per aggregate part, the sampling rules, an absent
-//! and a slow collector, `trace_id` in the access log, and no `tracing`
-//! section at all.
+//! upstream attempt and per aggregate part (a refused connection's too),
+//! the sampling rules and a fractional share, batches, the bounded queue,
+//! the flush as SIGTERM comes, an absent and a slow collector, `trace_id`
+//! in the access log (a head the listener refused included), and no
+//! `tracing` section at all.
 
 mod common;
 
@@ -505,4 +507,379 @@ fn spans_reach_an_https_collector_that_the_gateway_trusts_and_no_other() {
         || dropped() >= 2.0,
     );
     assert!(stranger.spans().is_empty(), "{:?}", stranger.spans());
+}
+
+/// The trace ids the upstream was sent, with each `traceparent`'s parent
+/// span and sampled flag, in the order received.
+fn sent_traces(up: &TestUpstream) -> Vec<(String, String, bool)> {
+    up.requests()
+        .iter()
+        .map(|r| {
+            let value = r
+                .header("traceparent")
+                .unwrap_or_else(|| panic!("no traceparent upstream: {r:?}"));
+            fields(value)
+        })
+        .collect()
+}
+
+/// A sampled client trace sent after everything else, on `http`'s
+/// connection (so the requests before it were done, spans queued): the
+/// exporter sends spans in the order they were queued, so once its spans
+/// have arrived, every span queued before them has too (or never will).
+fn after_sentinel(
+    http: &reqwest::blocking::Client,
+    gw: &Gateway,
+    collector: &Collector,
+    trace: &str,
+) -> Vec<Got> {
+    let r = http
+        .get(gw.url("/users/sentinel"))
+        .header("traceparent", traceparent(trace, CLIENT_SPAN, true))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(10), "the sentinel's spans", || {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.trace_id == trace)
+            .count()
+            >= 2
+    });
+    collector.spans()
+}
+
+#[test]
+fn spans_leave_in_batches_each_exactly_once() {
+    let collector = Collector::start();
+    let up = TestUpstream::named("app");
+    let gw = traced(&collector.url(), 1.0, &routes(&up)).start();
+    let http = client();
+    for i in 0..50 {
+        let r = http.get(gw.url(&format!("/users/{i}"))).send().unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let sent = sent_traces(&up);
+    assert_eq!(sent.len(), 50);
+    let sentinel = "55555555555555555555555555555555";
+    let spans = after_sentinel(&http, &gw, &collector, sentinel);
+    // A server and a client span per request, the sentinel's included.
+    assert_eq!(spans.len(), 2 * 51, "{spans:?}");
+    let ids: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    assert_eq!(ids.len(), spans.len(), "a span sent twice: {spans:?}");
+    for (trace, upstream_parent, sampled) in &sent {
+        assert!(*sampled, "sample 1 records every new trace");
+        let of_trace: Vec<&Got> = spans.iter().filter(|s| &s.trace_id == trace).collect();
+        let server: Vec<&&Got> = of_trace.iter().filter(|s| s.kind == 2).collect();
+        let upstream: Vec<&&Got> = of_trace.iter().filter(|s| s.kind == 3).collect();
+        assert_eq!((server.len(), upstream.len()), (1, 1), "{of_trace:?}");
+        assert_eq!(upstream[0].parent, server[0].span_id);
+        assert_eq!(&upstream[0].span_id, upstream_parent);
+    }
+    // The exporter waits up to 500 ms for a fuller batch (of up to 512):
+    // a few POSTs, not one per span or per request.
+    let posts = collector.posts();
+    assert!(
+        (1..spans.len() / 4).contains(&posts),
+        "{posts} POSTs for {} spans",
+        spans.len()
+    );
+}
+
+#[test]
+fn a_fractional_sample_records_its_share_and_every_request_is_traced_upstream() {
+    let collector = Collector::start();
+    let up = TestUpstream::named("app");
+    let gw = traced(&collector.url(), 0.25, &routes(&up)).start();
+    let http = client();
+    const N: usize = 400;
+    for i in 0..N {
+        let r = http.get(gw.url(&format!("/users/{i}"))).send().unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let sent = sent_traces(&up);
+    assert_eq!(sent.len(), N);
+    let sentinel = "66666666666666666666666666666666";
+    let spans = after_sentinel(&http, &gw, &collector, sentinel);
+    let mut recorded = 0;
+    for (trace, upstream_parent, sampled) in &sent {
+        assert_ne!(trace, &"0".repeat(32));
+        assert_ne!(upstream_parent, &"0".repeat(16));
+        let server = spans
+            .iter()
+            .filter(|s| &s.trace_id == trace && s.kind == 2)
+            .count();
+        let upstream: Vec<&Got> = spans
+            .iter()
+            .filter(|s| &s.trace_id == trace && s.kind == 3)
+            .collect();
+        // The flag the upstream saw is the decision: set exactly when the
+        // gateway exported the trace's spans.
+        if *sampled {
+            recorded += 1;
+            assert_eq!(server, 1, "{trace} sampled but its server span: {server}");
+            assert_eq!(upstream.len(), 1, "{trace}: {upstream:?}");
+            assert_eq!(&upstream[0].span_id, upstream_parent);
+        } else {
+            assert_eq!(
+                server + upstream.len(),
+                0,
+                "{trace} not sampled, yet exported"
+            );
+        }
+    }
+    let traces: std::collections::BTreeSet<&str> = sent.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(traces.len(), N, "each request its own new trace");
+    assert_eq!(
+        spans.len(),
+        2 * recorded + 2,
+        "nothing but the recorded traces and the sentinel: {spans:?}"
+    );
+    // Binomial(400, 0.25): mean 100, standard deviation 8.66; five of them.
+    let (mean, sd) = (N as f64 * 0.25, (N as f64 * 0.25 * 0.75).sqrt());
+    assert!(
+        (recorded as f64 - mean).abs() <= 5.0 * sd,
+        "{recorded} of {N} recorded at sample 0.25"
+    );
+}
+
+/// Waits for `gw` to exit after a signal; false if it has not within `within`.
+fn exited(gw: &mut Gateway, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = gw.child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+#[test]
+fn spans_queued_as_sigterm_comes_are_sent_before_the_gateway_exits() {
+    // SIGTERM gives the exporter the grace period (1 s here), then its
+    // runtime ends. A request still in flight keeps the span queue open,
+    // so the exporter must stop waiting its usual 500 ms for a fuller batch
+    // on its own. The collector holds the first batch for 800 ms; SIGTERM
+    // comes while it is held, with the last request's spans queued behind
+    // it: they arrive about 750 ms after the signal if shutting down makes
+    // the exporter send at once, and would be lost if it waited (1250 ms).
+    let collector = Collector::start();
+    collector.slow(Duration::from_millis(800));
+    let up = TestUpstream::with_handler("app", |r| {
+        let reply = Reply::text(200, "app");
+        if r.target == "/users/slow" {
+            reply.delayed(Duration::from_secs(5))
+        } else {
+            reply
+        }
+    });
+    let mut gw = traced(&collector.url(), 0.0, &routes(&up)).start();
+    let first = "77777777777777777777777777777777";
+    let last = "88888888888888888888888888888888";
+    let http = client();
+    let r = http
+        .get(gw.url("/users/first"))
+        .header("traceparent", traceparent(first, CLIENT_SPAN, true))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let slow_url = gw.url("/users/slow");
+    // Cut off by the exit; only its being in flight matters.
+    let in_flight = std::thread::spawn(move || client().get(slow_url).send().map(|_| ()));
+    eventually(Duration::from_secs(5), "the slow request upstream", || {
+        up.requests().iter().any(|r| r.target == "/users/slow")
+    });
+    eventually(Duration::from_secs(5), "the first batch posted", || {
+        collector.posts() >= 1
+    });
+    collector.slow(Duration::ZERO);
+    let r = http
+        .get(gw.url("/users/last"))
+        .header("traceparent", traceparent(last, CLIENT_SPAN, true))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    signal(gw.child.id(), "TERM");
+    assert!(
+        exited(&mut gw, Duration::from_secs(10)),
+        "not gone after SIGTERM"
+    );
+    assert!(in_flight.join().unwrap().is_err(), "cut off by the exit");
+    // Whatever was sent is in by now: the collector answers at once.
+    let spans = collector.spans();
+    for trace in [first, last] {
+        let kinds: Vec<i32> = spans
+            .iter()
+            .filter(|s| s.trace_id == trace)
+            .map(|s| s.kind)
+            .collect();
+        assert!(
+            kinds.contains(&2) && kinds.contains(&3),
+            "{trace}: {spans:?}\n{}",
+            gw.log_text()
+        );
+    }
+}
+
+#[test]
+fn a_refused_connection_is_an_error_client_span_and_a_502_server_span() {
+    let collector = Collector::start();
+    // Bound a moment ago and closed: connecting is refused.
+    let dead = free_port();
+    let body = format!(
+        "upstreams:\n  app: {{ targets: ['127.0.0.1:{dead}'] }}\nroutes:\n  - name: users\n    match: {{ path_prefix: /users }}\n    upstream: app\n"
+    );
+    let gw = traced(&collector.url(), 1.0, &body).start();
+    assert_problem(client().get(gw.url("/users/1")).send().unwrap(), 502);
+    eventually(Duration::from_secs(10), "the server span", || {
+        collector.spans().iter().any(|s| s.kind == 2)
+    });
+    let spans = collector.spans();
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    assert_eq!(server.name, "GET users");
+    assert_eq!(server.attrs["http.response.status_code"], "502");
+    assert_eq!(
+        server.attrs.get("error.type").map(String::as_str),
+        Some("502"),
+        "{server:?}"
+    );
+    assert_eq!(server.status, 2, "{server:?}");
+    let attempts: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.kind == 3 && s.parent == server.span_id)
+        .collect();
+    assert!(!attempts.is_empty(), "{spans:?}");
+    for attempt in attempts {
+        assert_eq!(attempt.trace_id, server.trace_id);
+        assert_eq!(attempt.status, 2, "an error span: {attempt:?}");
+        assert_eq!(
+            attempt.attrs.get("error.type").map(String::as_str),
+            Some("ConnectRefused"),
+            "{attempt:?}"
+        );
+        assert_eq!(attempt.attrs["server.port"], dead.to_string());
+        assert!(
+            !attempt.attrs.contains_key("http.response.status_code"),
+            "no answer, no status: {attempt:?}"
+        );
+    }
+}
+
+#[test]
+fn spans_past_the_queue_are_dropped_and_counted() {
+    // What src/trace.rs sets: the queue's bound and one batch's size.
+    const QUEUE: f64 = 8192.0;
+    const BATCH: f64 = 512.0;
+    let collector = Collector::start();
+    collector.slow(Duration::from_secs(600));
+    let up = TestUpstream::named("app");
+    let gw = traced(&collector.url(), 1.0, &routes(&up)).start();
+    // Two spans a request: 6000 requests queue 12000, far past the bound.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let url = gw.url(&format!("/users/{t}"));
+            std::thread::spawn(move || {
+                let http = client();
+                for _ in 0..1500 {
+                    assert_eq!(http.get(&url).send().unwrap().status(), 200);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let spans = 2.0 * 6000.0;
+    let dropped = || metric_sum(&gw, "gatehouse_trace_spans_dropped_total ");
+    // Every span not dropped is queued or in the one batch being sent.
+    eventually(Duration::from_secs(5), "the overflow counted", || {
+        dropped() >= spans - QUEUE - BATCH
+    });
+    // More than exports that timed out could have dropped (each at most a
+    // batch, one per POST): the queue's bound did.
+    let (dropped, posts) = (dropped(), collector.posts() as f64);
+    assert!(dropped > BATCH * posts, "{dropped} dropped, {posts} POSTs");
+    assert!(
+        dropped <= spans - QUEUE + BATCH * posts,
+        "the queue held {QUEUE} spans: {dropped} dropped of {spans}"
+    );
+}
+
+/// The access-log lines of `log` once it has `n`, as JSON.
+fn log_lines(log: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    eventually(Duration::from_secs(5), &format!("{n} log lines"), || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= n
+    });
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_refused_head_has_a_fresh_trace_id_in_the_access_log() {
+    // Two `Host` fields: refused by the listener before the proxy sees it.
+    let refused = b"GET /users/1 HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n";
+    let refuse_twice = |gw: &Gateway| {
+        for _ in 0..2 {
+            let answer = RawResponse::parse(&gw.raw(refused)).expect("an answer");
+            assert_eq!(answer.status, 400);
+            assert_eq!(
+                answer.header("content-type"),
+                Some("application/problem+json")
+            );
+        }
+    };
+    let collector = Collector::start();
+    let up = TestUpstream::named("app");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let body = format!("access_log: {}\n{}", log.display(), routes(&up));
+    let gw = traced(&collector.url(), 1.0, &body).start();
+    refuse_twice(&gw);
+    let lines = log_lines(&log, 2);
+    let mut ids = std::collections::BTreeSet::new();
+    for line in &lines {
+        assert_eq!(line["status"], 400, "{line}");
+        let id = line["trace_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no trace_id: {line}"));
+        assert!(
+            id.len() == 32
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && id != "0".repeat(32),
+            "{line}"
+        );
+        ids.insert(id.to_string());
+    }
+    assert_eq!(ids.len(), 2, "a new trace each: {lines:?}");
+    // Never recorded: the sentinel's are the only spans.
+    let spans = after_sentinel(
+        &client(),
+        &gw,
+        &collector,
+        "99999999999999999999999999999999",
+    );
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    drop(gw);
+
+    // Without `tracing`, no trace id there either.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let body = format!("access_log: {}\n{}", log.display(), routes(&up));
+    let gw = gateway(&body).start();
+    refuse_twice(&gw);
+    for line in log_lines(&log, 2) {
+        assert_eq!(line["status"], 400, "{line}");
+        assert!(line.get("trace_id").is_none(), "{line}");
+    }
 }
