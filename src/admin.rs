@@ -293,7 +293,7 @@ impl AdminApp {
         if self.token.is_none() && !open {
             let local = host.is_some_and(|h| {
                 h.eq_ignore_ascii_case("localhost")
-                    || (!h.is_empty() && !h.contains('.') && !h.contains(':'))
+                    || (!h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
                     || h.trim_start_matches('[')
                         .trim_end_matches(']')
                         .parse::<std::net::IpAddr>()

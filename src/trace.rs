@@ -54,6 +54,24 @@ pub struct TraceSettings {
 }
 
 impl TraceSettings {
+    /// Whether the URL carries what may be a credential (user info or a
+    /// query), which errors naming the URL must not show.
+    fn has_credentials(&self) -> bool {
+        self.otlp.parse::<http::Uri>().map_or(true, |uri| {
+            uri.query().is_some() || uri.authority().is_some_and(|a| a.as_str().contains('@'))
+        })
+    }
+
+    /// What an error about the collector may say: all of it, unless the URL
+    /// carries credentials, which the client's errors would repeat.
+    fn error_text(&self, e: &dyn std::fmt::Display) -> String {
+        if self.has_credentials() {
+            "its error names the URL's credentials, not shown".to_string()
+        } else {
+            e.to_string()
+        }
+    }
+
     /// The collector as the log names it: scheme, host, port and path, never
     /// user info or a query (a hosted collector's credentials travel there).
     pub fn collector(&self) -> String {
@@ -585,7 +603,10 @@ pub async fn export_until(
     let mut exporter = match built {
         Ok(e) => e,
         Err(e) => {
-            log::error!("tracing: the OTLP exporter cannot be built: {e}; spans are dropped");
+            log::error!(
+                "tracing: the OTLP exporter cannot be built: {}; spans are dropped",
+                settings.error_text(&e)
+            );
             return;
         }
     };
@@ -638,13 +659,7 @@ pub async fn export_until(
                 Err(e) => {
                     dropped.inc_by(count);
                     if !failing {
-                        // The client's error names the whole URL.
-                        let collector = settings.collector();
-                        let why = if collector == settings.otlp {
-                            e.to_string()
-                        } else {
-                            "its error names the URL's credentials, not shown".to_string()
-                        };
+                        let (collector, why) = (settings.collector(), settings.error_text(&e));
                         log::warn!(
                             "tracing: exporting to {collector} failed ({why}); dropping spans until it works"
                         );
@@ -679,7 +694,21 @@ mod tests {
             named("http://127.0.0.1:4318/v1/traces"),
             "http://127.0.0.1:4318/v1/traces"
         );
+        let settings = |otlp: &str| super::TraceSettings {
+            otlp: otlp.to_string(),
+            sample: 1.0,
+            service_name: String::new(),
+        };
+        let shown = |otlp: &str| settings(otlp).error_text(&"refused by http://x");
+        assert_eq!(shown("http://collector:4318"), "refused by http://x");
+        assert_eq!(
+            shown("HTTP://collector:4318/v1/traces"),
+            "refused by http://x"
+        );
+        assert!(!shown("https://u:p@collector/v1/traces").contains("http://x"));
+        assert!(!shown("https://collector/v1/traces?key=k").contains("http://x"));
     }
+
     use super::*;
 
     fn with(value: &str) -> HeaderMap {

@@ -324,6 +324,11 @@ fn routing_refusals_carry_the_cors_fields_of_the_route_the_path_led_to() {
     );
     assert!(varies_by_origin(&r));
     assert_problem(r, 404);
+    // A preflight for that path (no credentials, so no claims hold) is
+    // refused, and a refused preflight carries no CORS field.
+    let r = preflight(&gw, "/premium", "https://a.example.com", "GET", None);
+    assert!(!r.status().is_success(), "{}", r.status());
+    assert!(cors_fields(&r).is_empty(), "{:?}", cors_fields(&r));
     // No route for the path at all: nothing to follow.
     let r = client()
         .get(gw.url("/nowhere"))

@@ -150,7 +150,10 @@ pub async fn select(
 /// there is no field to set but `Vary`, and the gateway's own answers are
 /// `no-store`, so no cache keeps one for a browser.
 fn with_cors(req: &RequestHeader, near: Option<&Arc<Route>>, refusal: Response) -> Response {
-    if !req.headers.contains_key(ORIGIN) {
+    // A refused preflight carries no CORS field (SPEC 6.1).
+    if !req.headers.contains_key(ORIGIN)
+        || crate::cors::preflight_method(&req.method, &req.headers).is_some()
+    {
         return refusal;
     }
     match near.and_then(|route| route.cors.as_ref()) {
