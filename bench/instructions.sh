@@ -45,34 +45,16 @@ cleanup() {
     [[ ${KEEP_WORK:-0} == 1 ]] && echo "instructions: work dir kept: $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); GH=$(port); ADMIN=$(port)
-cat >"$WORK/upstream.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream-error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/body;
-    proxy_temp_path $WORK/proxy;
-    server {
-        listen 127.0.0.1:$UP;
-        default_type application/json;
-        location / { return 200 '{"ok":true,"service":"bench","id":7,"v":1}'; }
-        location /big/ { return 200 '$(. "$ROOT/bench/lib.sh" && big_body)'; }
-    }
-}
-EOF
-"$NGINX_BIN" -c "$WORK/upstream.conf" -p "$WORK"
-
 . "$ROOT/bench/lib.sh"
+UP=$(free_port); GH=$(free_port); ADMIN=$(free_port)
+upstream_nginx_conf "$WORK" "$UP" >"$WORK/upstream.conf"
+"$NGINX_BIN" -c "$WORK/upstream.conf" -p "$WORK"
 TOKEN=$(mint_token)
 
 cluster_lines=""
 if [[ $CLUSTER == 1 ]]; then
     command -v redis-server >/dev/null || { echo "instructions: redis-server not found (scripts/install-deps.sh installs it)" >&2; exit 1; }
-    REDIS=$(port)
+    REDIS=$(free_port)
     redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
     REDIS_PID=$!
     # Valgrind slows the gateway some fifty times: a timeout that never
@@ -83,7 +65,7 @@ fi
 observe="access_log: $WORK/access.log"
 if [[ -n $TRACE_SAMPLE ]]; then
     observe="$observe
-tracing: { otlp: 'http://127.0.0.1:$(port)/v1/traces', sample: $TRACE_SAMPLE }"
+tracing: { otlp: 'http://127.0.0.1:$(free_port)/v1/traces', sample: $TRACE_SAMPLE }"
 fi
 server_extra=""
 if [[ $QUIET == 1 ]]; then observe="access_log: off"; server_extra="  metrics: false"; fi

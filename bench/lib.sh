@@ -25,6 +25,33 @@ users = [{"id": i, "name": f"user-{i:04d}", "email": f"user{i}@example.com", "ac
 print(json.dumps({"users": users, "total": 30}, separators=(",", ":")))'
 }
 
+# free_port: a TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# upstream_nginx_conf WORK PORT: the upstream of the profiling scripts
+# (instructions.sh, build-pgo.sh): one nginx worker on 127.0.0.1:PORT
+# answering the bench's small JSON body, and big_body under /big/.
+upstream_nginx_conf() {
+    local work=$1 port=$2
+    cat <<EOF
+worker_processes 1;
+pid $work/upstream.pid;
+error_log $work/upstream-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $work/body;
+    proxy_temp_path $work/proxy;
+    server {
+        listen 127.0.0.1:$port;
+        default_type application/json;
+        location / { return 200 '{"ok":true,"service":"bench","id":7,"v":1}'; }
+        location /big/ { return 200 '$(big_body)'; }
+    }
+}
+EOF
+}
+
 # cluster_route: the `limited` route's limit counted in Redis (append under
 # `routes:` with a `cluster:` section).
 cluster_route() {

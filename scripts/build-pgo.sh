@@ -58,27 +58,10 @@ echo "build-pgo: instrumented build in $GEN_DIR" >&2
 # in build/ and are not merged.
 build "-Cprofile-generate=$WORK/build" "$GEN_DIR"
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); GH=$(port); ADMIN=$(port)
 . "$ROOT/bench/lib.sh"
+UP=$(free_port); GH=$(free_port); ADMIN=$(free_port)
 TOKEN=$(mint_token)
-cat >"$WORK/upstream.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream-error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/body;
-    proxy_temp_path $WORK/proxy;
-    server {
-        listen 127.0.0.1:$UP;
-        default_type application/json;
-        location / { return 200 '{"ok":true,"service":"bench","id":7,"v":1}'; }
-        location /big/ { return 200 '$(big_body)'; }
-    }
-}
-EOF
+upstream_nginx_conf "$WORK" "$UP" >"$WORK/upstream.conf"
 "$NGINX_BIN" -c "$WORK/upstream.conf" -p "$WORK"
 cat >"$WORK/gatehouse.yaml" <<EOF
 server:
