@@ -281,11 +281,7 @@ impl TruncatingDns {
             udp_queries: AtomicUsize::new(0),
             tcp_queries: AtomicUsize::new(0),
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = common::server_runtime();
         let st = Arc::clone(&state);
         runtime.spawn(async move {
             let socket = tokio::net::UdpSocket::from_std(udp).unwrap();

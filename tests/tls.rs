@@ -91,11 +91,7 @@ fn tls_upstream(cert_der: Vec<u8>, key_der: Vec<u8>) -> TlsUpstream {
         )
         .unwrap();
     let config = Arc::new(config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::server_runtime();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();

@@ -317,21 +317,26 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
     }
     let mut builder = VarianceBuilder::new();
     for name in &names {
-        let value = if name != accept_encoding {
-            let mut joined = Vec::new();
-            for (i, v) in req.headers.get_all(name.as_str()).iter().enumerate() {
-                if i > 0 {
+        if name == accept_encoding {
+            let accepted = accepted_codings(req);
+            let value = if listed { accepted } else { accepted & codings };
+            builder.add_owned_value(name, vec![value]);
+            continue;
+        }
+        let mut values = req.headers.get_all(name.as_str()).iter();
+        let first = values.next().map_or(&b""[..], |v| v.as_bytes());
+        match values.next() {
+            // The usual case, one field or none: borrowed, not copied.
+            None => builder.add_value(name, first),
+            Some(second) => {
+                let mut joined = [first, second.as_bytes()].join(&b","[..]);
+                for v in values {
                     joined.push(b',');
+                    joined.extend_from_slice(v.as_bytes());
                 }
-                joined.extend_from_slice(v.as_bytes());
+                builder.add_owned_value(name, joined);
             }
-            joined
-        } else if listed {
-            vec![accepted_codings(req)]
-        } else {
-            vec![accepted_codings(req) & codings]
-        };
-        builder.add_owned_value(name, value);
+        }
     }
     builder.finalize()
 }

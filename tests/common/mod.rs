@@ -163,11 +163,7 @@ impl TestUpstream {
             connections: AtomicUsize::new(0),
             handler,
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = server_runtime();
         let st = Arc::clone(&state);
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -321,6 +317,16 @@ async fn handle(
 }
 
 /// A port that was free a moment ago.
+/// The runtime a test server (upstream, DNS, collector) runs on: one
+/// worker, timers and I/O, apart from the test's own thread.
+pub fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
