@@ -11,6 +11,8 @@
 #   QUIET=1 bench/instructions.sh                # metrics off, no access log
 #   GATEHOUSE_BIN=/path/to/other/gatehouse bench/instructions.sh   # compare builds
 #   BARE=1 bench/instructions.sh                 # Pingora alone (examples/bare_proxy.rs), the floor
+#   BARE=minimum bench/instructions.sh           # Pingora alone doing the least SPEC 2.3 asks
+#                                                # (timeouts, forwarding fields, request id)
 #   ROUTE=/limited/v1/users/7 bench/instructions.sh              # a local rate limit
 #   ENCODING=gzip ROUTE=/gzip/v1/users/7 bench/instructions.sh     # the compressed JSON route, gzip asked for
 #   TRACE_SAMPLE=0.01 bench/instructions.sh       # with tracing, 1% of new traces recorded
@@ -33,7 +35,7 @@ for tool in valgrind python3 curl openssl; do
     command -v "$tool" >/dev/null || { echo "instructions: '$tool' is required" >&2; exit 1; }
 done
 [[ -x $GATEHOUSE_BIN ]] || { echo "instructions: build it: cargo build --release" >&2; exit 1; }
-if [[ $BARE == 1 ]]; then
+if [[ $BARE != 0 ]]; then
     [[ -x $BARE_BIN ]] || { echo "instructions: build it: cargo build --release --example bare_proxy" >&2; exit 1; }
 fi
 [[ -x $NGINX_BIN ]] || { echo "instructions: nginx not found (set NGINX_BIN)" >&2; exit 1; }
@@ -88,6 +90,7 @@ run() {
     local count=$1 out=$WORK/callgrind.$1 pid
     local server=("$GATEHOUSE_BIN" -c "$WORK/gatehouse.yaml")
     [[ $BARE == 1 ]] && server=("$BARE_BIN" "127.0.0.1:$GH" "127.0.0.1:$UP")
+    [[ $BARE == minimum ]] && server=("$BARE_BIN" "127.0.0.1:$GH" "127.0.0.1:$UP" minimum)
     valgrind --tool=callgrind --callgrind-out-file="$out" \
         "${server[@]}" >"$WORK/gh.$count.log" 2>&1 &
     pid=$!
@@ -124,6 +127,7 @@ one=$(run "$N")
 two=$(run $((2 * N)))
 what=$GATEHOUSE_BIN
 [[ $BARE == 1 ]] && what=$BARE_BIN
+[[ $BARE == minimum ]] && what="$BARE_BIN minimum"
 if [[ $CLUSTER == 1 ]]; then
     # Proof the limit was counted in Redis (not in the fallback): its script calls.
     python3 - "$REDIS" $((3 * N)) <<'PY'

@@ -13,7 +13,7 @@ WARMUP=${WARMUP:-$DURATION}      # seconds of the thrown-away warm-up run per ta
 CONNS=${CONNS:-64}               # wrk connections
 PAUSE=${PAUSE:-1}                # seconds of idle between runs
 REQ_PATH=${REQ_PATH:-/v1/users/7}
-TARGETS=${TARGETS:-upstream,nginx,pingora-bare,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,gatehouse-split,gatehouse-traced,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
+TARGETS=${TARGETS:-upstream,nginx,pingora-bare,pingora-minimum,gatehouse,gatehouse-quiet,gatehouse-auth,gatehouse-cache,gatehouse-limit,gatehouse-cluster,gatehouse-split,gatehouse-traced,nginx-gzip,gatehouse-gzip}   # comma list of target names, see TARGET_DEFS
 SERVER_CPU=${SERVER_CPU:-0}      # proxies run here ...
 UPSTREAM_CPU=${UPSTREAM_CPU:-$SERVER_CPU}      # ... and, by default, the upstream too
 LOAD_CPU=${LOAD_CPU:-1}          # wrk runs here
@@ -60,7 +60,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
 mkdir -p "$WORK/tmp" "$WORK/wrk"
 RESULTS=$WORK/results.tsv
 declare -A SERVER_PID=()        # server name -> pid of the process we started
-declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT [gatehouse-traced]=INT [pingora-bare]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
+declare -A STOP_SIGNAL=([gatehouse]=INT [gatehouse-quiet]=INT [gatehouse-traced]=INT [pingora-bare]=INT [pingora-minimum]=INT)   # Pingora: SIGINT = fast shutdown (TERM is graceful, ~10 s)
 STATUS=1
 
 cleanup() {
@@ -98,21 +98,24 @@ NOFILE=$(ulimit -n)
 [[ $NOFILE =~ ^[0-9]+$ ]] && (( NOFILE <= 65536 )) || NOFILE=65536
 (( NOFILE >= 2 * CONNS + 64 )) || note "warning: open-file limit $NOFILE is low for CONNS=$CONNS"
 
-read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT REDIS_PORT GHT_PORT GHT_ADMIN_PORT < <(python3 -c '
+read -r UP_PORT NGX_PORT GH_PORT GH_ADMIN_PORT GHQ_PORT GHQ_ADMIN_PORT BARE_PORT REDIS_PORT GHT_PORT GHT_ADMIN_PORT MIN_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(10)]
+ss = [socket.socket() for _ in range(11)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 ') || true
-[[ -n ${GHT_ADMIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
+[[ -n ${MIN_PORT:-} ]] || die "could not pick free ports (python3 failed?)"
 
 # ----------------------------------------------------------------- targets --
 # One line per target: "name|server|url|auth". `server` is the process whose CPU and
-# RSS are measured (upstream, nginx, pingora-bare, gatehouse, gatehouse-quiet or gatehouse-traced;
+# RSS are measured (upstream, nginx, pingora-bare, pingora-minimum, gatehouse, gatehouse-quiet or gatehouse-traced;
 # "-" = measure nothing). pingora-bare is examples/bare_proxy.rs: Pingora with
 # gatehouse's allocator, build profile and server options, forwarding to one
-# prebuilt peer and doing nothing else. gatehouse-quiet is a second gatehouse with the same routes but no
+# prebuilt peer and doing nothing else; pingora-minimum is the same binary
+# doing, with Pingora's own API, the least SPEC 2.3 asks of every request
+# (upstream timeouts, the five forwarding fields, a request id both ways).
+# gatehouse-quiet is a second gatehouse with the same routes but no
 # metrics and no access log, to price them against gatehouse. gatehouse-traced
 # is a third one, like gatehouse plus `tracing` at sample 0.01 (SPEC 9.1),
 # exporting its spans to the upstream nginx, which answers every POST 200. The
@@ -124,6 +127,7 @@ TARGET_DEFS=(
     "upstream|-|http://127.0.0.1:$UP_PORT$REQ_PATH|-"
     "nginx|nginx|http://127.0.0.1:$NGX_PORT$REQ_PATH|-"
     "pingora-bare|pingora-bare|http://127.0.0.1:$BARE_PORT$REQ_PATH|-"
+    "pingora-minimum|pingora-minimum|http://127.0.0.1:$MIN_PORT$REQ_PATH|-"
     "gatehouse|gatehouse|http://127.0.0.1:$GH_PORT$REQ_PATH|-"
     "gatehouse-quiet|gatehouse-quiet|http://127.0.0.1:$GHQ_PORT$REQ_PATH|-"
     "gatehouse-traced|gatehouse-traced|http://127.0.0.1:$GHT_PORT$REQ_PATH|-"
@@ -164,7 +168,7 @@ need_gatehouse() { need_server gatehouse || need_server gatehouse-quiet || need_
 if need_gatehouse && [[ $GATEHOUSE_BIN == */debug/* ]]; then
     note "WARNING: $GATEHOUSE_BIN looks like a debug build; its numbers mean nothing (use target/release/gatehouse)"
 fi
-if need_server pingora-bare && [[ ! -x $BARE_BIN ]]; then
+if { need_server pingora-bare || need_server pingora-minimum; } && [[ ! -x $BARE_BIN ]]; then
     die "bare Pingora proxy not found at $BARE_BIN
   Build it first:   (cd $ROOT && cargo build --release --example bare_proxy)
   or leave it out of TARGETS"
@@ -501,7 +505,7 @@ busy_check() {
 
 # --------------------------------------------------------------- start ------
 busy_check
-note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT), gatehouse-traced $GHT_PORT (admin $GHT_ADMIN_PORT), pingora-bare $BARE_PORT"
+note "work dir $WORK; ports: upstream $UP_PORT, nginx $NGX_PORT, gatehouse $GH_PORT (admin $GH_ADMIN_PORT), gatehouse-quiet $GHQ_PORT (admin $GHQ_ADMIN_PORT), gatehouse-traced $GHT_PORT (admin $GHT_ADMIN_PORT), pingora-bare $BARE_PORT, pingora-minimum $MIN_PORT"
 
 "$NGINX_BIN" -t -q -p "$WORK" -e "$WORK/upstream-error.log" -c "$WORK/upstream.conf" 2>"$WORK/upstream.log" \
     || { show_log "$WORK/upstream.log"; die "upstream nginx config rejected"; }
@@ -545,6 +549,10 @@ if need_server pingora-bare; then
     # Transparent huge pages off, as gatehouse sets for itself, so RSS compares.
     start_server pingora-bare "$SERVER_CPU" env MIMALLOC_ALLOW_THP=0 "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
     wait_http pingora-bare "http://127.0.0.1:$BARE_PORT$REQ_PATH" "$WORK/pingora-bare.log"
+fi
+if need_server pingora-minimum; then
+    start_server pingora-minimum "$SERVER_CPU" env MIMALLOC_ALLOW_THP=0 "$BARE_BIN" "127.0.0.1:$MIN_PORT" "127.0.0.1:$UP_PORT" minimum
+    wait_http pingora-minimum "http://127.0.0.1:$MIN_PORT$REQ_PATH" "$WORK/pingora-minimum.log"
 fi
 if need_server gatehouse-quiet; then
     start_gatehouse gatehouse-quiet "$GHQ_ADMIN_PORT" \
@@ -685,6 +693,10 @@ if round_ratio("gatehouse", "gatehouse-quiet") is not None:
 for g in ("gatehouse", "gatehouse-quiet"):
     if round_ratio(g, "pingora-bare") is not None:
         obs.append(f"{g} vs pingora-bare (Pingora alone): {round_ratio(g, 'pingora-bare'):.2f}× rps")
+    if round_ratio(g, "pingora-minimum") is not None:
+        obs.append(f"{g} vs pingora-minimum (Pingora doing the SPEC's least): {round_ratio(g, 'pingora-minimum'):.2f}× rps")
+if round_ratio("pingora-minimum", "pingora-bare") is not None:
+    obs.append(f"pingora-minimum vs pingora-bare (the SPEC's least vs nothing): {round_ratio('pingora-minimum', 'pingora-bare'):.2f}× rps")
 if round_ratio("gatehouse-auth", "gatehouse") is not None:
     obs.append(f"gatehouse-auth vs gatehouse (auth + limit vs plain): {round_ratio('gatehouse-auth', 'gatehouse'):.2f}× rps")
 if round_ratio("gatehouse-traced", "gatehouse") is not None:

@@ -6,7 +6,18 @@
 //! rules, request ids, forwarding headers, metrics, logs) is separated from
 //! the cost of Pingora itself.
 //!
-//! Run: `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR`
+//! With a third argument `minimum` it does, with Pingora's own API and
+//! nothing more, the least SPEC 2.3 asks of every request: upstream connect,
+//! read and write timeouts, the five forwarding fields (`X-Forwarded-For`,
+//! `-Proto`, `-Host`, `X-Real-IP`, `Forwarded`), `X-Original-URL` and
+//! `X-Rewrite-URL` removed, and an `X-Request-Id` generated for the upstream
+//! and returned to the client. No routing, metrics, logs, trusted-proxy
+//! checks or validation: what any Pingora gateway meeting the SPEC pays at the
+//! least, so the bench can say how much of gatehouse's cost the SPEC sets.
+//!
+//! Run: `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR [minimum]`
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
@@ -20,13 +31,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     peer: HttpPeer,
+    minimum: bool,
 }
+
+/// Per request, in the `minimum` mode: the request id sent upstream and back.
+type RequestId = Option<String>;
 
 #[async_trait]
 impl ProxyHttp for Bare {
-    type CTX = ();
+    type CTX = RequestId;
 
-    fn new_ctx(&self) -> Self::CTX {}
+    fn new_ctx(&self) -> Self::CTX {
+        None
+    }
 
     // Gatehouse drops Pingora's compression module too; keep the floor comparable.
     fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
@@ -38,14 +55,63 @@ impl ProxyHttp for Bare {
     ) -> pingora_error::Result<Box<HttpPeer>> {
         Ok(Box::new(self.peer.clone()))
     }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        request: &mut pingora_http::RequestHeader,
+        request_id: &mut Self::CTX,
+    ) -> pingora_error::Result<()> {
+        if !self.minimum {
+            return Ok(());
+        }
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let host = request
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        request.remove_header("X-Original-URL");
+        request.remove_header("X-Rewrite-URL");
+        request.insert_header("X-Forwarded-For", client.as_str())?;
+        request.insert_header("X-Forwarded-Proto", "http")?;
+        request.insert_header("X-Forwarded-Host", host.as_str())?;
+        request.insert_header("X-Real-IP", client.as_str())?;
+        request.insert_header(
+            "Forwarded",
+            format!("for={client};proto=http;host={host}").as_str(),
+        )?;
+        request.insert_header("X-Request-Id", id.as_str())?;
+        *request_id = Some(id);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut pingora_http::ResponseHeader,
+        request_id: &mut Self::CTX,
+    ) -> pingora_error::Result<()> {
+        if let Some(id) = request_id.take() {
+            response.insert_header("X-Request-Id", id)?;
+        }
+        Ok(())
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_ADDR");
+        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_ADDR [minimum]");
         std::process::exit(2);
     };
+    let minimum = args.get(3).is_some_and(|a| a == "minimum");
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
@@ -61,8 +127,17 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let peer = HttpPeer::new(upstream.as_str(), false, String::new());
-    let mut service = pingora_proxy::http_proxy_service(&server.configuration, Bare { peer });
+    let mut peer = HttpPeer::new(upstream.as_str(), false, String::new());
+    if minimum {
+        // gatehouse's defaults (SPEC 2.1): a gateway without them hangs on a
+        // silent upstream.
+        peer.options.connection_timeout = Some(Duration::from_secs(2));
+        peer.options.total_connection_timeout = Some(Duration::from_secs(2));
+        peer.options.read_timeout = Some(Duration::from_secs(30));
+        peer.options.write_timeout = Some(Duration::from_secs(30));
+    }
+    let bare = Bare { peer, minimum };
+    let mut service = pingora_proxy::http_proxy_service(&server.configuration, bare);
     // As gatehouse's plain listeners: reads land straight in Pingora's buffers.
     service.add_listener(
         ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
