@@ -64,13 +64,10 @@ impl Entry<'_> {
     /// rather than derived: a derived serializer escapes every key as well as
     /// every value, which cost half of the line. Every string value still
     /// goes through serde_json's escaping.
-    pub fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        use std::io::Write as _;
-        write!(
-            out,
-            "{{\"ts\":\"{}\",\"request_id\":",
-            humantime::format_rfc3339_millis(self.ts)
-        )?;
+    pub fn write_json(&self, out: &mut Vec<u8>, stamp: &mut Stamp) -> std::io::Result<()> {
+        out.extend_from_slice(b"{\"ts\":\"");
+        stamp.write(out, self.ts);
+        out.extend_from_slice(b"\",\"request_id\":");
         json_str(out, self.request_id)?;
         out.extend_from_slice(b",\"client\":");
         match self.client {
@@ -119,6 +116,43 @@ impl Entry<'_> {
     }
 }
 
+/// The RFC 3339 text of the last second a line was written in, kept so
+/// that lines of the same second (most of them, under load) copy it rather
+/// than format the date again; only the milliseconds are new per line.
+#[derive(Default)]
+pub struct Stamp {
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS`, without the `Z`.
+    text: String,
+}
+
+impl Stamp {
+    fn write(&mut self, out: &mut Vec<u8>, ts: std::time::SystemTime) {
+        let since_epoch = ts
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since_epoch.as_secs();
+        if self.second != Some(second) {
+            use std::fmt::Write as _;
+            self.text.clear();
+            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(second);
+            let _ = write!(self.text, "{}", humantime::format_rfc3339_seconds(whole));
+            self.text.pop(); // the `Z`, written after the milliseconds
+            self.second = Some(second);
+        }
+        out.extend_from_slice(self.text.as_bytes());
+        let millis = since_epoch.subsec_millis();
+        let digits = [
+            b'.',
+            b'0' + (millis / 100) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+            b'Z',
+        ];
+        out.extend_from_slice(&digits);
+    }
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
     serde_json::to_writer(out, s).map_err(std::io::Error::from)
 }
@@ -144,12 +178,19 @@ pub struct AccessLog {
 /// costs no allocation of its own and no hand-over between threads. One
 /// buffer per worker thread, so workers do not queue on one lock.
 struct Batch {
-    shards: Box<[Mutex<Vec<u8>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Bytes in all shards, held to `MAX_BATCH`; changed under a shard's
     /// lock, with the bytes it counts.
     pending: AtomicUsize,
     /// Spreads threads over the shards.
     thread_hash: ahash::RandomState,
+}
+
+/// One worker's lines, and the time text they share.
+#[derive(Default)]
+struct Shard {
+    lines: Vec<u8>,
+    stamp: Stamp,
 }
 
 impl Batch {
@@ -162,7 +203,7 @@ impl Batch {
     }
 
     /// A free shard, this thread's own first.
-    fn lock_any(&self) -> MutexGuard<'_, Vec<u8>> {
+    fn lock_any(&self) -> MutexGuard<'_, Shard> {
         let n = self.shards.len();
         let first = if n == 1 {
             0
@@ -182,7 +223,7 @@ impl Batch {
     }
 }
 
-fn lock(shard: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard
         .lock()
         .unwrap_or_else(|e| recover(shard, e.into_inner()))
@@ -190,14 +231,12 @@ fn lock(shard: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
 
 /// A thread panicked while writing a line into `shard`: drop the part
 /// line, so the next one does not run into it, and keep logging.
-fn recover<'a>(
-    shard: &Mutex<Vec<u8>>,
-    mut lines: MutexGuard<'a, Vec<u8>>,
-) -> MutexGuard<'a, Vec<u8>> {
+fn recover<'a>(shard: &Mutex<Shard>, mut held: MutexGuard<'a, Shard>) -> MutexGuard<'a, Shard> {
+    let lines = &mut held.lines;
     let whole = lines.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     lines.truncate(whole);
     shard.clear_poison();
-    lines
+    held
 }
 
 impl AccessLog {
@@ -246,14 +285,15 @@ impl AccessLog {
         let Some(batch) = &self.batch else {
             return;
         };
-        let mut lines = batch.lock_any();
+        let mut shard = batch.lock_any();
         if batch.pending.load(Ordering::Relaxed) >= MAX_BATCH {
-            drop(lines);
+            drop(shard);
             self.metrics.access_log_dropped.inc();
             return;
         }
+        let Shard { lines, stamp } = &mut *shard;
         let start = lines.len();
-        if entry.write_json(&mut lines).is_err() {
+        if entry.write_json(lines, stamp).is_err() {
             lines.truncate(start);
             return;
         }
@@ -315,7 +355,7 @@ fn drain(batch: Arc<Batch>, mut out: Box<dyn Write + Send>, running: &Running, m
         std::thread::park_timeout(BATCH_EVERY);
         let last = running.stop.is_cancelled();
         for shard in batch.shards.iter() {
-            std::mem::swap(&mut *lock(shard), &mut taken);
+            std::mem::swap(&mut lock(shard).lines, &mut taken);
             if taken.is_empty() {
                 continue;
             }
@@ -404,13 +444,37 @@ mod tests {
     }
 
     #[test]
+    fn the_kept_second_gives_the_same_text_as_formatting_each_time() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let mut stamp = Stamp::default();
+        // Within one second, into the next, back to an earlier one (a clock
+        // step), and the millisecond digits' edges.
+        for ms in [
+            1_764_820_229_000u64,
+            1_764_820_229_007,
+            1_764_820_229_070,
+            1_764_820_229_999,
+            1_764_820_230_000,
+            1_764_820_230_500,
+            946_684_799_999,
+            0,
+        ] {
+            let ts = UNIX_EPOCH + Duration::from_millis(ms);
+            let mut out = Vec::new();
+            stamp.write(&mut out, ts);
+            let expected = humantime::format_rfc3339_millis(ts).to_string();
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{ms}");
+        }
+    }
+
+    #[test]
     fn lines_are_json_with_every_field_and_hostile_text_escaped() {
         let path = "/a\"b\\c\u{1}\u{7f}\nd/é";
         let route = "r\"1";
         let user = "alice\",\"admin\":true,\"x\":\"";
         let mut line = Vec::new();
         entry(path, route, Some(user))
-            .write_json(&mut line)
+            .write_json(&mut line, &mut Stamp::default())
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -449,7 +513,7 @@ mod tests {
         e.error = Some("ConnectRefused");
         e.body = None;
         e.client = None;
-        e.write_json(&mut line).unwrap();
+        e.write_json(&mut line, &mut Stamp::default()).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["error"], "ConnectRefused");
         assert_eq!(v["user"], serde_json::Value::Null);
@@ -481,7 +545,7 @@ mod tests {
             CancellationToken::new(),
         );
         let batch = Arc::clone(&writer.unwrap().batch);
-        let shard = || lock(&batch.shards[0]);
+        let shard = || lock(&batch.shards[0]).lines.clone();
         log.write(&entry("/first", "r", None));
         let one_line = shard().len();
         assert!(one_line > 100 && shard().ends_with(b"\n"));
@@ -599,14 +663,14 @@ mod tests {
         log.write(&entry("/before", "r", None));
         let poisoner = Arc::clone(&batch);
         let panicked = std::thread::spawn(move || {
-            let mut lines = poisoner.lock_any();
-            lines.extend_from_slice(b"{\"ts\":\"");
+            let mut shard = poisoner.lock_any();
+            shard.lines.extend_from_slice(b"{\"ts\":\"");
             panic!("mid-line");
         })
         .join();
         assert!(panicked.is_err() && batch.shards[0].is_poisoned());
         log.write(&entry("/after", "r", None));
-        let text = String::from_utf8(lock(&batch.shards[0]).clone()).unwrap();
+        let text = String::from_utf8(lock(&batch.shards[0]).lines.clone()).unwrap();
         let paths: Vec<String> = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
