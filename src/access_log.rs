@@ -128,9 +128,7 @@ pub struct Stamp {
 
 impl Stamp {
     fn write(&mut self, out: &mut Vec<u8>, ts: std::time::SystemTime) {
-        let since_epoch = ts
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let since_epoch = ts.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let second = since_epoch.as_secs();
         if self.second != Some(second) {
             use std::fmt::Write as _;

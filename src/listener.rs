@@ -213,8 +213,11 @@ where
             accepted_at(&stream)
         };
         let mut framed = Framed::of(stream)?;
-        // The head's own deadline (from the accept) covers what the gate's did.
-        framed.deadline = None;
+        // The head's own deadline (from the accept) covers what the gate's
+        // did; its timer serves again for the waits between requests.
+        if let Some((timer, _)) = framed.deadline.take() {
+            framed.idle = Some(timer);
+        }
         if framed.close_after {
             // The last request's end was not ours to find: close rather
             // than read what followed it as a request.
@@ -422,13 +425,22 @@ impl<A> HeadGuard<A> {
                 deadline
             };
             let mut shutdown = shutdown.clone();
+            let Framed { inner, idle, .. } = stream;
+            let timer = match idle {
+                Some(timer) => {
+                    timer.as_mut().reset(idle_until);
+                    timer
+                }
+                None => idle.insert(Box::pin(tokio::time::sleep_until(idle_until))),
+            };
             let first = tokio::select! {
                 biased;
-                r = tokio::time::timeout_at(idle_until, stream.inner.read_buf(buf)) => r,
+                r = inner.read_buf(buf) => r,
+                _ = timer.as_mut() => return Head::Gone,
                 _ = shutdown.changed() => return Head::Gone,
             };
             match first {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 _ => return Head::Gone,
             }
             if reused {
@@ -709,6 +721,11 @@ pub struct Framed {
     /// reads fail at this deadline, which Pingora's HTTP/2 handshake does
     /// not otherwise have.
     deadline: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+    /// The wait for the next request's first byte. Kept from request to
+    /// request: moving a registered timer's deadline later is a store, where
+    /// a new timer is a trip to the runtime's timer wheel per request (the
+    /// kept one goes there again only when its old deadline passes).
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for Framed {
@@ -740,6 +757,7 @@ impl Framed {
             ahead_cap: 0,
             close_after: false,
             deadline: None,
+            idle: None,
         }
     }
 

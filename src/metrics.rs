@@ -232,6 +232,70 @@ impl<T> Series<T> {
     }
 }
 
+/// A route's `gatehouse_requests_total` series, by method and status. Most
+/// answers have one of a few statuses; their counters are found on first
+/// use and kept, so a request costs no label hashing. Any other status is
+/// looked up each time. A method's row is allocated once that method is
+/// seen on the route.
+pub struct RouteRequests {
+    rows: [OnceLock<Box<StatusRow>>; METHODS.len()],
+}
+
+type StatusRow = [OnceLock<IntCounter>; COMMON_STATUSES.len()];
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+const COMMON_STATUSES: [u16; 16] = [
+    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 429, 500, 502, 504,
+];
+
+impl Default for RouteRequests {
+    fn default() -> Self {
+        RouteRequests {
+            rows: [const { OnceLock::new() }; METHODS.len()],
+        }
+    }
+}
+
+impl std::fmt::Debug for RouteRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteRequests")
+    }
+}
+
+impl RouteRequests {
+    /// Counts one request of `route` in `family` (`gatehouse_requests_total`).
+    pub fn count(&self, family: &IntCounterVec, route: &str, method: &http::Method, status: u16) {
+        let row = method_index(method);
+        let mut digits = [0u8; 3];
+        let look_up = |digits: &mut [u8; 3]| {
+            family.with_label_values(&[route, METHODS[row], status_label(status, digits)])
+        };
+        match COMMON_STATUSES.iter().position(|s| *s == status) {
+            Some(column) => self.rows[row]
+                .get_or_init(|| Box::new([const { OnceLock::new() }; COMMON_STATUSES.len()]))
+                [column]
+                .get_or_init(|| look_up(&mut digits))
+                .inc(),
+            None => look_up(&mut digits).inc(),
+        }
+    }
+}
+
+fn method_index(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
 /// The `outcome` label of `gatehouse_upstream_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamOutcome {
@@ -261,16 +325,7 @@ impl UpstreamOutcome {
 
 /// The method as a bounded label: the standard methods, else `OTHER`.
 pub fn method_label(method: &http::Method) -> &'static str {
-    match *method {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
-    }
+    METHODS[method_index(method)]
 }
 
 /// A status as a label, written into `buf` (no allocation).
@@ -287,6 +342,29 @@ pub fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_routes_kept_series_count_as_looking_each_up_would() {
+        let m = Metrics::new();
+        let (a, b) = (RouteRequests::default(), RouteRequests::default());
+        let get = http::Method::GET;
+        let purge = http::Method::from_bytes(b"PURGE").unwrap();
+        for _ in 0..3 {
+            a.count(&m.requests, "a", &get, 200);
+        }
+        a.count(&m.requests, "a", &get, 418); // not kept: looked up
+        a.count(&m.requests, "a", &get, 418);
+        a.count(&m.requests, "a", &purge, 504);
+        a.count(&m.requests, "a", &http::Method::HEAD, 200);
+        b.count(&m.requests, "b", &get, 200);
+        let n = |labels: &[&str]| m.requests.with_label_values(labels).get();
+        assert_eq!(n(&["a", "GET", "200"]), 3);
+        assert_eq!(n(&["a", "GET", "418"]), 2);
+        assert_eq!(n(&["a", "OTHER", "504"]), 1);
+        assert_eq!(n(&["a", "HEAD", "200"]), 1);
+        assert_eq!(n(&["b", "GET", "200"]), 1);
+        assert_eq!(n(&["b", "HEAD", "200"]), 0);
+    }
 
     #[test]
     fn labels() {

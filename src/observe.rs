@@ -6,7 +6,7 @@ use pingora_core::{Error, ErrorSource, ErrorType};
 use pingora_proxy::Session;
 
 use crate::access_log::{self, AccessLog};
-use crate::metrics::{self, Metrics, UpstreamOutcome};
+use crate::metrics::{Metrics, UpstreamOutcome};
 use crate::request::RequestCtx;
 use std::sync::Arc;
 
@@ -39,15 +39,9 @@ impl Observer {
         // X-Cache as sent; a cached route's own answers are BYPASS.
         let cache = (ctx.route.cache.is_some()).then(|| ctx.x_cache.unwrap_or("BYPASS"));
         if self.per_request {
-            let mut buf = [0u8; 3];
             let m = &self.metrics;
-            m.requests
-                .with_label_values(&[
-                    route,
-                    metrics::method_label(&req.method),
-                    metrics::status_label(status, &mut buf),
-                ])
-                .inc();
+            let series = &ctx.route.request_series;
+            series.count(&m.requests, route, &req.method, status);
             let seconds = elapsed.as_secs_f64();
             let series = &ctx.route.duration_series;
             series

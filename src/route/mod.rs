@@ -53,7 +53,7 @@ use crate::cache::CachePolicy;
 use crate::compression::Compression;
 use crate::cors::Cors;
 use crate::ip_filter::IpFilter;
-use crate::metrics::Series;
+use crate::metrics::{RouteRequests, Series};
 use crate::mirror::Mirror;
 use crate::ratelimit::RateLimit;
 use crate::respond::StaticResponse;
@@ -95,6 +95,8 @@ pub struct Route {
     pub cache: Option<CachePolicy>,
     /// This route's `gatehouse_request_duration_seconds` series.
     pub duration_series: Series<Histogram>,
+    /// This route's `gatehouse_requests_total` series.
+    pub request_series: RouteRequests,
 }
 
 /// Where a route's requests go.
@@ -142,6 +144,7 @@ impl Route {
             response_body: None,
             cache: None,
             duration_series: Series::default(),
+            request_series: RouteRequests::default(),
         }
     }
 

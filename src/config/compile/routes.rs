@@ -13,7 +13,7 @@ use super::*;
 use crate::config::raw::*;
 use crate::config::source::{index_path, key_path};
 use crate::config::ServerSettings;
-use crate::metrics::Series;
+use crate::metrics::{RouteRequests, Series};
 use crate::respond::StaticResponse;
 use crate::route::{Route, Target};
 use crate::routing::{HostPattern, MethodSet, PathPattern, PathRewrite, RouteMatcher};
@@ -266,6 +266,7 @@ impl Compiler<'_> {
             response_body,
             cache,
             duration_series: Series::default(),
+            request_series: RouteRequests::default(),
         })
     }
 
