@@ -20,10 +20,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use http::header::{HeaderName, HeaderValue, FORWARDED, HOST};
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{ErrorType::InvalidHTTPHeader, OrErr};
 use pingora_proxy::{ProxyHttp, Session};
 
 #[global_allocator]
@@ -35,7 +37,13 @@ struct Bare {
 }
 
 /// Per request, in the `minimum` mode: the request id sent upstream and back.
-type RequestId = Option<String>;
+type RequestId = Option<HeaderValue>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[async_trait]
 impl ProxyHttp for Bare {
@@ -70,24 +78,25 @@ impl ProxyHttp for Bare {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
-        let host = request
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let host = request.headers.get(HOST).cloned();
+        let forwarded = match host.as_ref().and_then(|h| h.to_str().ok()) {
+            Some(host) => format!("for={client};proto=http;host={host}"),
+            None => format!("for={client};proto=http"),
+        };
+        let client = HeaderValue::try_from(client).or_err(InvalidHTTPHeader, "client")?;
+        let mut buf = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        let id = HeaderValue::from_str(id).or_err(InvalidHTTPHeader, "request id")?;
         request.remove_header("X-Original-URL");
         request.remove_header("X-Rewrite-URL");
-        request.insert_header("X-Forwarded-For", client.as_str())?;
-        request.insert_header("X-Forwarded-Proto", "http")?;
-        request.insert_header("X-Forwarded-Host", host.as_str())?;
-        request.insert_header("X-Real-IP", client.as_str())?;
-        request.insert_header(
-            "Forwarded",
-            format!("for={client};proto=http;host={host}").as_str(),
-        )?;
-        request.insert_header("X-Request-Id", id.as_str())?;
+        request.insert_header(X_FORWARDED_FOR, client.clone())?;
+        request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static("http"))?;
+        if let Some(host) = host {
+            request.insert_header(X_FORWARDED_HOST, host)?;
+        }
+        request.insert_header(X_REAL_IP, client)?;
+        request.insert_header(FORWARDED, forwarded)?;
+        request.insert_header(X_REQUEST_ID, id.clone())?;
         *request_id = Some(id);
         Ok(())
     }
@@ -99,7 +108,7 @@ impl ProxyHttp for Bare {
         request_id: &mut Self::CTX,
     ) -> pingora_error::Result<()> {
         if let Some(id) = request_id.take() {
-            response.insert_header("X-Request-Id", id)?;
+            response.insert_header(X_REQUEST_ID, id)?;
         }
         Ok(())
     }

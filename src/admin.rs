@@ -292,8 +292,8 @@ impl AdminApp {
         let host = header("host").map(crate::forwarding::strip_port);
         if self.token.is_none() && !open {
             let local = host.is_some_and(|h| {
-                h.eq_ignore_ascii_case("localhost")
-                    || (!h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                // One label (`localhost`, a container or service name).
+                (!h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
                     || h.trim_start_matches('[')
                         .trim_end_matches(']')
                         .parse::<std::net::IpAddr>()

@@ -109,32 +109,7 @@ pub struct Compression {
 /// then `br`, `zstd`, `gzip`; `q=0` refuses one, `*` stands for those not
 /// named. `None`: none acceptable (or no `Accept-Encoding`).
 pub fn negotiate<'a>(accept_encoding: impl Iterator<Item = &'a HeaderValue>) -> Option<Encoding> {
-    // Per encoding, the q-value its own entry gives, and the one of `*`.
-    let mut named: [Option<u16>; Encoding::ALL.len()] = [None; Encoding::ALL.len()];
-    let mut any: Option<u16> = None;
-    for value in accept_encoding {
-        let Ok(text) = value.to_str() else { continue };
-        for entry in text.split(',') {
-            let mut parts = entry.split(';');
-            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            if coding.is_empty() {
-                continue;
-            }
-            let mut q = 1000u16;
-            for param in parts {
-                let (name, value) = param.split_once('=').unwrap_or((param, ""));
-                if name.trim().eq_ignore_ascii_case("q") {
-                    // A weight that cannot be read accepts nothing.
-                    q = parse_q(value.trim()).unwrap_or_default();
-                }
-            }
-            if coding == "*" {
-                any = Some(q);
-            } else if let Some(i) = Encoding::ALL.iter().position(|e| e.token() == coding) {
-                named[i] = Some(q);
-            }
-        }
-    }
+    let (named, any) = weights(accept_encoding, Encoding::ALL.map(Encoding::token));
     let mut best: Option<(u16, Encoding)> = None;
     for (i, encoding) in Encoding::ALL.iter().enumerate() {
         let q = named[i].or(any).unwrap_or(0);
@@ -143,6 +118,42 @@ pub fn negotiate<'a>(accept_encoding: impl Iterator<Item = &'a HeaderValue>) -> 
         }
     }
     best.map(|(_, e)| e)
+}
+
+/// The weights (thousandths) an `Accept-Encoding` gives each of `codings`
+/// by name (the last entry for it counts), and the one it gives `*`;
+/// `None` where it names none. A weight that cannot be read accepts
+/// nothing (0). Shared by compression and the cache, so that both read a
+/// client's wishes alike.
+pub fn weights<'a, const N: usize>(
+    accept_encoding: impl Iterator<Item = &'a HeaderValue>,
+    codings: [&str; N],
+) -> ([Option<u16>; N], Option<u16>) {
+    let mut named = [None; N];
+    let mut any = None;
+    for value in accept_encoding {
+        let Ok(text) = value.to_str() else { continue };
+        for entry in text.split(',') {
+            let mut parts = entry.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            if coding.is_empty() {
+                continue;
+            }
+            let mut q = 1000u16;
+            for param in parts {
+                let (name, value) = param.split_once('=').unwrap_or((param, ""));
+                if name.trim().eq_ignore_ascii_case("q") {
+                    q = parse_q(value.trim()).unwrap_or_default();
+                }
+            }
+            if coding == "*" {
+                any = Some(q);
+            } else if let Some(i) = codings.iter().position(|c| c.eq_ignore_ascii_case(coding)) {
+                named[i] = Some(q);
+            }
+        }
+    }
+    (named, any)
 }
 
 /// An RFC 9110 weight as thousandths: `0`, `0.5`, `1`, `1.000`.

@@ -237,11 +237,12 @@ impl<T> Series<T> {
 /// use and kept, so a request costs no label hashing. Any other status is
 /// looked up each time. A method's row is allocated once that method is
 /// seen on the route.
+#[derive(Default)]
 pub struct RouteRequests {
     rows: [OnceLock<Box<StatusRow>>; METHODS.len()],
 }
 
-type StatusRow = [OnceLock<IntCounter>; COMMON_STATUSES.len()];
+type StatusRow = [Series<IntCounter>; COMMON_STATUSES.len()];
 
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
@@ -249,14 +250,6 @@ const METHODS: [&str; 8] = [
 const COMMON_STATUSES: [u16; 16] = [
     200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 429, 500, 502, 504,
 ];
-
-impl Default for RouteRequests {
-    fn default() -> Self {
-        RouteRequests {
-            rows: [const { OnceLock::new() }; METHODS.len()],
-        }
-    }
-}
 
 impl std::fmt::Debug for RouteRequests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -273,10 +266,8 @@ impl RouteRequests {
             family.with_label_values(&[route, METHODS[row], status_label(status, digits)])
         };
         match COMMON_STATUSES.iter().position(|s| *s == status) {
-            Some(column) => self.rows[row]
-                .get_or_init(|| Box::new([const { OnceLock::new() }; COMMON_STATUSES.len()]))
-                [column]
-                .get_or_init(|| look_up(&mut digits))
+            Some(column) => self.rows[row].get_or_init(Box::default)[column]
+                .get(|| look_up(&mut digits))
                 .inc(),
             None => look_up(&mut digits).inc(),
         }

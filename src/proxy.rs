@@ -112,7 +112,7 @@ impl Proxy {
         let (req, id) = (session.req_header(), ctx.request_id.as_str());
         let metrics = self.observer.metrics();
         let cert = ctx.client_cert.is_some();
-        let verified = ctx.identity.take();
+        let verified = std::mem::take(&mut ctx.identity);
         let (found, phase) =
             route::guard(&route, req, ctx.client_ip, cert, verified, metrics, id).await;
         ctx.identity = found.identity;

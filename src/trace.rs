@@ -181,8 +181,13 @@ fn random_trace_id() -> TraceId {
 /// listener refused): with `tracing`, every line has a `trace_id` (SPEC
 /// 9.1). Such a trace is never recorded.
 pub fn unrecorded_trace_id() -> [u8; 32] {
+    trace_hex(random_trace_id())
+}
+
+/// A trace id as the access log writes it: 32 lowercase hex digits.
+fn trace_hex(trace_id: TraceId) -> [u8; 32] {
     let mut hex = [0u8; 32];
-    hex_into(&random_trace_id().to_bytes(), &mut hex);
+    hex_into(&trace_id.to_bytes(), &mut hex);
     hex
 }
 
@@ -244,11 +249,7 @@ impl Tracer {
                 SystemTime::UNIX_EPOCH
             },
             attempt: None,
-            hex: {
-                let mut hex = [0u8; 32];
-                hex_into(&trace_id.to_bytes(), &mut hex);
-                hex
-            },
+            hex: trace_hex(trace_id),
         }
     }
 

@@ -504,11 +504,6 @@ impl Verdict {
             Verdict::Unverified | Verdict::Refused(_) => None,
         }
     }
-
-    /// The verdict, leaving [`Verdict::Unverified`] in its place.
-    pub fn take(&mut self) -> Verdict {
-        std::mem::take(self)
-    }
 }
 
 /// Identity headers on the upstream request: whatever the client sent

@@ -259,6 +259,8 @@ pub fn cacheability(
         return no("vary-star");
     }
     match content_codings(resp) {
+        // An unencoded body serves every client.
+        Some(0) => {}
         Some(codings) if codings & !accepted_codings(req) == 0 => {}
         _ => return no("content-encoding"),
     }
@@ -296,33 +298,31 @@ const CODINGS: [&str; 4] = ["br", "deflate", "gzip", "zstd"];
 /// whose value matches accepts them.
 pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
     let resp = meta.response_header();
-    let mut names: Vec<String> = resp
+    let accept_encoding = ACCEPT_ENCODING.as_str();
+    let mut listed = false;
+    let names: Vec<String> = resp
         .headers
         .get_all(VARY)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
+        .filter(|n| {
+            // Normalized below, not taken as the client sent it.
+            let is_accept_encoding = n == accept_encoding;
+            listed |= is_accept_encoding;
+            !n.is_empty() && !is_accept_encoding
+        })
         .collect();
-    let accept_encoding = ACCEPT_ENCODING.as_str();
-    let listed = names.iter().any(|n| n == accept_encoding);
     // Unknown codings are never stored (`cacheability`).
     let codings = content_codings(resp).unwrap_or(u8::MAX);
-    if !listed && codings != 0 {
-        names.push(accept_encoding.to_owned());
-    }
-    if names.is_empty() {
-        return None;
-    }
     let mut builder = VarianceBuilder::new();
+    if listed || codings != 0 {
+        let accepted = accepted_codings(req);
+        let set = usize::from(if listed { accepted } else { accepted & codings });
+        builder.add_value(accept_encoding, &CODING_SETS[set..=set]);
+    }
     for name in &names {
-        if name == accept_encoding {
-            let accepted = accepted_codings(req);
-            let value = if listed { accepted } else { accepted & codings };
-            builder.add_owned_value(name, vec![value]);
-            continue;
-        }
         let mut values = req.headers.get_all(name.as_str()).iter();
         let first = values.next().map_or(&b""[..], |v| v.as_bytes());
         match values.next() {
@@ -340,6 +340,17 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
     }
     builder.finalize()
 }
+
+/// Every set of [`CODINGS`] as one byte, to borrow a variance value from.
+const CODING_SETS: [u8; 1 << CODINGS.len()] = {
+    let mut sets = [0u8; 1 << CODINGS.len()];
+    let mut i = 0;
+    while i < sets.len() {
+        sets[i] = i as u8;
+        i += 1;
+    }
+    sets
+};
 
 /// The [`CODINGS`] a response's `Content-Encoding` applied (0: none, or
 /// `identity`); `None` when it names another one.
@@ -361,33 +372,11 @@ fn content_codings(resp: &ResponseHeader) -> Option<u8> {
 /// named with a weight above 0, or one not named when `*` has such a weight.
 /// Without the field, none: that is what compressors (nginx's, ours) do.
 fn accepted_codings(req: &RequestHeader) -> u8 {
-    let (mut named, mut accepted, mut any) = (0u8, 0u8, false);
-    for value in req.headers.get_all(ACCEPT_ENCODING) {
-        let Ok(text) = value.to_str() else { continue };
-        for entry in text.split(',') {
-            let mut parts = entry.split(';');
-            let coding = parts.next().unwrap_or("").trim();
-            // A weight that cannot be read accepts nothing.
-            let weighted = parts
-                .filter_map(|p| p.split_once('='))
-                .find(|(n, _)| n.trim().eq_ignore_ascii_case("q"))
-                .is_none_or(|(_, q)| q.trim().parse::<f32>().is_ok_and(|q| q > 0.0));
-            if coding == "*" {
-                any = weighted;
-            } else if let Some(bit) = coding_bit(coding) {
-                named |= bit;
-                if weighted {
-                    accepted |= bit;
-                } else {
-                    accepted &= !bit;
-                }
-            }
-        }
-    }
-    if any {
-        accepted |= !named & ((1 << CODINGS.len()) - 1);
-    }
-    accepted
+    let (named, any) =
+        crate::compression::weights(req.headers.get_all(ACCEPT_ENCODING).iter(), CODINGS);
+    (0..CODINGS.len())
+        .filter(|&i| named[i].or(any).unwrap_or(0) > 0)
+        .fold(0, |bits, i| bits | 1 << i)
 }
 
 fn coding_bit(coding: &str) -> Option<u8> {
@@ -445,6 +434,8 @@ mod tests {
         assert_eq!(bits(Some("gzip;q=0.5, br")), gzip | br);
         assert_eq!(bits(Some("gzip;q=0, br;q=0.000")), 0);
         assert_eq!(bits(Some("gzip;q=nonsense")), 0);
+        // As compression reads it: a weight above 1 is no weight.
+        assert_eq!(bits(Some("gzip;q=2")), 0);
         assert_eq!(bits(Some("*, zstd;q=0")), br | deflate | gzip);
         assert_eq!(bits(Some("*;q=0, gzip")), gzip);
         assert_eq!(bits(Some("compress")), 0);

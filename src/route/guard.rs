@@ -54,9 +54,7 @@ pub async fn guard(
     }
     if let Some(auth) = &route.auth {
         match auth.authorize(req, client_cert_verified, verified).await {
-            Ok(identity) => {
-                found.identity = identity.map_or(Verdict::Unverified, Verdict::Verified)
-            }
+            Ok(identity) => found.identity = Verdict::of(Ok(identity)),
             Err(e) => {
                 found.identity = Verdict::Refused(e);
                 metrics
